@@ -1,0 +1,29 @@
+# One entry point for people and CI. `make demo` and `make test` are the README's quickstart.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup setup-containers demo test lint pytest clean
+
+setup:                ## controller venv: pyckpt (editable), torch CPU wheel, ansible, molecule, test tools
+	bash scripts/setup-venv.sh
+
+setup-containers:     ## podman + runc + the Debian image the Molecule scenarios and the local cluster use
+	bash tests/images/setup-podman.sh
+	bash tests/images/build-image.sh
+
+demo: setup           ## single mode: train.py with snapshots, an interruption, a resume
+	bash scripts/demo-single.sh
+
+lint: setup
+	yamllint -s .
+	ansible-lint --profile production
+
+pytest: setup setup-containers
+	OMP_NUM_THREADS=1 $(PY) -m pytest -ra tests
+
+test: lint pytest     ## everything CI runs
+
+clean:
+	rm -rf runs .pytest_cache

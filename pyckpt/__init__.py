@@ -1,0 +1,1 @@
+"""pyckpt: crash-safe snapshots for torch.distributed training."""
