@@ -3,7 +3,8 @@
 #   localhost/checkpoint4-debian:bookworm  (systemd as PID 1, python3 for Ansible, apt lists kept)
 # No image registry is reachable here, so the root filesystem comes from debootstrap (Debian's
 # package mirror) and is imported with `podman import`.
-# Cached: skipped when an image with this recipe's label exists (edit this file -> rebuilt).
+# Cached: skipped when an image with this recipe's label exists (package lists or RECIPE_VERSION
+# changed -> rebuilt).
 #
 # EXTRA_PACKAGES are preinstalled only to save ~30-40 s of apt per Molecule converge; every role
 # still installs what it needs itself (idempotently), so the roles work on bare machines too.
@@ -17,7 +18,8 @@ MIRROR=http://deb.debian.org/debian
 BASE_PACKAGES=python3,python3-apt,systemd,systemd-sysv,dbus,iproute2,procps,ca-certificates,sudo
 EXTRA_PACKAGES=(python3-venv python3-pip git ufw iptables netcat-openbsd
                 nfs-kernel-server nfs-common rpcbind nfs-ganesha nfs-ganesha-vfs libnfs-utils)
-recipe=$(sha256sum "$0" | cut -c1-16)
+RECIPE_VERSION=1   # bump when the build steps below change
+recipe=$(echo "$RECIPE_VERSION $IMAGE $MIRROR $BASE_PACKAGES ${EXTRA_PACKAGES[*]}" | sha256sum | cut -c1-16)
 
 have=$(podman image inspect --format '{{ index .Config.Labels "checkpoint4.recipe" }}' "$IMAGE" 2>/dev/null || true)
 if [ "$have" = "$recipe" ] && [ "${CHECKPOINT4_IMAGE_REBUILD:-0}" != 1 ]; then
