@@ -1,0 +1,390 @@
+"""DistributedCoordinator: joins the process group and runs snapshot/restore on every rank.
+
+Snapshot protocol (rank 0 leads):
+  1. leader takes the path's lock, cleans leftovers of crashed writers, creates a stage dir;
+  2. every rank writes its share of the replicated bytes plus its private state to
+     stage/data-<rank>.bin and fsyncs it;
+  3. leader gathers every rank's checksums; only if every rank succeeded and all ranks hold the
+     same replicated structure does it write the manifest and publish the version atomically;
+  4. the outcome is broadcast, so every rank returns or raises together.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, load_config
+from .errors import DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotNotFoundError
+from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten
+from .planner import RankPlan, Slice, plan_private, plan_replicated
+from .reader import Snapshot
+from .runtime import TrainingRuntime
+from .storage import SnapshotStore
+from .writer import byte_view, write_file
+
+log = logging.getLogger("pyckpt")
+DEFAULT_KEEP_LAST = 2
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    version: str
+    step: int
+    bytes_written: int      # by this rank
+    seconds: float          # until durable and committed
+
+
+class _Comm:
+    """The few collectives the coordinator needs, or their single-process equivalents."""
+
+    def __init__(self, group: Any = None, rank: int = 0, world_size: int = 1):
+        self.group, self.rank, self.world_size = group, rank, world_size
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+@dataclass
+class _Captured:
+    """What one rank contributes to one snapshot: its plan and the bytes to write."""
+
+    replicated_tree: Any
+    private_tree: Any
+    records: list[TensorRecord]          # replicated tensors, pieces filled in by the leader
+    private_records: list[TensorRecord]
+    segments: list[tuple[Slice, memoryview]]
+    share: RankPlan
+    private_plan: RankPlan
+    meta: dict
+
+
+class DistributedCoordinator:
+    def __init__(self, config: Config | None = None, *, keep_last: int = DEFAULT_KEEP_LAST):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.config = config
+        self.keep_last = keep_last
+        self._comm = _Comm()
+        self._owns_group = False
+        self._initialized = False
+        self._pending: Future | None = None
+        self._worker: threading.Thread | None = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
+        self._previous_sigterm: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def initialize(self) -> "DistributedCoordinator":
+        if self._initialized:
+            return self
+        if self.config is None:
+            self.config = load_config()
+        cfg = self.config
+        for key, value in cfg.passthrough:
+            os.environ.setdefault(key, value)
+        if dist.is_available() and dist.is_initialized():
+            pass  # the script joined the group itself: use it
+        elif cfg.world_size > 1:
+            self._join(cfg)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Our own gloo group: snapshot traffic never interleaves with training collectives,
+            # and object collectives work even when the training backend is nccl.
+            group = dist.new_group(backend="gloo")
+            self._comm = _Comm(group, dist.get_rank(), dist.get_world_size())
+        self._initialized = True
+        return self
+
+    def _join(self, cfg: Config) -> None:
+        if cfg.backend == "nccl":
+            torch.cuda.set_device(cfg.local_rank)
+        host = f"[{cfg.master_addr}]" if ":" in cfg.master_addr else cfg.master_addr
+        init_method = "env://" if cfg.launched_by_torchrun else f"tcp://{host}:{cfg.master_port}"
+        try:
+            dist.init_process_group(cfg.backend, init_method=init_method, rank=cfg.rank, world_size=cfg.world_size,
+                                    timeout=timedelta(seconds=cfg.init_timeout_s))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise DistributedInitError(
+                f"rank {cfg.rank}/{cfg.world_size} could not join the process group at "
+                f"{cfg.master_addr}:{cfg.master_port} (backend {cfg.backend}, timeout {cfg.init_timeout_s:g}s): "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}\n"
+                "Check: MASTER_ADDR is the master's cluster address and resolves on this node (not 127.0.1.1); "
+                f"port {cfg.master_port}/tcp is open on the master and the firewall allows the cluster subnet "
+                "(gloo/NCCL also use ephemeral ports); rank 0 (the master) is running and nothing else holds "
+                "the port; every node has the same WORLD_SIZE. `pyckpt doctor` checks these."
+            ) from exc
+        self._owns_group = True
+
+    def shutdown(self) -> None:
+        """Finish the snapshot in flight, then leave the process group (if we joined it)."""
+        try:
+            self.wait()
+        finally:
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+            self._owns_group = False
+            self._comm = _Comm()
+            self._initialized = False
+
+    def __enter__(self) -> "DistributedCoordinator":
+        return self.initialize()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self._comm.rank == 0
+
+    # -- snapshot --------------------------------------------------------------------------
+    def snapshot(self, path: str | os.PathLike, runtime: TrainingRuntime, *, blocking: bool = True,
+                 keep_last: int | None = None) -> SnapshotInfo | Future:
+        """Snapshot the runtime's state to `path` (the same path every time is fine).
+
+        blocking=True returns when the snapshot is durable and committed. blocking=False returns a
+        Future after one copy of this rank's share into a reused staging buffer; the write continues
+        in the background (one snapshot in flight at a time: the next call waits for it).
+        """
+        self.initialize()
+        self.wait()
+        keep = keep_last or self.keep_last
+        start = time.perf_counter()
+        captured = self._capture(runtime)
+        if blocking:
+            return self._write(str(path), captured, keep, start)
+        self._stage(captured)
+        self._install_sigterm_guard()
+        future: Future = Future()
+        self._pending = future
+
+        def run() -> None:
+            try:
+                future.set_result(self._write(str(path), captured, keep, start))
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+
+        self._worker = threading.Thread(target=run, name="pyckpt-snapshot", daemon=False)
+        self._worker.start()
+        return future
+
+    def wait(self) -> SnapshotInfo | None:
+        """Block until the snapshot in flight (if any) is committed; re-raise its error."""
+        future, self._pending = self._pending, None
+        if future is None:
+            return None
+        return future.result()
+
+    def _capture(self, runtime: TrainingRuntime) -> _Captured:
+        rep_tensors: list = []
+        rep_tree = flatten(runtime.replicated_state(), rep_tensors, "replicated")
+        priv_tensors: list = []
+        priv_tree = flatten(runtime.private_state(), priv_tensors, "private")
+        views = [byte_view(t) for t in rep_tensors]
+        priv_views = [byte_view(t) for t in priv_tensors]
+        share = plan_replicated([len(v) for v in views], self.world_size)[self.rank]
+        private_plan = plan_private([len(v) for v in priv_views], share.size)
+        segments = [(s, views[s.tensor]) for s in share.slices]
+        segments += [(s, priv_views[s.tensor]) for s in private_plan.slices]
+        meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
+                "world_size": self.world_size, "torch": torch.__version__, "host": socket.gethostname()}
+        return _Captured(rep_tree, priv_tree, [_record(t) for t in rep_tensors], [_record(t) for t in priv_tensors],
+                         segments, share, private_plan, meta)
+
+    def _stage(self, captured: _Captured) -> None:
+        """Copy this rank's bytes into the reused staging buffer (the only part that blocks training)."""
+        size = captured.share.size + captured.private_plan.size
+        if self._staging.numel() < size:
+            self._staging = torch.empty(size, dtype=torch.uint8)
+        staging = self._staging.numpy()
+        for piece, view in captured.segments:
+            src = view[piece.src_offset: piece.src_offset + piece.length]
+            staging[piece.file_offset: piece.file_offset + piece.length] = src
+        whole = memoryview(staging)
+        captured.segments = [(Slice(p.tensor, p.file_offset, p.file_offset, p.length), whole)
+                             for p, _ in captured.segments]
+
+    def _write(self, path: str, cap: _Captured, keep_last: int, start: float) -> SnapshotInfo:
+        comm = self._comm
+        store = SnapshotStore(path)
+        lock = store.locked() if comm.rank == 0 else None
+        try:
+            begun: Any = None
+            if lock is not None:
+                try:
+                    lock.__enter__()
+                    begun = store.begin()
+                except (PyckptError, OSError) as exc:
+                    lock.__exit__(None, None, None)
+                    lock = None
+                    begun = f"{type(exc).__name__}: {exc}"
+            begun = comm.broadcast(begun)
+            if isinstance(begun, str):
+                raise SnapshotError(f"snapshot to {path} could not start: {begun}")
+            name, stage = begun
+            size = cap.share.size + cap.private_plan.size
+            try:
+                digests = write_file(os.path.join(stage, f"data-{comm.rank}.bin"), cap.segments, size)
+                report: Any = {"ok": True, "digests": digests, "size": size,
+                               "structure": checksum(repr(cap.replicated_tree).encode() +
+                                                     repr([(r.dtype, r.shape) for r in cap.records]).encode()),
+                               "private_tree": cap.private_tree,
+                               "private_records": [(r.dtype, r.shape, r.nbytes) for r in cap.private_records]}
+            except OSError as exc:
+                report = {"ok": False, "error": f"rank {comm.rank}: {exc}"}
+            reports = comm.gather(report)
+            failure: str | None = None
+            if comm.rank == 0:
+                try:
+                    self._commit(store, name, stage, cap, reports, keep_last)
+                except (PyckptError, OSError) as exc:
+                    store.abort(stage)
+                    failure = f"{exc}"
+            failure = comm.broadcast(failure)
+            if failure is not None:
+                raise SnapshotError(f"snapshot to {path} failed, the previous snapshot is intact: {failure}")
+            return SnapshotInfo(path, name, cap.meta["step"], size, time.perf_counter() - start)
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
+    def _commit(self, store: SnapshotStore, name: str, stage: str, cap: _Captured, reports: list,
+                keep_last: int) -> None:
+        failed = [r["error"] for r in reports if not r["ok"]]
+        if failed:
+            raise SnapshotError("; ".join(failed))
+        if len({r["structure"] for r in reports}) != 1:
+            raise SnapshotError("ranks hold different replicated state (different models/optimizers per rank); "
+                                "pyckpt stores replicated (DDP) state once and needs it identical on every rank")
+        # Replicated pieces: every rank planned the same layout, so the leader recomputes it and
+        # fills in each rank's checksums in plan order.
+        sizes = [r.nbytes for r in cap.records]
+        plans = plan_replicated(sizes, len(reports))
+        tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, []) for r in cap.records]
+        per_rank_trees = []
+        for rank, (plan, report) in enumerate(zip(plans, reports)):
+            digests = iter(report["digests"])
+            for s in plan.slices:
+                tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
+            base = len(tensors)
+            tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report["private_records"])
+            private_sizes = [n for _, _, n in report["private_records"]]
+            for s in plan_private(private_sizes, plan.size).slices:
+                tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
+            per_rank_trees.append(_shift(report["private_tree"], base))
+        manifest = Manifest(len(reports), [FileRecord(f"data-{r}.bin", rep["size"]) for r, rep in enumerate(reports)],
+                            tensors, cap.replicated_tree, per_rank_trees, cap.meta)
+        store.publish(stage, name, manifest.to_json(), cap.meta, keep_last)
+
+    def _install_sigterm_guard(self) -> None:
+        """On SIGTERM, finish the snapshot in flight before the process dies (main thread only)."""
+        if self._previous_sigterm is not None or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous not in (signal.SIG_DFL, None):
+            return  # the script handles SIGTERM itself; it should call shutdown()
+
+        def on_sigterm(signum, frame):
+            log.warning("SIGTERM: finishing the snapshot in flight before exiting")
+            try:
+                self.wait()
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._previous_sigterm = previous
+
+    # -- restore ---------------------------------------------------------------------------
+    def restore(self, path: str | os.PathLike, runtime: TrainingRuntime, *, strict: bool = True,
+                missing_ok: bool = False, version: str | None = None) -> bool:
+        """Load the newest committed snapshot at `path` into the runtime, on every rank.
+
+        Works at any world size, and without a process group (a plain process). Returns False
+        (and changes nothing) when there is no snapshot and missing_ok=True.
+        """
+        if not self._initialized and self.config is not None:
+            self.initialize()
+        self.wait()
+        comm = self._comm
+        error: PyckptError | None = None
+        try:
+            snap = Snapshot.open(path, version)
+            replicated = snap.replicated()
+            saved_world = snap.manifest.world_size
+            private = snap.private(comm.rank) if comm.rank < saved_world else None
+            found = snap.ref.name
+        except SnapshotNotFoundError as exc:
+            error, found = exc, None
+        except PyckptError as exc:
+            error, found = exc, "error"
+        outcomes = comm.all_gather(found if error is None or isinstance(error, SnapshotNotFoundError)
+                                   else f"error: {error}")
+        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1:
+            if error is not None and not isinstance(error, SnapshotNotFoundError):
+                raise error
+            raise IntegrityError(f"restore of {path} failed or disagreed across ranks: {outcomes}", file=str(path))
+        if found is None:
+            if missing_ok:
+                return False
+            raise error
+        if comm.world_size != saved_world:
+            warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
+                          "state are restored; per-rank RNG state only for ranks present in both", stacklevel=2)
+        runtime.load_state(replicated, private, strict=strict)
+        return True
+
+
+def _record(tensor) -> TensorRecord:
+    if isinstance(tensor, torch.Tensor):
+        return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.element_size())
+    return TensorRecord(f"numpy:{tensor.dtype.str}", list(tensor.shape), tensor.nbytes)
+
+
+def _shift(node: Any, base: int) -> Any:
+    """Renumber a private tree's tensor references after the tensors before it."""
+    if isinstance(node, dict) and len(node) == 1:
+        (kind, value), = node.items()
+        if kind in ("T", "N"):
+            return {kind: value + base}
+        if kind == "D":
+            return {"D": [[k, _shift(v, base)] for k, v in value]}
+        if kind in ("L", "U"):
+            return {kind: [_shift(v, base) for v in value]}
+    return node
