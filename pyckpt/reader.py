@@ -160,9 +160,10 @@ def _referenced(node: Any):
 def load(path: str | os.PathLike, *, version: str | None = None) -> dict:
     """Load a snapshot's state in a plain process (no process group): for evaluation or export.
 
-    Returns {"progress": {...}, "objects": {name: state_dict}, "rng": [per-rank states]}.
+    Returns {"progress": {...}, "kinds": {...}, "objects": {name: state_dict},
+             "per_rank": [{"loss": ..., "rng": {...}} for each rank that saved it]}.
     """
     snap = Snapshot.open(path, version)
     state = snap.replicated()
-    state["rng"] = [snap.private(rank) for rank in range(snap.manifest.world_size)]
+    state["per_rank"] = [snap.private(rank) for rank in range(snap.manifest.world_size)]
     return state

@@ -92,13 +92,17 @@ class TrainingRuntime:
     # -- state -----------------------------------------------------------------------------
     def replicated_state(self) -> dict:
         return {
-            "progress": {"epoch": self._epoch, "step": self._step, "loss": self._loss},
+            "progress": {"epoch": self._epoch, "step": self._step},
             "kinds": dict(self._kinds),
             "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
         }
 
     def private_state(self) -> dict:
-        return {"rng": rng_state()} if self.capture_rng else {}
+        # The loss differs per rank (each sees its own batch), so it is private state.
+        state: dict[str, Any] = {"loss": self._loss}
+        if self.capture_rng:
+            state["rng"] = rng_state()
+        return state
 
     def load_state(self, replicated: dict, private: dict | None, *, strict: bool = True) -> None:
         """Put a snapshot's state back into the registered objects (checks everything first)."""
@@ -134,7 +138,7 @@ class TrainingRuntime:
         progress = replicated.get("progress", {})
         self._epoch = int(progress.get("epoch") or 0)
         self._step = int(progress.get("step") or 0)
-        self._loss = progress.get("loss")
+        self._loss = (private or {}).get("loss")
         if private and "rng" in private and self.capture_rng:
             set_rng_state(private["rng"])
 
