@@ -283,7 +283,7 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
     if not master_addr or any(c.isspace() for c in master_addr):
         raise _fail("MASTER_ADDR", merged["MASTER_ADDR"], "is not a host name or address",
                     "use the master node's address, e.g. MASTER_ADDR=192.168.1.100")
-    if mode != "single" and nodes > 1 and _is_loopback(master_addr):
+    if mode == "physical" and nodes > 1 and _is_loopback(master_addr):
         raise _fail("MASTER_ADDR", merged["MASTER_ADDR"], f"is a loopback address but PHYSICAL_NODES={nodes}",
                     "use the master's cluster address that every node can reach")
 

@@ -1,0 +1,56 @@
+"""Shared test helpers: free loopback ports, running train.py / torchrun as real processes."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment minus any torch.distributed/pyckpt settings, plus `extra`."""
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+            "GROUP_RANK", "TORCHELASTIC_RUN_ID", "DISTRIBUTED_MODE", "PYCKPT_CONFIG", "PYCKPT_CONFIG_DIR",
+            "PHYSICAL_NODES", "BACKEND"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 180, check: bool = True,
+        cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(TRAIN), *args]
+    return run(cmd, env or clean_env(), **kw)
+
+
+def final_digest(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("FINAL ")]
+    assert lines, f"no FINAL line in output:\n{stdout[-2000:]}"
+    return dict(part.split("=", 1) for part in lines[-1].split()[1:])["param_xxh3"]
+
+
+@pytest.fixture
+def snap_path(tmp_path: Path) -> str:
+    return str(tmp_path / "snapshots" / "checkpoint.bin")

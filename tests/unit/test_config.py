@@ -1,0 +1,147 @@
+"""load_config: precedence (defaults < file < environment/torchrun) and every bad-input error."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+
+from pyckpt import ConfigError, load_config
+
+NO_CUDA = lambda: False  # noqa: E731
+CUDA = lambda: True  # noqa: E731
+
+
+def write(tmp_path, text: str, mode: str = "physical"):
+    config_dir = tmp_path / "config"
+    config_dir.mkdir(exist_ok=True)
+    path = config_dir / f"distributed.{mode}.env"
+    path.write_text(text)
+    return path
+
+
+PHYSICAL = """\
+# rendered by ansible
+DISTRIBUTED_MODE=physical
+WORLD_SIZE=4
+MASTER_ADDR=192.168.1.100
+MASTER_PORT=29500
+BACKEND=gloo
+SHARED_FS_PATH=/shared
+SHARED_FS_TYPE=nfs
+PHYSICAL_NODES=4
+"""
+
+
+def test_file_values_are_read_and_typed(tmp_path):
+    path = write(tmp_path, PHYSICAL)
+    cfg = load_config(path, environ={"NODE_RANK": "2"}, cuda_available=NO_CUDA)
+    assert (cfg.mode, cfg.world_size, cfg.master_addr, cfg.master_port) == ("physical", 4, "192.168.1.100", 29500)
+    assert (cfg.backend, cfg.shared_fs_path, cfg.shared_fs_type, cfg.physical_nodes) == ("gloo", "/shared", "nfs", 4)
+    assert (cfg.node_rank, cfg.rank, cfg.local_rank) == (2, 2, 0)
+    assert cfg.origin("MASTER_PORT") == f"{path}:5"
+    assert cfg.origin("NODE_RANK") == "environment"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.world_size = 8  # type: ignore[misc]
+
+
+def test_mode_selects_the_file_in_the_config_dir(tmp_path):
+    write(tmp_path, PHYSICAL)
+    cfg = load_config(config_dir=tmp_path / "config", environ={"DISTRIBUTED_MODE": "physical"},
+                      cuda_available=NO_CUDA)
+    assert cfg.source_file.endswith("distributed.physical.env") and cfg.world_size == 4
+
+
+def test_active_symlink_is_used_when_mode_unset(tmp_path):
+    path = write(tmp_path, PHYSICAL)
+    (tmp_path / "config" / "distributed.env").symlink_to(path.name)
+    cfg = load_config(config_dir=tmp_path / "config", environ={}, cuda_available=NO_CUDA)
+    assert cfg.mode == "physical"
+
+
+def test_single_mode_runs_on_defaults_without_a_file(tmp_path):
+    cfg = load_config(config_dir=tmp_path, environ={}, cuda_available=NO_CUDA)
+    assert (cfg.mode, cfg.world_size, cfg.rank, cfg.backend, cfg.source_file) == ("single", 1, 0, "gloo", None)
+
+
+def test_missing_file_for_cluster_mode_says_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="setup-cluster.yml"):
+        load_config(config_dir=tmp_path, environ={"DISTRIBUTED_MODE": "physical"}, cuda_available=NO_CUDA)
+
+
+def test_environment_wins_over_file(tmp_path):
+    path = write(tmp_path, PHYSICAL)
+    cfg = load_config(path, environ={"MASTER_PORT": "29999", "MASTER_ADDR": "10.0.0.1"}, cuda_available=NO_CUDA)
+    assert (cfg.master_port, cfg.master_addr) == (29999, "10.0.0.1")
+    assert cfg.origin("MASTER_PORT") == "environment"
+
+
+def test_torchrun_variables_win(tmp_path):
+    path = write(tmp_path, PHYSICAL.replace("WORLD_SIZE=4", "WORLD_SIZE=4\nNPROC_PER_NODE=1"))
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2",
+           "GROUP_RANK": "2", "MASTER_ADDR": "192.168.1.100", "MASTER_PORT": "29400"}
+    cfg = load_config(path, environ=env, cuda_available=NO_CUDA)
+    assert (cfg.rank, cfg.local_rank, cfg.world_size, cfg.nproc_per_node, cfg.node_rank) == (5, 1, 8, 2, 2)
+    assert cfg.master_port == 29400 and cfg.launched_by_torchrun
+    assert cfg.origin("WORLD_SIZE") == "torchrun"
+
+
+def test_quotes_comments_and_export(tmp_path):
+    path = write(tmp_path, 'export DISTRIBUTED_MODE="physical"\nWORLD_SIZE=2 # two nodes\n'
+                           "PHYSICAL_NODES='2'\nMASTER_ADDR=10.1.1.1\nGLOO_SOCKET_IFNAME=eth1\n")
+    cfg = load_config(path, environ={}, cuda_available=NO_CUDA)
+    assert (cfg.mode, cfg.world_size, cfg.physical_nodes) == ("physical", 2, 2)
+    assert dict(cfg.passthrough) == {"GLOO_SOCKET_IFNAME": "eth1"}
+
+
+def test_auto_backend_follows_hardware(tmp_path):
+    assert load_config(environ={}, config_dir=tmp_path, cuda_available=CUDA).backend == "nccl"
+    assert load_config(environ={}, config_dir=tmp_path, cuda_available=NO_CUDA).backend == "gloo"
+
+
+def test_unknown_key_warns_with_line(tmp_path):
+    path = write(tmp_path, PHYSICAL + "MASTER_PROT=1\n")
+    with pytest.warns(UserWarning, match=r"distributed\.physical\.env:10: unknown key MASTER_PROT"):
+        load_config(path, environ={}, cuda_available=NO_CUDA)
+
+
+@pytest.mark.parametrize(
+    "change, env, expected",
+    [
+        (("MASTER_PORT=29500", "MASTER_PORT=abc"), {}, r"physical\.env:5: MASTER_PORT='abc' is not a number; use an "
+                                                       r"integer 1-65535"),
+        (("MASTER_PORT=29500", "MASTER_PORT=70000"), {}, r"MASTER_PORT='70000' is out of range"),
+        (("WORLD_SIZE=4", "WORLD_SIZE=3"), {}, r"physical\.env:3: WORLD_SIZE='3' disagrees with PHYSICAL_NODES=4 "
+                                               r".*set WORLD_SIZE=4"),
+        (("BACKEND=gloo", "BACKEND=nccl"), {}, r"physical\.env:6: BACKEND='nccl' needs CUDA.*use BACKEND=gloo"),
+        (("BACKEND=gloo", "BACKEND=mpi"), {}, r"BACKEND='mpi' is not allowed; use one of nccl, gloo, auto"),
+        (("DISTRIBUTED_MODE=physical", "DISTRIBUTED_MODE=cloud"), {}, r"DISTRIBUTED_MODE='cloud' is not allowed"),
+        (("SHARED_FS_TYPE=nfs", "SHARED_FS_TYPE=s3"), {}, r"SHARED_FS_TYPE='s3' is not allowed; use one of local, nfs"),
+        (("MASTER_ADDR=192.168.1.100", "MASTER_ADDR=127.0.0.1"), {}, r"MASTER_ADDR='127.0.0.1' is a loopback"),
+        (("", ""), {"NODE_RANK": "4"}, r"environment variable: NODE_RANK='4' must be below PHYSICAL_NODES=4"),
+        (("", ""), {"NODE_RANK": "-1"}, r"NODE_RANK='-1' is out of range"),
+        (("", ""), {"RANK": "9"}, r"RANK='9' must be below WORLD_SIZE=4"),
+        (("WORLD_SIZE=4", "WORLD_SIZE=4\nthis line is wrong"), {}, r"physical\.env:4: cannot parse 'this line is "
+                                                                    r"wrong'; expected KEY=VALUE"),
+        (("MASTER_ADDR=192.168.1.100", "MASTER_ADDR='192.168.1.100"), {}, r"unterminated quote"),
+        (("", ""), {"INIT_TIMEOUT_S": "0"}, r"INIT_TIMEOUT_S='0' is not a positive number"),
+    ],
+)
+def test_bad_input_names_key_value_origin_and_fix(tmp_path, change, env, expected):
+    path = write(tmp_path, PHYSICAL.replace(*change) if change[0] else PHYSICAL)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, environ=env, cuda_available=NO_CUDA)
+
+
+def test_single_mode_refuses_several_nodes(tmp_path):
+    with pytest.raises(ConfigError, match="DISTRIBUTED_MODE=single means one machine"):
+        load_config(config_dir=tmp_path, environ={"PHYSICAL_NODES": "2"}, cuda_available=NO_CUDA)
+
+
+def test_world_size_derived_from_nodes_and_processes(tmp_path):
+    path = write(tmp_path, "DISTRIBUTED_MODE=docker\nPHYSICAL_NODES=3\nNPROC_PER_NODE=2\nMASTER_ADDR=10.77.0.2\n",
+                 mode="docker")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(path, environ={"NODE_RANK": "1", "LOCAL_RANK": "1"}, cuda_available=NO_CUDA)
+    assert (cfg.world_size, cfg.rank) == (6, 3)
