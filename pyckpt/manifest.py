@@ -201,8 +201,8 @@ class Manifest:
     def from_json(cls, data: bytes, where: str) -> "Manifest":
         try:
             body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise IntegrityError(f"{where}: manifest is not valid JSON ({exc})", file=where) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise IntegrityError(f"{where}: manifest is not valid JSON ({str(exc)[:200]})", file=where) from None
         v = _Validator(where)
         v.check(isinstance(body, dict) and body.get("format") == "pyckpt-manifest", "not a pyckpt manifest")
         version = body.get("format_version")
@@ -219,8 +219,14 @@ class Manifest:
         for i, t in enumerate(v.list(body.get("tensors"), "tensors")):
             v.check(isinstance(t, dict), f"tensor {i} is not an object")
             tensors.append(v.tensor(i, t, files, total))
+        # Each stored byte belongs to one tensor: a manifest claiming more than the files hold would
+        # make the reader allocate memory for bytes that do not exist.
+        claimed = sum(t.nbytes for t in tensors)
+        v.check(claimed <= total, f"tensors claim {claimed} bytes but the data files hold {total}")
         per_rank = v.list(body.get("per_rank"), "per_rank")
         v.check(len(per_rank) == world, "per_rank must have one tree per rank")
+        for tree in [body.get("replicated")] + per_rank:
+            v.tree(tree, len(tensors))
         meta = body.get("meta")
         v.check(isinstance(meta, dict), "meta must be an object")
         return cls(world, files, tensors, body.get("replicated"), per_rank, meta, version)
@@ -246,6 +252,29 @@ class _Validator:
         self.check(isinstance(value, list), f"{what} must be a list")
         return value
 
+    def tree(self, root: Any, tensor_count: int) -> None:
+        """Shape of a state tree (iteratively: no recursion on hostile depth): nodes, depth, references."""
+        todo = [(root, 0)]
+        while todo:
+            node, depth = todo.pop()
+            self.check(depth <= MAX_DEPTH, f"state tree nested deeper than {MAX_DEPTH}")
+            self.check(isinstance(node, dict) and len(node) == 1, f"malformed state tree node {str(node)[:80]!r}")
+            (kind, value), = node.items()
+            if kind in ("T", "N"):
+                self.check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < tensor_count,
+                           f"tensor reference {str(value)[:40]!r} out of range")
+            elif kind == "D":
+                self.check(isinstance(value, list), "malformed dict node")
+                for item in value:
+                    self.check(isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int))
+                               and not isinstance(item[0], bool), f"malformed dict item {str(item)[:80]!r}")
+                    todo.append((item[1], depth + 1))
+            elif kind in ("L", "U"):
+                self.check(isinstance(value, list), "malformed sequence node")
+                todo.extend((item, depth + 1) for item in value)
+            else:
+                self.check(kind in ("V", "dtype"), f"unknown state tree node kind {str(kind)[:40]!r}")
+
     def file_name(self, name: Any) -> str:
         self.check(isinstance(name, str) and DATA_FILE.match(name) is not None,
                    f"data file name {str(name)[:80]!r} is not allowed (only data-<rank>.bin inside the snapshot)")
@@ -256,7 +285,7 @@ class _Validator:
         if isinstance(dtype, str) and dtype.startswith("numpy:"):
             try:
                 np_dtype = np.dtype(dtype[len("numpy:"):])
-            except TypeError:
+            except Exception:  # numpy raises TypeError, ValueError, SyntaxError... for odd strings
                 raise self.fail(f"tensor {index}: numpy dtype {dtype!r} is unknown") from None
             self.check(np_dtype.kind in NUMPY_KINDS and not np_dtype.hasobject,
                        f"tensor {index}: numpy dtype {dtype!r} is not plain numbers")
@@ -322,7 +351,7 @@ class CommitRecord:
         v = _Validator(where)
         try:
             outer = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise v.fail("is not a pyckpt snapshot (no commit record); it may be a file from another tool "
                          "or a corrupted record") from None
         v.check(isinstance(outer, dict) and isinstance(outer.get("body"), dict), "not a pyckpt commit record")
@@ -336,8 +365,16 @@ class CommitRecord:
         for ref in v.list(body.get("versions"), "versions"):
             v.check(isinstance(ref, dict) and isinstance(ref.get("name"), str)
                     and VERSION_NAME.match(ref["name"]) is not None, f"bad version entry {str(ref)[:80]!r}")
-            v.check(isinstance(ref.get("manifest_xxh3"), str), "bad manifest checksum")
-            v.int(ref.get("manifest_size"), "manifest size", 1, 1 << 34)
+            v.check(isinstance(ref.get("manifest_xxh3"), str) and re.fullmatch(r"[0-9a-f]{16}", ref["manifest_xxh3"])
+                    is not None, "bad manifest checksum")
+            v.int(ref.get("manifest_size"), "manifest size", 1, 1 << 30)
+            for key in ("step", "epoch"):
+                v.check(ref.get(key) is None or (isinstance(ref[key], int) and not isinstance(ref[key], bool)),
+                        f"version {key} {str(ref.get(key))[:40]!r} is not an integer")
+            v.check(ref.get("created") is None or (isinstance(ref["created"], (int, float))
+                                                   and not isinstance(ref["created"], bool)),
+                    "version created time is not a number")
             versions.append(VersionRef(**{k: ref.get(k) for k in VersionRef.__dataclass_fields__}))
         v.check(len(versions) >= 1, "commit record names no version")
+        v.check(len({r.name for r in versions}) == len(versions), "commit record names a version twice")
         return cls(versions)

@@ -15,6 +15,8 @@ import fcntl
 import os
 import re
 import shutil
+import signal
+import stat
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -26,6 +28,33 @@ from .writer import fsync_dir, write_bytes_durably
 MANIFEST = "manifest.json"
 _NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 _MAX_RECORD = 1 << 20
+_MAX_MANIFEST = 1 << 30
+_DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
+_crash_hits: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    """Test hook (tests/reliability): PYCKPT_TEST_CRASH_AT=name[:n] SIGKILLs this process at the n-th `name`."""
+    wanted = os.environ.get("PYCKPT_TEST_CRASH_AT")
+    if not wanted or wanted.partition(":")[0] != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(wanted.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _makedirs(path: str) -> None:
+    """os.makedirs with an explicit mode for every level (its parents otherwise get 0o777 & ~umask)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _makedirs(parent)
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 class SnapshotStore:
@@ -56,12 +85,29 @@ class SnapshotStore:
         return os.path.join(self.root, name)
 
     def read_manifest(self, ref: VersionRef) -> Manifest:
-        where = os.path.join(self.version_dir(ref.name), MANIFEST)
+        directory = self.version_dir(ref.name)
+        where = os.path.join(directory, MANIFEST)
         try:
-            with open(where, "rb") as f:
-                data = f.read(ref.manifest_size + 1)
+            info = os.lstat(directory)
+        except FileNotFoundError:
+            raise IntegrityError(f"{directory}: directory of committed version {ref.name} is missing",
+                                 file=where) from None
+        if not stat.S_ISDIR(info.st_mode):  # a symlink could point the reader anywhere
+            raise IntegrityError(f"{directory}: version {ref.name} is not a plain directory (symlink or file); "
+                                 "refusing to read it", file=where)
+        try:
+            fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise IntegrityError(f"{where}: manifest missing for committed version {ref.name}", file=where) from None
+        except OSError as exc:
+            raise IntegrityError(f"{where}: cannot open manifest ({exc.strerror}); a symlink or unreadable "
+                                 "manifest is not allowed", file=where) from None
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if size != ref.manifest_size or size > _MAX_MANIFEST:  # before reading: never allocate a claimed size
+                raise IntegrityError(f"{where}: manifest is {size} bytes, {self.path} says {ref.manifest_size} "
+                                     "(truncated, replaced or corrupted)", file=where)
+            data = f.read(size + 1)
         if len(data) != ref.manifest_size or checksum(data) != ref.manifest_xxh3:
             raise IntegrityError(f"{where}: manifest does not match its checksum in {self.path} "
                                  "(corrupted or replaced)", file=where)
@@ -70,7 +116,7 @@ class SnapshotStore:
     # -- writing (leader only, under lock) -------------------------------------------------
     @contextmanager
     def locked(self) -> Iterator[None]:
-        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        _makedirs(self.root)
         fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -103,43 +149,77 @@ class SnapshotStore:
                 numbers.append(int(match.group(1)))
                 if entry not in keep:
                     shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+        self._drop_record_tmps()
         name = f"v{max(numbers, default=0) + 1:08d}"
         stage = os.path.join(self.root, f"{name}.stage-{uuid.uuid4().hex[:12]}")
-        os.mkdir(stage, 0o755)
+        os.mkdir(stage, _DIR_MODE)
+        _crash_point("stage-created")
         return name, stage
 
     def publish(self, stage: str, name: str, manifest: bytes, meta: dict, keep_last: int) -> CommitRecord:
         """Make the staged version the current one. Data files must already be durable."""
         write_bytes_durably(os.path.join(stage, MANIFEST), manifest)
         fsync_dir(stage)
+        _crash_point("manifest-written")
         final = self.version_dir(name)
         os.rename(stage, final)
         fsync_dir(self.root)
+        _crash_point("stage-renamed")
         ref = VersionRef(name, checksum(manifest), len(manifest), meta.get("step"), meta.get("epoch"),
                          meta.get("created"))
         previous = self.committed()
         older = previous.versions if previous else []
         record = CommitRecord([ref] + older[: max(0, keep_last - 1)])
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-        write_bytes_durably(tmp, record.to_json())
-        os.rename(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        self._replace_record(record)
+        _crash_point("record-renamed")
         self._drop_unlisted(record)
+        _crash_point("pruned")
         return record
+
+    def _replace_record(self, record: CommitRecord) -> None:
+        """Atomically replace the record at P: write a tmp file, fsync, rename over P, fsync the dir."""
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            write_bytes_durably(tmp, record.to_json())
+            _crash_point("record-tmp-written")
+            os.rename(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        fsync_dir(os.path.dirname(self.path))
+
+    def _drop_record_tmps(self) -> None:
+        """Remove record tmp files left next to P by a writer that crashed (caller holds the lock)."""
+        parent, base = os.path.split(self.path)
+        pattern = re.compile(re.escape(base) + r"\.tmp-[0-9a-f]{12}$")
+        for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+            if pattern.match(entry):
+                try:
+                    os.unlink(os.path.join(parent, entry))
+                except FileNotFoundError:
+                    pass
 
     def abort(self, stage: str) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
     def gc(self, keep_last: int) -> list[str]:
-        """Trim history to keep_last versions and remove stages and unlisted versions."""
-        record = self.committed()
-        if record and len(record.versions) > keep_last:
-            record = CommitRecord(record.versions[: max(1, keep_last)])
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-            write_bytes_durably(tmp, record.to_json())
-            os.rename(tmp, self.path)
-            fsync_dir(os.path.dirname(self.path))
-        return self._drop_unlisted(record)
+        """Trim history to keep_last versions and remove stages, unlisted versions and stale record tmps.
+
+        Takes the path's lock (SnapshotLockedError while a snapshot is being written): never call it
+        from inside `locked()`.
+        """
+        if not os.path.isdir(self.root) and not self.exists():
+            return []
+        with self.locked():
+            record = self.committed()
+            if record and len(record.versions) > keep_last:
+                record = CommitRecord(record.versions[: max(1, keep_last)])
+                self._replace_record(record)
+            self._drop_record_tmps()
+            return self._drop_unlisted(record)
 
     def _drop_unlisted(self, record: CommitRecord | None) -> list[str]:
         keep = {v.name for v in record.versions} if record else set()
