@@ -1,15 +1,23 @@
 """The `pyckpt` command line: what Ansible and operators call to check what was built."""
 from __future__ import annotations
 
+import functools
 import json
+import os
+import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
 from .config import load_config
-from .errors import PyckptError
+from .errors import IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError
+
+# Exit codes: 0 everything fine, 1 a check failed (corrupted snapshot, failing doctor check, a writer
+# holds the lock), 2 usage error (bad options, no such path). Expected failures print one message,
+# never a traceback.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 app = typer.Typer(help="pyckpt: snapshots for torch.distributed training, and checks of the cluster config.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -44,6 +52,343 @@ def config_validate(
     typer.echo(f"# {config.source_file or 'built-in defaults'}: valid")
     for key, value in resolved.items():
         typer.echo(f"{key}={value}")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output keeps whole lines (rich would cut tables to 80 columns).
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
+
+
+def expected_errors(command: Callable) -> Callable:
+    """Turn the failures a user can cause into one line and an exit code instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SnapshotNotFoundError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except PyckptError as exc:
+            fail(str(exc), EXIT_FAILED)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_USAGE)
+        except OSError as exc:
+            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", EXIT_FAILED)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _opt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _progress():
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=_console(stderr=True), transient=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+# ---------------------------------------------------------------------------------------------
+
+@app.command("ls")
+@expected_errors
+def ls(
+    path: Path = typer.Argument(..., help="a snapshot path (e.g. /shared/snapshots/checkpoint.bin) or a directory"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """List snapshot versions: committed ones and stages left by crashed writers. Exit 1 if one is broken."""
+    from .inspect import iter_rows
+
+    rows = list(iter_rows(path))
+    broken = [r for r in rows if r.status == "broken"]
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        from rich.table import Table
+
+        where = os.path.abspath(path)
+        base = where if os.path.isdir(where) and not where.endswith(".pyckpt") else os.path.dirname(where)
+        table = Table(title=f"snapshots in {base}", title_justify="left")
+        for column in ("path", "version", "status", "step", "epoch", "loss", "world", "size", "time"):
+            table.add_column(column, justify="right" if column in ("step", "epoch", "loss", "world", "size")
+                             else "left")
+        for r in rows:
+            status = {"current": "[green]current[/]", "committed": "committed",
+                      "stage": "[yellow]incomplete (stage)[/]", "orphan": "[yellow]incomplete (orphan)[/]",
+                      "broken": "[red]broken[/]"}[r.status]
+            table.add_row(os.path.relpath(r.path, base), r.version, status,
+                          _opt(r.step), _opt(r.epoch), _opt(r.loss), _opt(r.world_size), _size(r.bytes),
+                          _when(r.created))
+        console = _console()
+        if rows:
+            console.print(table)
+        else:
+            console.print(f"no snapshots in {path}")
+        for r in broken:
+            console.print(f"[red]broken:[/] {r.path} {r.version}: {r.error}")
+        if any(r.status in ("stage", "orphan") for r in rows):
+            console.print("incomplete versions are leftovers of interrupted writers; the next snapshot "
+                          "or `pyckpt gc` removes them")
+    if broken:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("inspect")
+@expected_errors
+def inspect_cmd(
+    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    version: Optional[str] = typer.Option(None, "--version", "-v", help="a committed version (default: current)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Show a snapshot's metadata and its tensors (name, dtype, shape, bytes, files)."""
+    from .inspect import tensors
+    from .reader import Snapshot
+
+    snap = Snapshot.open(snapshot, version)
+    infos = tensors(snap)
+    summary = {"path": snap.store.path, "version": snap.ref.name, "world_size": snap.manifest.world_size,
+               "format_version": snap.manifest.format_version, "bytes": snap.manifest.total_bytes,
+               "files": [{"name": f.name, "size": f.size} for f in snap.manifest.files],
+               "meta": snap.meta, "tensors": [t.as_dict() for t in infos]}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    console = _console()
+    meta = snap.meta
+    console.print(f"[bold]{snap.store.path}[/] version {snap.ref.name}: step {_opt(meta.get('step'))}, epoch "
+                  f"{_opt(meta.get('epoch'))}, loss {_opt(meta.get('loss'))}, world size {snap.manifest.world_size}, "
+                  f"{_size(snap.manifest.total_bytes)} in {len(snap.manifest.files)} file(s), "
+                  f"written {_when(meta.get('created'))}"
+                  + (f" on {meta['host']} (torch {meta.get('torch')})" if meta.get("host") else ""))
+    table = Table(show_lines=False)
+    for column in ("#", "tensor", "dtype", "shape", "bytes", "files"):
+        table.add_column(column, justify="right" if column in ("#", "bytes") else "left")
+    for t in infos:
+        table.add_row(str(t.index), t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", _size(t.nbytes),
+                      ",".join(f.removeprefix("data-").removesuffix(".bin") for f in t.files) or "-")
+    console.print(table)
+
+
+@app.command("verify")
+@expected_errors
+def verify_cmd(
+    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    version: Optional[list[str]] = typer.Option(None, "--version", "-v",
+                                                help="version(s) to check (default: current)"),
+    all_versions: bool = typer.Option(False, "--all", help="check every committed version"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Read every byte and check every checksum. Exit 0 if intact, 1 naming the bad file and tensor."""
+    from .inspect import verify
+    from .reader import Snapshot
+    from .storage import SnapshotStore
+
+    record = SnapshotStore(snapshot).read_commit()
+    names = [v.name for v in record.versions] if all_versions else (version or [record.current.name])
+    results = []
+    for name in names:
+        start = time.perf_counter()
+        result = {"path": os.path.abspath(snapshot), "version": name, "ok": False, "bytes": 0, "tensors": 0,
+                  "seconds": 0.0, "error": None, "file": None, "tensor": None}
+        try:
+            snap = Snapshot.open(snapshot, name)
+            total = sum(t.nbytes for t in snap.manifest.tensors)
+            result["tensors"] = len(snap.manifest.tensors)
+            if progress:
+                with _progress() as bar:
+                    task = bar.add_task(f"verify {name}", total=total)
+                    result["bytes"] = verify(snap, lambda n, _t: bar.advance(task, n))
+            else:
+                result["bytes"] = verify(snap)
+            result["ok"] = True
+        except IntegrityError as exc:
+            result.update(error=str(exc), file=exc.file, tensor=exc.tensor)
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        results.append(result)
+    ok = all(r["ok"] for r in results)
+    if as_json:
+        typer.echo(json.dumps({"ok": ok, "versions": results}, indent=2))
+    else:
+        console = _console()
+        for r in results:
+            if r["ok"]:
+                console.print(f"[green]OK[/] {r['path']} {r['version']}: {r['tensors']} tensors, "
+                              f"{_size(r['bytes'])} verified in {r['seconds']:.2f}s")
+            else:
+                where = " ".join(x for x in (f"file {r['file']}" if r["file"] else "",
+                                             f"tensor {r['tensor']}" if r["tensor"] else "") if x)
+                console.print(f"[red]CORRUPT[/] {r['path']} {r['version']}: {where}\n  {r['error']}")
+    if not ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("gc")
+@expected_errors
+def gc_cmd(
+    path: Path = typer.Argument(..., help="a snapshot path or a directory of snapshots"),
+    keep: int = typer.Option(..., "--keep", "-k", min=1, help="committed versions to keep per path (>= 1)"),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would be removed"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Remove versions beyond --keep and stages of crashed writers; never the newest complete one.
+
+    Takes the writer's lock: exit 1 (nothing removed) while a snapshot is being written."""
+    from .inspect import list_versions, snapshot_paths
+    from .storage import SnapshotStore
+
+    report = []
+    busy = False
+    for snapshot_path in snapshot_paths(path):
+        entry = {"path": snapshot_path, "removed": [], "busy": False}
+        if dry_run:
+            rows = list_versions(snapshot_path)
+            listed = [r for r in rows if r.status in ("current", "committed") or (r.status == "broken"
+                                                                                    and r.version != "-")]
+            entry["removed"] = sorted([r.version for r in listed[keep:]]
+                                      + [r.version for r in rows if r.status in ("stage", "orphan")])
+        else:
+            try:
+                entry["removed"] = SnapshotStore(snapshot_path).gc(keep)
+            except SnapshotLockedError as exc:
+                entry.update(busy=True, error=str(exc))
+                busy = True
+        report.append(entry)
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, "keep": keep, "paths": report}, indent=2))
+    else:
+        console = _console()
+        verb = "would remove" if dry_run else "removed"
+        for entry in report:
+            if entry["busy"]:
+                console.print(f"[yellow]busy[/] {entry['path']}: a snapshot is being written; nothing removed, "
+                              "run gc again later")
+            else:
+                console.print(f"{entry['path']}: {verb} {', '.join(entry['removed']) or 'nothing'}")
+    if busy:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("export")
+@expected_errors
+def export_cmd(
+    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    out: Path = typer.Argument(..., help="output file: .pt/.pth (torch) or .safetensors"),
+    version: Optional[str] = typer.Option(None, "--version", "-v", help="a committed version (default: current)"),
+    obj: Optional[str] = typer.Option(None, "--object", "-o",
+                                      help="export one registered object (e.g. model): its own state_dict keys"),
+    fmt: str = typer.Option("auto", "--format", "-f", help="auto (from OUT's suffix), torch or safetensors"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Write a single-file state dict for use outside the cluster, verifying every byte on the way.
+
+    Streams: memory holds about one tensor (or 64 MiB) at a time. torch files load with
+    torch.load(OUT, weights_only=True); safetensors with safetensors.torch.load_file(OUT)."""
+    from .inspect import export_safetensors, export_torch
+    from .reader import Snapshot
+
+    kind = fmt.lower()
+    if kind == "auto":
+        suffix = out.suffix.lower()
+        kind = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}.get(suffix, "")
+        if not kind:
+            fail(f"cannot tell the format from {out.name!r}: name it .pt/.pth or .safetensors, or pass --format",
+                 EXIT_USAGE)
+    if kind not in ("torch", "safetensors"):
+        fail(f"--format {fmt!r}: use auto, torch or safetensors", EXIT_USAGE)
+    if out.exists() and not force:
+        fail(f"{out} exists; pass --force to replace it", EXIT_USAGE)
+    if not out.parent.is_dir():
+        fail(f"{out.parent} is not a directory", EXIT_USAGE)
+    snap = Snapshot.open(snapshot, version)
+    write = export_torch if kind == "torch" else export_safetensors
+    start = time.perf_counter()
+    if progress:
+        from .inspect import _tensor_keys, export_selection
+
+        total = sum(snap.manifest.tensors[i].nbytes for i, _ in _tensor_keys(export_selection(snap, obj)))
+        with _progress() as bar:
+            task = bar.add_task(f"export {snap.ref.name}", total=total)
+            result = write(snap, str(out), obj, lambda n, _t: bar.advance(task, n))
+    else:
+        result = write(snap, str(out), obj)
+    result.update(path=snap.store.path, version=snap.ref.name, out=str(out), format=kind, object=obj,
+                  seconds=round(time.perf_counter() - start, 3))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _console().print(f"wrote {out} ({kind}): {result['tensors']} tensors, {_size(result['bytes'])} from "
+                         f"{snap.store.path} {snap.ref.name} in {result['seconds']:.2f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Doctor
+# ---------------------------------------------------------------------------------------------
+
+@app.command("doctor")
+@expected_errors
+def doctor_cmd(
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="config file; default: found like load_config()"),
+    cluster_subnet: Optional[str] = typer.Option(None, "--cluster-subnet",
+                                                 help="the nodes' subnet (CIDR), to judge the firewall rules"),
+    expect_listener: bool = typer.Option(False, "--expect-listener",
+                                         help="training runs: MASTER_PORT must accept connections"),
+    port_timeout: float = typer.Option(3.0, "--port-timeout", min=0.1, help="seconds to wait for MASTER_PORT"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Check this host against the spec's troubleshooting list; exit 1 if any check fails.
+
+    Config, MASTER_ADDR/PORT, firewall, backend vs hardware, shared filesystem, NFS export."""
+    from .doctor import exit_code, run_doctor
+
+    checks, facts = run_doctor(str(file) if file else None, cluster_subnet=cluster_subnet,
+                               expect_listener=expect_listener, port_timeout=port_timeout)
+    code = exit_code(checks)
+    if as_json:
+        typer.echo(json.dumps({"ok": code == 0, "host": facts, "checks": [c.as_dict() for c in checks]},
+                              indent=2, default=str))
+    else:
+        console = _console()
+        style = {"pass": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
+        for c in checks:
+            console.print(f"[{style[c.status]}]{c.status.upper():4}[/] {c.name:16} {c.message}", markup=True)
+            if c.hint and c.status != "pass":
+                console.print(f"     {'':16} fix: {c.hint}")
+        counts = {s: sum(1 for c in checks if c.status == s) for s in style}
+        console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    raise typer.Exit(code)
 
 
 def main() -> None:

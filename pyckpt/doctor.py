@@ -1,0 +1,516 @@
+"""`pyckpt doctor`: the spec's troubleshooting list, checked on this host.
+
+Every check is a function of its inputs (config values, command output, a connect function, the
+mount table text) and returns a Check, so tests can feed failing cases. `run_doctor` gathers the
+real inputs from this host and calls them.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from .config import KNOWN_KEYS, Config, load_config, parse_env_file
+from .errors import PyckptError
+
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+NFS_TYPES = ("nfs", "nfs4")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # pass | warn | fail | skip
+    message: str
+    hint: str = ""       # what to do when it is not a pass
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+def check_config(file: str | None, environ: Mapping[str, str]) -> tuple[Check, Config | None]:
+    """The config file parses, validates, and the environment does not silently override it.
+
+    Loaded as if CUDA were present: whether the backend fits this hardware is check_backend's job.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = load_config(file, environ=environ, cuda_available=lambda: True)
+        except PyckptError as exc:
+            return Check("config", FAIL, str(exc), "fix the value in the config file (or the environment "
+                         "variable that overrides it); `pyckpt config validate` shows the resolved config"), None
+    notes = [str(w.message) for w in caught]
+    source = config.source_file or "built-in defaults"
+    overrides = []
+    if config.source_file and os.path.exists(config.source_file):
+        for key, setting in parse_env_file(config.source_file).items():
+            if key in KNOWN_KEYS and key in environ and environ[key] != setting.value:
+                overrides.append(f"{key}: file {setting.value!r} ({setting.origin}), environment {environ[key]!r}")
+    details = {"file": config.source_file, "config": config.as_env()}
+    if overrides:
+        return Check("config", WARN, f"{source}: the environment overrides the file: " + "; ".join(overrides),
+                     "unset those variables or fix the file, so every node runs with the same values",
+                     {**details, "overrides": overrides}), config
+    if notes:
+        return Check("config", WARN, f"{source}: " + "; ".join(notes), "remove or fix those lines",
+                     details), config
+    return Check("config", PASS, f"{source} is valid and agrees with the environment", details=details), config
+
+
+# ---------------------------------------------------------------------------------------------
+# Network
+# ---------------------------------------------------------------------------------------------
+
+Resolver = Callable[[str], Sequence[str]]
+
+
+def resolve_host(name: str) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)})
+
+
+def _loopback(addresses: Sequence[str]) -> list[str]:
+    out = []
+    for address in addresses:
+        try:
+            if ipaddress.ip_address(address).is_loopback:
+                out.append(address)
+        except ValueError:
+            pass
+    return out
+
+
+def check_master_addr(master_addr: str, nodes: int, resolve: Resolver = resolve_host) -> Check:
+    """MASTER_ADDR resolves, and not to a loopback address when other nodes must reach it."""
+    try:
+        addresses = list(resolve(master_addr))
+    except (OSError, UnicodeError) as exc:
+        return Check("master_addr", FAIL, f"MASTER_ADDR={master_addr} does not resolve ({exc})",
+                     "use the master's IP address, or add it to /etc/hosts on every node")
+    loop = _loopback(addresses)
+    details = {"addresses": addresses}
+    if loop and nodes > 1:
+        return Check("master_addr", FAIL,
+                     f"MASTER_ADDR={master_addr} resolves to loopback {', '.join(loop)} but the job has {nodes} nodes",
+                     "other nodes cannot reach a loopback address (127.0.1.1 is Debian's hostname alias and breaks "
+                     "gloo): use the master's cluster IP, or fix /etc/hosts so the name maps to it", details)
+    return Check("master_addr", PASS, f"MASTER_ADDR={master_addr} resolves to {', '.join(addresses)}",
+                 details=details)
+
+
+def check_hostname(hostname: str, nodes: int, resolve: Resolver = resolve_host) -> Check:
+    """This host's own name: gloo picks its interface from it when GLOO_SOCKET_IFNAME is unset."""
+    try:
+        addresses = list(resolve(hostname))
+    except (OSError, UnicodeError) as exc:
+        return Check("hostname", WARN, f"this host's name {hostname} does not resolve ({exc})",
+                     "add it to /etc/hosts with its cluster address, or set GLOO_SOCKET_IFNAME")
+    loop = _loopback(addresses)
+    if loop and nodes > 1:
+        return Check("hostname", WARN, f"this host's name {hostname} resolves to loopback {', '.join(loop)}",
+                     "gloo then advertises a loopback address to the other ranks: map the name to the cluster "
+                     "address in /etc/hosts, or set GLOO_SOCKET_IFNAME to the cluster interface",
+                     {"addresses": addresses})
+    return Check("hostname", PASS, f"{hostname} resolves to {', '.join(addresses)}", details={"addresses": addresses})
+
+
+def tcp_probe(host: str, port: int, timeout: float = 3.0) -> str:
+    """'open', 'refused', 'timeout' or 'error: ...' for a TCP connect."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "open"
+    except ConnectionRefusedError:
+        return "refused"
+    except (socket.timeout, TimeoutError):
+        return "timeout"
+    except OSError as exc:
+        return f"error: {exc.strerror or exc}"
+
+
+def tcp_bind_probe(host: str, port: int) -> str:
+    """'free', 'in use', 'not local' or 'error: ...' for binding host:port on this machine."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        return "free"
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "in use"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "not local"
+        return f"error: {exc.strerror or exc}"
+
+
+def check_master_port(master_addr: str, port: int, is_master: bool, *, expect_listener: bool = False,
+                      probe: Callable[[str, int], str] = tcp_probe,
+                      bind_probe: Callable[[str, int], str] = tcp_bind_probe) -> Check:
+    """Workers reach MASTER_ADDR:MASTER_PORT; on the master the port is listening or free to listen on."""
+    where = f"{master_addr}:{port}"
+    state = probe(master_addr, port)
+    if state == "open":
+        return Check("master_port", PASS, f"{where} accepts connections (rank 0 is listening)")
+    if is_master:
+        bound = bind_probe(master_addr, port)
+        if bound == "free" and not expect_listener:
+            return Check("master_port", PASS, f"{where} is free: rank 0 can listen on it")
+        if bound == "not local":
+            return Check("master_port", FAIL, f"MASTER_ADDR={master_addr} is not an address of this host, "
+                         "but this host is node rank 0", "set MASTER_ADDR to this host's cluster address, or "
+                         "give the master NODE_RANK=0 and the others 1..N-1")
+        if bound == "in use":
+            return Check("master_port", FAIL, f"{where} is taken by a process that does not accept connections",
+                         f"find it with `ss -ltnp 'sport = :{port}'` and stop it, or change MASTER_PORT")
+        if bound == "free":
+            return Check("master_port", FAIL, f"nothing listens on {where} (connection {state})",
+                         "start rank 0 (the master) first; check its log for errors")
+        return Check("master_port", FAIL, f"cannot bind {where}: {bound}", "check MASTER_ADDR and MASTER_PORT")
+    if state == "refused":
+        status = FAIL if expect_listener else WARN
+        return Check("master_port", status, f"{where} refused the connection: the master is reachable but nothing "
+                     "listens there", "start rank 0 on the master first (it opens the port); if it runs, check "
+                     "MASTER_PORT is the same on every node")
+    if state == "timeout":
+        return Check("master_port", FAIL, f"{where} did not answer (timeout): a firewall drops the traffic or "
+                     "the host is down", f"allow the cluster subnet in on the master (`ufw allow from <subnet>`), "
+                     f"and check `nc -vz {master_addr} {port}` from this node")
+    return Check("master_port", FAIL, f"{where}: {state}", "check the route to the master (`ip route get "
+                 f"{master_addr}`) and MASTER_ADDR")
+
+
+def check_firewall(ufw_status: str | None, subnet: str | None, *, reason: str = "") -> Check:
+    """Parse `ufw status`: the cluster subnet must be allowed on every port (gloo uses ephemeral ports)."""
+    if ufw_status is None:
+        return Check("firewall", SKIP, reason or "ufw is not installed: firewall not checked",
+                     "if another firewall runs, allow the cluster subnet on all ports between nodes")
+    text = ufw_status.strip()
+    if "Status: inactive" in text:
+        return Check("firewall", PASS, "ufw is inactive: nothing is filtered")
+    if "Status: active" not in text:
+        return Check("firewall", SKIP, f"cannot read ufw status: {text.splitlines()[0] if text else 'no output'}",
+                     "run the doctor as root to read the firewall rules")
+    if not subnet:
+        return Check("firewall", WARN, "ufw is active but no cluster subnet was given to compare",
+                     "pass --cluster-subnet (the playbook passes cluster_subnet)")
+    try:
+        wanted = ipaddress.ip_network(subnet, strict=False)
+    except ValueError:
+        return Check("firewall", FAIL, f"cluster subnet {subnet!r} is not a network", "use CIDR like 192.168.1.0/24")
+    ports_only = []
+    for line in text.splitlines():
+        parts = line.split()
+        if "ALLOW" not in parts:
+            continue
+        at = parts.index("ALLOW")
+        target = " ".join(parts[:at]).replace("(v6)", "").strip()
+        source = " ".join(p for p in parts[at + 1:] if p not in ("IN", "OUT", "FWD")).replace("(v6)", "").strip()
+        if "OUT" in parts[at:at + 2]:
+            continue
+        covers = source.startswith("Anywhere")
+        if not covers:
+            try:
+                net = ipaddress.ip_network(source.split()[0], strict=False)
+                covers = net.version == wanted.version and wanted.subnet_of(net)
+            except ValueError:
+                covers = False
+        if covers and target.startswith("Anywhere"):
+            return Check("firewall", PASS, f"ufw allows {subnet} on all ports ({line.strip()})")
+        if covers:
+            ports_only.append(target)
+    if ports_only:
+        return Check("firewall", FAIL, f"ufw lets {subnet} in only on {', '.join(sorted(set(ports_only)))}",
+                     f"gloo/NCCL connect every rank to every other on ephemeral ports: `ufw allow from {subnet}`",
+                     {"ports": sorted(set(ports_only))})
+    return Check("firewall", FAIL, f"ufw is active and has no rule allowing {subnet}",
+                 f"`ufw allow from {subnet}` on every node (the firewall role does this)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend and hardware
+# ---------------------------------------------------------------------------------------------
+
+def torch_versions() -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"torch": None, "cuda": None, "nccl": None, "gpus": 0, "cuda_available": False}
+    cuda_ok = torch.cuda.is_available()
+    nccl = None
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_nccl_available():
+            version = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    except (RuntimeError, AttributeError):
+        nccl = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "nccl": nccl,
+            "gpus": torch.cuda.device_count() if cuda_ok else 0, "cuda_available": cuda_ok}
+
+
+def check_backend(backend: str, versions: Mapping) -> Check:
+    """nccl needs GPUs; report torch/CUDA/NCCL versions so they can be compared across nodes."""
+    backend = (backend or "auto").strip().lower()
+    summary = (f"torch {versions.get('torch')}, CUDA {versions.get('cuda') or 'none'}, "
+               f"NCCL {versions.get('nccl') or 'none'}, {versions.get('gpus', 0)} GPU(s)")
+    details = dict(versions)
+    if versions.get("torch") is None:
+        return Check("backend", FAIL, "torch is not importable here", "install torch into this venv", details)
+    gpus = int(versions.get("gpus") or 0)
+    if backend == "nccl" and gpus == 0:
+        return Check("backend", FAIL, f"BACKEND=nccl but torch sees no GPU ({summary})",
+                     "use BACKEND=gloo (CPU) or BACKEND=auto; NCCL only runs on CUDA GPUs", details)
+    if backend == "gloo" and gpus > 0:
+        return Check("backend", WARN, f"BACKEND=gloo on a host with GPUs ({summary})",
+                     "gloo works but NCCL is much faster on GPUs: BACKEND=nccl or auto", details)
+    if backend == "auto":
+        return Check("backend", PASS, f"BACKEND=auto -> {'nccl' if gpus else 'gloo'} ({summary})", details=details)
+    return Check("backend", PASS, f"BACKEND={backend} fits this host ({summary})", details=details)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared filesystem
+# ---------------------------------------------------------------------------------------------
+
+def _unescape(field_text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return field_text.encode().decode("unicode_escape") if "\\" in field_text else field_text
+
+
+def mount_of(path: str, mountinfo: str) -> dict | None:
+    """The mount holding `path` (longest mount point prefix) from /proc/self/mountinfo text."""
+    best = None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        point = _unescape(fields[4])
+        inside = path == point or path.startswith(point.rstrip("/") + "/") or point == "/"
+        if inside and (best is None or len(point) >= len(best["mount_point"])):
+            best = {"mount_point": point, "fstype": tail[0], "source": _unescape(tail[1])}
+    return best
+
+
+def check_shared_exists(path: str) -> Check:
+    if os.path.isdir(path):
+        return Check("shared_path", PASS, f"SHARED_FS_PATH={path} exists")
+    if os.path.exists(path):
+        return Check("shared_path", FAIL, f"SHARED_FS_PATH={path} is not a directory", "point it at the shared dir")
+    return Check("shared_path", FAIL, f"SHARED_FS_PATH={path} does not exist",
+                 "mount the shared filesystem there (setup-cluster.yml does), or fix SHARED_FS_PATH")
+
+
+def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool) -> Check:
+    """Workers of an nfs cluster must see SHARED_FS_PATH through an NFS mount; the master exports it."""
+    mount = mount_of(os.path.realpath(path), mountinfo)
+    if mount is None:
+        return Check("shared_fs_type", WARN, f"no mount found for {path} in the mount table", "check `findmnt -T`")
+    found = f"{path} is on {mount['fstype']} ({mount['source']} at {mount['mount_point']})"
+    if fs_type != "nfs":
+        return Check("shared_fs_type", PASS, f"{found}; SHARED_FS_TYPE={fs_type}", details=mount)
+    if is_master:
+        status = WARN if mount["fstype"] in NFS_TYPES else PASS
+        return Check("shared_fs_type", status, f"{found}; this host is the master (the NFS server)",
+                     "the master should export its local directory, not mount it" if status == WARN else "",
+                     mount)
+    if mount["fstype"] in NFS_TYPES:
+        return Check("shared_fs_type", PASS, found, details=mount)
+    return Check("shared_fs_type", FAIL, f"{found}, expected nfs: snapshots written here stay on this node",
+                 f"mount the master's export: `mount -t nfs4 <master>:{path} {path}` (setup-cluster.yml does)",
+                 mount)
+
+
+def check_writable(path: str) -> Check:
+    """Create, fsync and remove a file as this user (what every rank does when it snapshots)."""
+    user = _user()
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pyckpt-doctor-", dir=path)
+        try:
+            os.write(fd, b"pyckpt doctor\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return Check("shared_writable", FAIL, f"{path} is not writable by {user}: {exc.strerror or exc}",
+                     f"give {user} write access (e.g. `chown -R {user} {path}`), check the export is rw and "
+                     "root_squash/all_squash maps users as intended")
+    return Check("shared_writable", PASS, f"{path} is writable by {user}")
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
+
+
+def check_free_space(path: str, free_bytes: int, last_snapshot_bytes: int) -> Check:
+    """A new version is written before old ones are dropped: it needs the size of the last one."""
+    details = {"free_bytes": free_bytes, "last_snapshot_bytes": last_snapshot_bytes}
+    free, last = _human(free_bytes), _human(last_snapshot_bytes)
+    if last_snapshot_bytes == 0:
+        return Check("free_space", PASS, f"{free} free on {path} (no snapshot yet to compare)", details=details)
+    if free_bytes < last_snapshot_bytes:
+        return Check("free_space", FAIL, f"{free} free on {path}, the last snapshot took {last}",
+                     "free space or lower keep_last: the next snapshot will fail with ENOSPC", details)
+    if free_bytes < 2 * last_snapshot_bytes:
+        return Check("free_space", WARN, f"{free} free on {path}: room for one more snapshot of {last}",
+                     "free space soon, or `pyckpt gc <snapshot dir> --keep 1`", details)
+    return Check("free_space", PASS, f"{free} free on {path}, last snapshot {last}", details=details)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+Runner = Callable[[list[str]], "tuple[int, str] | None"]
+
+
+def run_tool(argv: list[str], timeout: float = 10.0) -> tuple[int, str] | None:
+    """(returncode, output) of a command, or None when the tool is not installed."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return 124, f"{' '.join(argv)} timed out after {timeout:g}s"
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def check_nfs_export(master_addr: str, path: str, fs_type: str, is_master: bool, run: Runner = run_tool) -> Check:
+    """From a worker: the master's NFS server answers and (v3 showmount) lists the export."""
+    if fs_type != "nfs":
+        return Check("nfs_export", SKIP, f"SHARED_FS_TYPE={fs_type}: no NFS export expected")
+    if is_master:
+        return Check("nfs_export", SKIP, "this host is the master (the NFS server); workers check the export")
+    shown = run(["showmount", "-e", "--no-headers", master_addr])
+    if shown is not None:
+        rc, out = shown
+        exports = [line.split()[0] for line in out.splitlines() if line.strip() and rc == 0]
+        if rc == 0 and any(path == e.rstrip("/") or path.rstrip("/") == e.rstrip("/") for e in exports):
+            return Check("nfs_export", PASS, f"{master_addr} exports {path}", details={"exports": exports})
+        if rc == 0:
+            return Check("nfs_export", FAIL, f"{master_addr} exports {', '.join(exports) or 'nothing'}, not {path}",
+                         f"add {path} to /etc/exports on the master and run `exportfs -ra`", {"exports": exports})
+        # NFSv4-only servers (e.g. ganesha without mountd) do not answer showmount: ask rpcbind instead.
+    probe = run(["rpcinfo", "-T", "tcp", master_addr, "nfs", "4"])
+    if probe is not None:
+        rc, out = probe
+        if rc == 0:
+            return Check("nfs_export", PASS, f"{master_addr} answers NFSv4 over TCP ({out.splitlines()[-1]})")
+        return Check("nfs_export", FAIL, f"no NFS server answers on {master_addr}: {out.splitlines()[-1] if out else rc}",
+                     "start the NFS server on the master and allow ports 111 and 2049 from the cluster subnet")
+    if shown is not None:
+        return Check("nfs_export", FAIL, f"showmount -e {master_addr} failed: {shown[1][:200]}",
+                     "start the NFS server (and rpcbind) on the master; allow 111/2049 from the cluster subnet")
+    return Check("nfs_export", SKIP, "neither showmount nor rpcinfo is installed",
+                 "install nfs-common (showmount) or rpcbind (rpcinfo) to check the export from this node")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run on this host
+# ---------------------------------------------------------------------------------------------
+
+def file_sha256(path: str | None) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = None,
+               cluster_subnet: str | None = None, expect_listener: bool = False,
+               port_timeout: float = 3.0) -> tuple[list[Check], dict]:
+    """Run every check on this host; returns the checks and the facts compared across the cluster."""
+    from .inspect import newest_complete_bytes
+
+    environ = os.environ if environ is None else environ
+    checks: list[Check] = []
+    config_check, config = check_config(file, environ)
+    checks.append(config_check)
+    versions = torch_versions()
+    facts = {"hostname": socket.gethostname(), "time": time.time(), "config_file": None, "config_sha256": None,
+             "shared_fs_path": None, "node_rank": None, **versions}
+    if config is None:
+        return checks, facts
+    facts.update(config_file=config.source_file, config_sha256=file_sha256(config.source_file),
+                 shared_fs_path=config.shared_fs_path, node_rank=config.node_rank,
+                 master_addr=config.master_addr, master_port=config.master_port)
+    is_master = config.node_rank == 0
+    nodes = config.physical_nodes
+    checks.append(check_master_addr(config.master_addr, nodes))
+    checks.append(check_hostname(socket.gethostname(), nodes))
+    if config.world_size > 1 or config.mode != "single":
+        checks.append(check_master_port(config.master_addr, config.master_port, is_master,
+                                        expect_listener=expect_listener,
+                                        probe=lambda h, p: tcp_probe(h, p, port_timeout)))
+    else:
+        checks.append(Check("master_port", SKIP, "single process: no rendezvous port needed"))
+    ufw = run_tool(["ufw", "status"])
+    checks.append(check_firewall(None if ufw is None else ufw[1], cluster_subnet))
+    checks.append(check_backend(configured_backend(config, environ), versions))
+    shared = config.shared_fs_path
+    exists = check_shared_exists(shared)
+    checks.append(exists)
+    if exists.status == PASS:
+        checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master))
+        checks.append(check_writable(shared))
+        try:
+            last = newest_complete_bytes(config.snapshot_dir)
+        except (PyckptError, OSError):
+            last = 0
+        checks.append(check_free_space(shared, shutil.disk_usage(shared).free, last))
+    else:
+        for name in ("shared_fs_type", "shared_writable", "free_space"):
+            checks.append(Check(name, SKIP, f"{shared} does not exist"))
+    checks.append(check_nfs_export(config.master_addr, shared, config.shared_fs_type, is_master))
+    return checks, facts
+
+
+def configured_backend(config: Config, environ: Mapping[str, str]) -> str:
+    """BACKEND as written (auto/nccl/gloo), before load_config resolves it against this hardware."""
+    if environ.get("BACKEND"):
+        return environ["BACKEND"]
+    if config.source_file and os.path.isfile(config.source_file):
+        setting = parse_env_file(config.source_file).get("BACKEND")
+        if setting is not None:
+            return setting.value
+    return "auto"
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    return 1 if any(c.status == FAIL for c in checks) else 0
