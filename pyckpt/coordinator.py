@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, load_config
-from .errors import DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotNotFoundError
+from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
+                     SnapshotNotFoundError)
 from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot
@@ -256,7 +257,8 @@ class DistributedCoordinator:
                     begun = f"{type(exc).__name__}: {exc}"
             begun = comm.broadcast(begun)
             if isinstance(begun, str):
-                raise SnapshotError(f"snapshot to {path} could not start: {begun}")
+                kind = SnapshotLockedError if begun.startswith("SnapshotLockedError") else SnapshotError
+                raise kind(f"snapshot to {path} could not start: {begun}")
             name, stage = begun
             size = cap.share.size + cap.private_plan.size
             try:
