@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(args.hidden).to(device)
-    ddp = DistributedDataParallel(model) if dist.is_initialized() and world > 1 else model
+    # DDP re-buckets gradients after its first iteration, which changes gloo's summation order for
+    # more than 2 ranks; a resumed job's first iteration would then round differently. Without the
+    # rebuild (find_unused_parameters=True) the layout is the same in every run: bit-exact resumes.
+    ddp = (DistributedDataParallel(model, find_unused_parameters=True)
+           if dist.is_initialized() and world > 1 else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
     # Per-rank randomness (dropout) differs between ranks but is reproducible on resume.
