@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import IntegrityError, PyckptError
+from .errors import IntegrityError, PyckptError, SnapshotNotFoundError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord
 from .reader import Snapshot
 from .storage import MANIFEST, SnapshotStore
@@ -56,7 +56,7 @@ def snapshot_paths(path: str | os.PathLike) -> list[str]:
         if path.endswith(SUFFIX) and os.path.isdir(path):
             return [path[: -len(SUFFIX)]]
         if not os.path.exists(path) and not os.path.isdir(path + SUFFIX):
-            raise PyckptError(f"{path}: no such snapshot path or directory")
+            raise SnapshotNotFoundError(f"{path}: no such snapshot path or directory")
         return [path]
     found = set()
     for entry in os.listdir(path):
