@@ -1,0 +1,136 @@
+"""Timing helpers, page-cache dropping and the hardware limits (write+fdatasync, cold read, one copy)."""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_CHUNK = 16 << 20
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: the run-to-run noise of one figure."""
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m if m else 0.0
+
+
+def files_under(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    out = []
+    for root, _, names in os.walk(path):
+        out.extend(os.path.join(root, n) for n in names)
+    return out
+
+
+def drop_cache(*paths: str) -> str:
+    """Evict `paths` from the page cache; returns the method used.
+
+    "drop_caches": the whole page cache via /proc/sys/vm/drop_caches (needs root, not in every
+    container); otherwise "fadvise": posix_fadvise(DONTNEED) on each file (evicts clean pages of
+    those files only, which is what a cold restore needs)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for path in paths:
+        for name in files_under(path):
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return "fadvise"
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and directory under path (durability for libraries that do not fsync)."""
+    for name in files_under(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dirs = [path] if os.path.isdir(path) else [os.path.dirname(path)]
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def clear(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def pack(tensors: list[torch.Tensor], into: torch.Tensor) -> None:
+    """One in-memory copy of every tensor's bytes into a preallocated buffer (the stall limit)."""
+    pos = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        into[pos: pos + n].copy_(t.reshape(-1).view(torch.uint8))
+        pos += n
+
+
+def write_limit(path: str, buffer: torch.Tensor) -> None:
+    """Sequential write of the buffer in large chunks, then fdatasync: what the disk allows."""
+    view = memoryview(buffer.numpy())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, len(view), _CHUNK):
+            chunk = view[off: off + _CHUNK]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_limit(path: str, buffer: torch.Tensor) -> None:
+    """Sequential read of the file into a preallocated buffer (cold when the cache was dropped)."""
+    view = memoryview(buffer.numpy())
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < len(view):
+            got = f.readinto(view[pos: pos + _CHUNK])
+            if not got:
+                break
+            pos += got
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type holding `path` (from /proc/mounts), so results say what they measured."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
+                        and len(parts[1]) >= len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
