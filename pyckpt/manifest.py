@@ -377,4 +377,7 @@ class CommitRecord:
             versions.append(VersionRef(**{k: ref.get(k) for k in VersionRef.__dataclass_fields__}))
         v.check(len(versions) >= 1, "commit record names no version")
         v.check(len({r.name for r in versions}) == len(versions), "commit record names a version twice")
-        return cls(versions)
+        record = cls(versions)
+        # The checksum covers the parsed body; also refuse any byte changed outside it (whitespace, key order).
+        v.check(record.to_json() == data, "commit record is not in pyckpt's exact form (edited or corrupted)")
+        return record

@@ -90,15 +90,16 @@ class SnapshotStore:
         try:
             info = os.lstat(directory)
         except FileNotFoundError:
-            raise IntegrityError(f"{directory}: directory of committed version {ref.name} is missing",
-                                 file=where) from None
+            raise IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, "
+                                 "is missing (deleted, or the record was edited)", file=where) from None
         if not stat.S_ISDIR(info.st_mode):  # a symlink could point the reader anywhere
             raise IntegrityError(f"{directory}: version {ref.name} is not a plain directory (symlink or file); "
                                  "refusing to read it", file=where)
         try:
             fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise IntegrityError(f"{where}: manifest missing for committed version {ref.name}", file=where) from None
+            raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
+                                 file=where) from None
         except OSError as exc:
             raise IntegrityError(f"{where}: cannot open manifest ({exc.strerror}); a symlink or unreadable "
                                  "manifest is not allowed", file=where) from None

@@ -1,0 +1,106 @@
+"""Load possibly corrupted or hostile snapshots in a separate process and report what happened.
+
+    python load_probe.py CASES.json [--max-extra-mb N]
+
+CASES.json: [{"name": ..., "path": ...}, ...]. For each case prints "start <name>" then one JSON line
+{"name", "restore": outcome, "verify": outcome} where an outcome is {"kind": "ok"|"error"|"unexpected",
+"type", "file", "tensor", "message", "exact"}; "exact" says whether loaded values equal the
+reference of the step they claim (state.make_state). Run as a subprocess so that a segfault or an
+abort shows up as the process dying after "start <name>", never as a crash of the test runner.
+
+Pickle is disabled in this process (pickle.loads/load/Unpickler and torch.load raise), so a snapshot
+that tried to unpickle anything would be reported as unexpected. With --max-extra-mb, RLIMIT_AS caps
+the address space at its size after imports + N MiB: huge allocations fail loudly instead of paging.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from pyckpt import DistributedCoordinator, PyckptError, TrainingRuntime, load_config  # noqa: E402
+from pyckpt.reader import Snapshot  # noqa: E402
+from state import Blob, loss, make_state, same  # noqa: E402
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("pickle used while loading a snapshot")
+
+
+def _disable_pickle() -> None:
+    pickle.loads = pickle.load = _forbidden
+    pickle.Unpickler = _forbidden
+    torch.load = _forbidden
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def _outcome(fn) -> dict:
+    try:
+        exact = fn()
+        return {"kind": "ok", "exact": exact}
+    except PyckptError as exc:
+        return {"kind": "error", "type": type(exc).__name__, "file": getattr(exc, "file", None),
+                "tensor": getattr(exc, "tensor", None), "message": str(exc)[:500]}
+    except BaseException as exc:  # noqa: BLE001 - this is what the probe is for
+        return {"kind": "unexpected", "type": type(exc).__name__, "message": str(exc)[:500]}
+
+
+def verify(path: str) -> bool:
+    snap = Snapshot.open(path)
+    replicated = snap.replicated()
+    privates = [snap.private(r) for r in range(snap.manifest.world_size)]
+    step = replicated["progress"]["step"]
+    return (same(make_state(step), replicated["objects"]["blob"])
+            and all(p["loss"] == loss(step, r) for r, p in enumerate(privates)))
+
+
+def restore(path: str) -> bool:
+    runtime = TrainingRuntime(capture_rng=False)
+    blob = Blob.__new__(Blob)
+    blob.loaded = None
+    runtime.register("blob", blob)
+    coord = DistributedCoordinator(load_config(environ={}, cuda_available=lambda: False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        coord.restore(path, runtime)
+    return same(make_state(runtime.step), blob.loaded)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases")
+    ap.add_argument("--max-extra-mb", type=int, default=0)
+    args = ap.parse_args()
+    with open(args.cases) as f:
+        cases = json.load(f)
+    _disable_pickle()
+    make_state(0)  # warm up allocations made by the reference itself
+    if args.max_extra_mb:
+        limit = _vm_bytes() + (args.max_extra_mb << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    for case in cases:
+        print(f"start {case['name']}", flush=True)
+        result = {"name": case["name"], "restore": _outcome(lambda: restore(case["path"])),
+                  "verify": _outcome(lambda: verify(case["path"]))}
+        print(json.dumps(result), flush=True)
+    print("end", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
