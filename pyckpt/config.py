@@ -103,6 +103,9 @@ def parse_env_file(path: str | os.PathLike) -> dict[str, Setting]:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc}); the config file must be a KEY=VALUE text file") from None
+    except OSError as exc:  # a directory, no permission...
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}); it must be a readable "
+                          "KEY=VALUE text file") from None
     settings: dict[str, Setting] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -238,7 +241,7 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
     nproc = _int(merged, nproc_key, 1)
     try:
         timeout = float(merged["INIT_TIMEOUT_S"].value)
-        if timeout <= 0:
+        if not 0 < timeout < float("inf"):  # also refuses nan
             raise ValueError
     except ValueError:
         raise _fail("INIT_TIMEOUT_S", merged["INIT_TIMEOUT_S"], "is not a positive number of seconds",
