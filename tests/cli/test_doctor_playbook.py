@@ -1,0 +1,83 @@
+"""doctor.yml: syntax, and real runs against this machine (connection local).
+
+The cluster-wide checks need several nodes; here two inventory hosts run on this machine with
+different shared directories, which is exactly what a node without the NFS mount looks like: each
+writes its marker into its own directory and cannot see the other's. Runs against the local
+container cluster (real SSH, NFS stand-in, firewall) belong to the cluster end-to-end tests.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ..conftest import REPO, clean_env
+
+pytestmark = pytest.mark.ansible
+PLAYBOOK = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+
+
+def playbook(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = clean_env(ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    return subprocess.run([PLAYBOOK, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("inventory", ["inventory/physical", "inventory/single"])
+def test_syntax(inventory):
+    done = playbook("--syntax-check", "-i", inventory, "doctor.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def make_node(root: Path, backend: str = "gloo") -> dict:
+    """A shared directory with the rendered single-mode config file, as setup-cluster.yml leaves it."""
+    config = root / "checkpoint4" / "config"
+    config.mkdir(parents=True)
+    (config / "distributed.single.env").write_text(
+        f"DISTRIBUTED_MODE=single\nWORLD_SIZE=1\nPHYSICAL_NODES=1\nMASTER_ADDR=127.0.0.1\nMASTER_PORT=29500\n"
+        f"BACKEND={backend}\nSHARED_FS_PATH={root}\nSHARED_FS_TYPE=local\n")
+    return {"ansible_connection": "local", "node_rank": 0, "shared_path": str(root),
+            "code_dir": str(root / "checkpoint4")}
+
+
+def write_inventory(path: Path, master: dict, workers: dict) -> Path:
+    inventory = {"all": {
+        "vars": {"distributed_mode": "single", "cluster_subnet": "127.0.0.0/8", "nproc_per_node": 1,
+                 "venv_path": sys.prefix,
+                 "ansible_python_interpreter": sys.executable},
+        "children": {"master": {"hosts": master}, "workers": {"hosts": workers}}}}
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def test_healthy_nodes_sharing_one_directory(tmp_path):
+    """Two inventory hosts on this machine that really share the directory: every marker is seen."""
+    node = make_node(tmp_path / "shared")
+    inventory = write_inventory(tmp_path / "hosts.yml", {"node0": node}, {"node1": node})
+    done = playbook("-i", str(inventory), "doctor.yml")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "2 node(s) checked: no problems" in done.stdout
+    assert "node0 (rank 0): " in done.stdout and "node1 (rank 0): " in done.stdout
+    assert " 0 fail" in done.stdout and " 1 fail" not in done.stdout
+    assert os.listdir(tmp_path / "shared" / ".pyckpt-doctor") == []  # markers cleaned up
+
+
+def test_cluster_wide_problems_are_found(tmp_path):
+    """node1 does not share node0's directory, runs another config (nccl on a CPU host), and the
+    clock limit is negative so that the clock comparison must report every node."""
+    inventory = write_inventory(tmp_path / "hosts.yml", {"node0": make_node(tmp_path / "a")},
+                                {"node1": make_node(tmp_path / "b", backend="nccl")})
+    done = playbook("-i", str(inventory), "doctor.yml", "-e", "doctor_max_clock_skew_s=-1")
+    out = done.stdout
+    assert done.returncode == 2, out[-3000:] + done.stderr
+    assert f"node0 does not see the marker node1 wrote in {tmp_path / 'a'}/.pyckpt-doctor" in out
+    assert f"node1 does not see the marker node0 wrote in {tmp_path / 'b'}/.pyckpt-doctor" in out
+    assert f"SHARED_FS_PATH differs between nodes: node0={tmp_path / 'a'}, node1={tmp_path / 'b'}" in out
+    assert "the config file (sha256) differs between nodes" in out
+    assert "node1: backend: BACKEND=nccl but torch sees no GPU" in out
+    assert "node0: backend" not in out
+    assert "node0: clock is off by 0.0 s" in out and "node1: clock is off by 0.0 s" in out
+    assert "torch version differs" not in out
