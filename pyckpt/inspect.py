@@ -106,6 +106,7 @@ def list_versions(path: str) -> list[VersionRow]:
         directory = os.path.join(store.root, entry)
         row = VersionRow(store.path, entry, "stage" if match.group(2) else "orphan", False,
                          bytes=_dir_bytes(directory), created=os.stat(directory).st_mtime)
+        _fill_from_leftover(row, os.path.join(directory, MANIFEST))
         rows.append(row)
     rows.sort(key=lambda r: (r.version.split(".")[0] if r.version != "-" else "~"), reverse=True)
     return rows
@@ -119,6 +120,21 @@ def _fill_from_manifest(row: VersionRow, manifest: Manifest) -> None:
     for key in ("step", "epoch", "created"):
         if getattr(row, key) is None and isinstance(meta.get(key), (int, float)):
             setattr(row, key, meta[key])
+
+
+def _fill_from_leftover(row: VersionRow, manifest_path: str) -> None:
+    """A crash between writing the manifest and publishing leaves it in the stage: show its step/epoch."""
+    try:
+        with open(manifest_path, "rb") as f:
+            data = f.read(1 << 30)
+        manifest = Manifest.from_json(data, manifest_path)
+    except (OSError, PyckptError):
+        return
+    row.world_size = manifest.world_size
+    meta = manifest.meta
+    row.step = meta.get("step") if isinstance(meta.get("step"), int) else None
+    row.epoch = meta.get("epoch") if isinstance(meta.get("epoch"), int) else None
+    row.loss = meta.get("loss") if isinstance(meta.get("loss"), (int, float)) else None
 
 
 def newest_complete_bytes(directory: str) -> int:

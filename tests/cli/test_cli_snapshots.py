@@ -63,6 +63,11 @@ def test_ls_directory_lists_versions_with_progress_fields(snapdir):
     incomplete = [r for r in rows if not r["complete"]]
     assert [(r["version"], r["status"], r["bytes"]) for r in incomplete] == [
         ("v00000009.stage-0123456789ab", "stage", 100)]
+    # a crash after the manifest was written but before the publish: the stage shows its step
+    crashed = snapdir / "checkpoint.bin.pyckpt" / "v00000008.stage-ba5eba11ba5e"
+    shutil.copytree(snapdir / "checkpoint.bin.pyckpt" / "v00000003", crashed)
+    row = next(r for r in json.loads(cli("ls", snapdir, "--json").stdout) if r["version"] == crashed.name)
+    assert (row["status"], row["complete"], row["step"], row["epoch"]) == ("stage", False, 3, 1)
     human = cli("ls", snapdir)
     assert human.exit_code == 0
     assert "current" in human.stdout and "incomplete (stage)" in human.stdout and "v00000009" in human.stdout
