@@ -38,7 +38,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from state import Blob, loss, make_state, rng_seed, same  # noqa: E402
+from state import Blob, loss, reference_for, rng_seed, same  # noqa: E402
 
 from pyckpt import DistributedCoordinator, TrainingRuntime, load_config  # noqa: E402
 from pyckpt.reader import Snapshot  # noqa: E402
@@ -96,8 +96,8 @@ def verify(path: str) -> int:
     snap = Snapshot.open(path)
     replicated = snap.replicated()
     step = replicated["progress"]["step"]
-    expected = make_state(step)
-    if not same(expected, replicated["objects"]["blob"]):
+    expected = reference_for(replicated["objects"]["blob"])
+    if replicated["objects"]["blob"]["step"] != step or not same(expected, replicated["objects"]["blob"]):
         raise HarnessFailure(f"{path}: snapshot claims step {step} but its tensors differ from that step's reference")
     for rank in range(snap.manifest.world_size):
         private = snap.private(rank)

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pyckpt import DistributedCoordinator, TrainingRuntime, coordinator, load_config, storage, writer  # noqa: E402
+from pyckpt import (DistributedCoordinator, SnapshotLockedError, TrainingRuntime, coordinator, load_config,  # noqa: E402
+                    storage, writer)
 from state import Blob, loss, rng_seed  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--async", dest="use_async", action="store_true")
     ap.add_argument("--keep-last", type=int, default=2)
+    ap.add_argument("--tolerate-locked", action="store_true", help='print "locked <step>" and go on')
     args = ap.parse_args()
     if os.environ.get("PYCKPT_TEST_CRASH_AT"):
         _install_hooks()
@@ -91,7 +93,13 @@ def main() -> int:
             future = coord.snapshot(args.path, runtime, blocking=False)
             future.add_done_callback(lambda f, s=step: f.exception() is None and report(s))
         else:
-            coord.snapshot(args.path, runtime)
+            try:
+                coord.snapshot(args.path, runtime)
+            except SnapshotLockedError:
+                if not args.tolerate_locked:
+                    raise
+                print(f"locked {step}", flush=True)
+                continue
             report(step)
     coord.shutdown()
     print("done", flush=True)

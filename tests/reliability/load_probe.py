@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from pyckpt import DistributedCoordinator, PyckptError, TrainingRuntime, load_config  # noqa: E402
 from pyckpt.reader import Snapshot  # noqa: E402
-from state import Blob, loss, make_state, same  # noqa: E402
+from state import Blob, loss, make_state, reference_for, same  # noqa: E402
 
 
 def _forbidden(*args, **kwargs):
@@ -65,7 +65,7 @@ def verify(path: str) -> bool:
     replicated = snap.replicated()
     privates = [snap.private(r) for r in range(snap.manifest.world_size)]
     step = replicated["progress"]["step"]
-    return (same(make_state(step), replicated["objects"]["blob"])
+    return (same(reference_for(replicated["objects"]["blob"]), replicated["objects"]["blob"])
             and all(p["loss"] == loss(step, r) for r, p in enumerate(privates)))
 
 
@@ -78,7 +78,7 @@ def restore(path: str) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         coord.restore(path, runtime)
-    return same(make_state(runtime.step), blob.loaded)
+    return same(reference_for(blob.loaded), blob.loaded) and blob.loaded["step"] == runtime.step
 
 
 def main() -> int:

@@ -21,7 +21,15 @@ def make_state(step: int, size: int = DEFAULT_SIZE) -> dict:
         "small": torch.full((3,), float(step), dtype=torch.float64),
         "np": np.random.RandomState(step % (2 ** 32)).randint(0, 255, size=(97,), dtype=np.uint8),
         "step": step,
+        "size": size,
     }
+
+
+def reference_for(saved: dict) -> dict:
+    """The reference of the step (and size) a loaded blob claims to be."""
+    size = saved.get("size") if isinstance(saved, dict) else None
+    size = size if isinstance(size, int) and 0 < size <= 64 << 20 else DEFAULT_SIZE
+    return make_state(saved["step"] if isinstance(saved, dict) and isinstance(saved.get("step"), int) else -1, size)
 
 
 def rng_seed(step: int, rank: int) -> int:

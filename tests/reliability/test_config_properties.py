@@ -72,7 +72,7 @@ def check(data: bytes, environ: dict, cuda: bool, tmp_dir: str) -> None:
     hash(config)  # immutable
 
 
-@settings(max_examples=int(os.environ.get("PYCKPT_HYPOTHESIS_EXAMPLES", "400")), deadline=None,
+@settings(max_examples=int(os.environ.get("PYCKPT_HYPOTHESIS_EXAMPLES", "400")), deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=env_files, environ=environs, cuda=st.booleans())
 @example(data=b"INIT_TIMEOUT_S=nan\n", environ={}, cuda=False)

@@ -32,3 +32,27 @@ def test_restore_after_sigkill_is_previous_or_new_bit_exact(tmp_path):
         assert summary["two_rank_trials_killing_one_rank"] >= 1
     # Both outcomes are legal; over a series the named phases after the record rename give "new".
     assert summary["outcomes"].get("new", 0) >= 1 and summary["outcomes"].get("previous", 0) >= 1
+
+
+@pytest.mark.parametrize("point", ["stage-renamed", "record-tmp-written"])
+def test_crash_during_the_very_first_snapshot_means_no_snapshot(tmp_path, point):
+    """Killed before the first record exists: restore says "no snapshot" (missing_ok starts fresh), next writer cleans."""
+    import subprocess
+    import sys
+
+    from helpers import WORKER, make_snapshots, worker_env
+
+    from pyckpt import DistributedCoordinator, SnapshotNotFoundError, TrainingRuntime, load_config
+
+    path = str(tmp_path / "checkpoint.bin")
+    done = subprocess.run([sys.executable, WORKER, path, "--start", "1", "--steps", "3"], capture_output=True,
+                          text=True, timeout=120, env=worker_env(PYCKPT_TEST_CRASH_AT=f"{point}:1"))
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert crash_harness.leftovers(path), "the crash should leave a stage or an unlisted version behind"
+    with DistributedCoordinator(load_config(environ={}, cuda_available=lambda: False)) as coord:
+        with pytest.raises(SnapshotNotFoundError):
+            coord.restore(path, TrainingRuntime())
+        assert coord.restore(path, TrainingRuntime(), missing_ok=True) is False
+    make_snapshots(path, start=5, steps=1)
+    assert crash_harness.verify(path) == 5
+    assert not crash_harness.leftovers(path)
