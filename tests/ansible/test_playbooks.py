@@ -1,0 +1,271 @@
+"""Ansible playbooks driven through ansible-runner, against localhost only (connection local).
+
+Nothing here changes this machine: preflight needs no connection, and the rendering cases write
+into pytest's tmp_path (code_dir/venv_path/render_dir are pointed there).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import ansible_runner
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ansible
+
+REPO = Path(__file__).resolve().parents[2]
+PLAYBOOKS = sorted(p for p in [*REPO.glob("*.yml"), *(REPO / "playbooks").glob("*.yml")])
+VENV = Path(sys.prefix)  # the controller venv: has ansible, torch and pyckpt (its `pyckpt` validates)
+
+
+@pytest.fixture(autouse=True)
+def _controller_path(monkeypatch):
+    # ansible-runner starts `ansible-playbook` from PATH: use the one next to this interpreter.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def run(tmp_path: Path, playbook: Path | str, inventory: Path | str, extravars: dict | None = None,
+        cmdline: str = "") -> tuple[int, str]:
+    private = tmp_path / "runner"
+    private.mkdir(exist_ok=True)
+    result = ansible_runner.run(
+        private_data_dir=str(private),
+        project_dir=str(REPO),
+        playbook=str(playbook),
+        inventory=str(inventory),
+        extravars=extravars or {},
+        cmdline=cmdline,
+        envvars={"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+                 "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml", "ANSIBLE_LOCALHOST_WARNING": "false"},
+        quiet=True,
+        timeout=300,
+    )
+    return result.rc, result.stdout.read()
+
+
+def local(tmp_path: Path, **extra) -> dict:
+    """Extra vars that keep a play on this machine, as this user, inside tmp_path."""
+    return {"ansible_connection": "local", "ansible_become": False,
+            "ansible_python_interpreter": sys.executable,
+            "shared_path": str(tmp_path / "shared"), "code_dir": str(tmp_path / "shared/checkpoint4"),
+            "snapshot_dir": str(tmp_path / "shared/snapshots"), **extra}
+
+
+def make_inventory(tmp_path: Path, hosts: dict, **group_vars) -> Path:
+    """A copy of inventory/physical with `hosts` as hosts.yml and `group_vars` over its group_vars."""
+    inv = tmp_path / "inventory"
+    shutil.copytree(REPO / "inventory/physical", inv)
+    (inv / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": hosts}}))
+    all_vars = yaml.safe_load((inv / "group_vars/all.yml").read_text())
+    all_vars.update(group_vars)
+    (inv / "group_vars/all.yml").write_text(yaml.safe_dump(all_vars))
+    return inv
+
+
+def spec_hosts(**worker_vars: dict) -> dict:
+    """The spec's cluster (master .100, workers .101-.103) with extra vars per worker."""
+    workers = {f"node{i}": {"ansible_host": f"192.168.1.{100 + i}", **worker_vars.get(f"node{i}", {})}
+               for i in (1, 2, 3)}
+    return {"master": {"hosts": {"node0": {"ansible_host": "192.168.1.100"}}}, "workers": {"hosts": workers}}
+
+
+# --- syntax -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: str(p.relative_to(REPO)))
+def test_syntax_check(tmp_path, playbook):
+    rc, out = run(tmp_path, playbook, REPO / "inventory/physical", cmdline="--syntax-check")
+    assert rc == 0, out
+
+
+def test_every_entry_playbook_is_checked():
+    names = {str(p.relative_to(REPO)) for p in PLAYBOOKS}
+    for wanted in ("setup-cluster.yml", "train.yml", "stop-training.yml", "status.yml", "playbooks/preflight.yml",
+                   "playbooks/verify-shared.yml", "playbooks/cluster-config.yml", "playbooks/python-env.yml"):
+        assert wanted in names
+
+
+# --- preflight ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inventory", ["physical", "single", "docker"])
+def test_preflight_accepts_the_repo_inventories(tmp_path, inventory):
+    rc, out = run(tmp_path, REPO / "playbooks/preflight.yml", REPO / "inventory" / inventory)
+    assert rc == 0, out
+
+
+def test_preflight_accepts_a_valid_rank_override(tmp_path):
+    hosts = spec_hosts(node1={"node_rank": 3}, node3={"node_rank": 1})
+    rc, out = run(tmp_path, REPO / "playbooks/preflight.yml", make_inventory(tmp_path, hosts))
+    assert rc == 0, out
+
+
+BAD_INVENTORIES = {
+    "two masters": (
+        {"master": {"hosts": {"node0": {"ansible_host": "192.168.1.100"}, "node1": {"ansible_host": "192.168.1.101"}}},
+         "workers": {"hosts": {"node2": {"ansible_host": "192.168.1.102"}}}},
+        {}, "must put exactly one host in group 'master'"),
+    "no master": (
+        {"workers": {"hosts": {"node1": {"ansible_host": "192.168.1.101"}}}},
+        {}, "found 0: none"),
+    "duplicate ranks": (
+        spec_hosts(node2={"node_rank": 1}), {}, "the inventory gives node0=0, node1=1, node2=1, node3=3"),
+    "rank gap": (
+        spec_hosts(node3={"node_rank": 7}), {}, "Node ranks must be 0..3, each used once"),
+    "master not rank 0": (
+        spec_hosts(node1={"node_rank": 0}), {}, "with the master at 0"),
+    "host outside the subnet": (
+        spec_hosts(node2={"ansible_host": "10.0.0.7"}), {},
+        "node2: address 10.0.0.7 (host var cluster_address, else ansible_host) is not an IP address inside "
+        "cluster_subnet 192.168.1.0/24"),
+    "cluster_address outside the subnet": (
+        spec_hosts(node3={"cluster_address": "192.168.2.3"}), {}, "node3: address 192.168.2.3"),
+    "duplicate addresses": (
+        spec_hosts(node3={"ansible_host": "192.168.1.101"}), {}, "Two nodes share an address"),
+    "world size mismatch": (
+        spec_hosts(), {"world_size": 3}, "world_size=3 but the inventory has 4 nodes x nproc_per_node=1 = 4 processes"),
+    "world size mismatch with nproc": (
+        spec_hosts(), {"world_size": 4, "nproc_per_node": 2}, "= 8 processes"),
+    "port out of range": (
+        spec_hosts(), {"master_port": 70000}, "Ports must be integers in 1-65535 and distinct; got master_port=70000"),
+    "port not a number": (
+        spec_hosts(), {"nfs_port": "nfs"}, "nfs_port=nfs"),
+    "ports clash": (
+        spec_hosts(), {"master_port": 2049}, "master_port=2049, nfs_port=2049"),
+    "bad subnet": (
+        spec_hosts(), {"cluster_subnet": "192.168.1.7/24"}, "is not a network in CIDR form"),
+    "unknown backend": (
+        spec_hosts(), {"backend": "mpi"}, "backend=mpi (gloo|nccl|auto)"),
+    "single mode with four nodes": (
+        spec_hosts(), {"distributed_mode": "single"}, "distributed_mode=single runs on one machine"),
+    "code outside the share": (
+        spec_hosts(), {"code_dir": "/opt/checkpoint4"}, "must be inside shared_path=/shared"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INVENTORIES, ids=list(BAD_INVENTORIES))
+def test_preflight_rejects_bad_inventories(tmp_path, case):
+    hosts, group_vars, message = BAD_INVENTORIES[case]
+    rc, out = run(tmp_path, REPO / "playbooks/preflight.yml", make_inventory(tmp_path, hosts, **group_vars))
+    assert rc != 0, out
+    assert message in " ".join(out.split()), out
+
+
+def test_train_stops_at_preflight_on_a_bad_inventory(tmp_path):
+    # The entry playbook runs preflight first: a bad inventory fails before any host is contacted.
+    inv = make_inventory(tmp_path, spec_hosts(node2={"node_rank": 1}))
+    rc, out = run(tmp_path, REPO / "train.yml", inv)
+    assert rc != 0
+    assert "Node ranks must be" in " ".join(out.split())
+    assert "UNREACHABLE" not in out
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def read_env(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def docker_nodes() -> tuple[int, str]:
+    hosts = yaml.safe_load((REPO / "inventory/docker/hosts.yml").read_text())["all"]["children"]
+    master = next(iter(hosts["master"]["hosts"].values()))["cluster_address"]
+    return 1 + len(hosts["workers"]["hosts"] or {}), master
+
+
+@pytest.mark.parametrize("inventory", ["physical", "docker", "single"])
+def test_cluster_config_renders_every_key(tmp_path, inventory):
+    nodes, master = {"physical": (4, "192.168.1.100"), "single": (1, "127.0.0.1")}.get(inventory) or docker_nodes()
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory" / inventory,
+                  local(tmp_path, venv_path=str(VENV)))
+    assert rc == 0, out
+    config = tmp_path / "shared/checkpoint4/config"
+    rendered = config / f"distributed.{inventory}.env"
+    assert read_env(rendered) == {
+        "DISTRIBUTED_MODE": inventory, "WORLD_SIZE": str(nodes), "MASTER_ADDR": master, "MASTER_PORT": "29500",
+        "BACKEND": "gloo", "SHARED_FS_PATH": str(tmp_path / "shared"),
+        "SHARED_FS_TYPE": "local" if inventory == "single" else "nfs",
+        "PHYSICAL_NODES": str(nodes), "NPROC_PER_NODE": "1",
+    }
+    assert rendered.read_text().startswith("#\n# Ansible managed\n#\n")
+    assert os.readlink(config / "distributed.env") == rendered.name
+    # The role ran pyckpt's validation (the controller venv has pyckpt) on every node.
+    assert "Validate the file with pyckpt's own loader" in out
+    assert out.count("skipping: [") < out.count("ok: [") or inventory == "single"
+
+
+def test_cluster_config_world_size_and_passthrough(tmp_path):
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
+                  local(tmp_path, venv_path=str(VENV), nproc_per_node=2,
+                        cluster_config_extra={"NCCL_DEBUG": "INFO"}))
+    assert rc == 0, out
+    env = read_env(tmp_path / "shared/checkpoint4/config/distributed.physical.env")
+    assert (env["WORLD_SIZE"], env["NPROC_PER_NODE"], env["PHYSICAL_NODES"]) == ("8", "2", "4")
+    assert env["NCCL_DEBUG"] == "INFO"
+    assert "NODE_RANK" not in env
+
+
+def test_cluster_config_is_idempotent(tmp_path):
+    args = (tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
+            local(tmp_path, venv_path=str(VENV)))
+    assert run(*args)[0] == 0
+    rc, out = run(*args)
+    assert rc == 0, out
+    assert "changed=0" in out and "changed=1" not in out, out
+
+
+def test_cluster_config_fails_when_pyckpt_rejects_the_file(tmp_path):
+    # Every node's address set to loopback (a host name resolving to 127.0.0.1 does this): the file
+    # renders, and the role's validation step fails with pyckpt's own message, naming key and file.
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
+                  local(tmp_path, venv_path=str(VENV), cluster_address="127.0.0.1"))
+    assert rc != 0, out
+    flat = " ".join(out.split())
+    assert "Validate the file with pyckpt's own loader" in flat
+    assert "MASTER_ADDR=''127.0.0.1'' is a loopback address but PHYSICAL_NODES=4" in flat  # YAML-quoted
+    assert "distributed.physical.env:" in flat
+
+
+def test_cluster_config_without_pyckpt_skips_validation(tmp_path):
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/single",
+                  local(tmp_path, venv_path=str(tmp_path / "no-venv")))
+    assert rc == 0, out
+    assert (tmp_path / "shared/checkpoint4/config/distributed.single.env").exists()
+
+
+def render_units(tmp_path: Path, inventory: Path, **extra) -> dict[str, str]:
+    out_dir = tmp_path / "units"
+    out_dir.mkdir()
+    rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", inventory,
+                  {**local(tmp_path), "render_dir": str(out_dir), **extra})
+    assert rc == 0, out
+    return {p.stem: p.read_text() for p in out_dir.glob("*.service")}
+
+
+def test_training_unit_per_node_of_the_physical_cluster(tmp_path):
+    units = render_units(tmp_path, REPO / "inventory/physical", training_steps=500, training_checkpoint_interval=50)
+    assert sorted(units) == ["node0", "node1", "node2", "node3"]
+    for rank, host in enumerate(["node0", "node1", "node2", "node3"]):
+        unit = units[host]
+        assert (f" --nnodes=4 --nproc_per_node=1 --node_rank={rank} --master_addr=192.168.1.100 "
+                f"--master_port=29500 --max_restarts=3 {tmp_path}/shared/checkpoint4/train.py "
+                f"--snapshot-path {tmp_path}/shared/snapshots/checkpoint.bin --checkpoint-interval 50 --steps 500 "
+                f"--config-dir {tmp_path}/shared/checkpoint4/config") in unit
+        assert "ExecStart=/shared/venv/bin/torchrun " in unit
+        assert f"Environment=NODE_RANK={rank}\n" in unit
+        assert "Environment=DISTRIBUTED_MODE=physical\n" in unit
+        assert "Environment=OMP_NUM_THREADS=1\n" in unit
+        assert f"WorkingDirectory={tmp_path}/shared/checkpoint4\n" in unit
+        assert "Restart=on-failure\n" in unit
+        # No facts were gathered: no interface to name, so GLOO_SOCKET_IFNAME is left to gloo.
+        assert "GLOO_SOCKET_IFNAME" not in unit
+
+
+def test_training_unit_rank_override_and_interface(tmp_path):
+    inv = make_inventory(tmp_path, spec_hosts(node1={"node_rank": 3}, node3={"node_rank": 1}),
+                         gloo_socket_ifname="eth1", nproc_per_node=2)
+    units = render_units(tmp_path, inv)
+    assert "--node_rank=3 " in units["node1"] and "Environment=NODE_RANK=3\n" in units["node1"]
+    assert "--node_rank=1 " in units["node3"] and "Environment=NODE_RANK=1\n" in units["node3"]
+    assert all("--nproc_per_node=2 " in u and "Environment=GLOO_SOCKET_IFNAME=eth1\n" in u for u in units.values())
