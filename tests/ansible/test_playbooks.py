@@ -269,3 +269,19 @@ def test_training_unit_rank_override_and_interface(tmp_path):
     assert "--node_rank=3 " in units["node1"] and "Environment=NODE_RANK=3\n" in units["node1"]
     assert "--node_rank=1 " in units["node3"] and "Environment=NODE_RANK=1\n" in units["node3"]
     assert all("--nproc_per_node=2 " in u and "Environment=GLOO_SOCKET_IFNAME=eth1\n" in u for u in units.values())
+
+
+# --- launch script ------------------------------------------------------------------------------
+
+def test_launch_script_runs_train_yml_on_the_given_inventory(tmp_path):
+    # The wrapper passes -i and the train.py options to train.yml, whose preflight rejects this
+    # inventory before any host is contacted.
+    import subprocess
+
+    inv = make_inventory(tmp_path, spec_hosts(node3={"node_rank": 7}))
+    proc = subprocess.run(["bash", str(REPO / "scripts/launch_distributed.sh"), "-i", str(inv), "--steps", "50"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ANSIBLE_NOCOLOR": "1"})
+    assert proc.returncode != 0
+    assert "Node ranks must be 0..3" in " ".join(proc.stdout.split()), proc.stdout + proc.stderr
+    assert "PLAY [Status" not in proc.stdout  # a failed launch stops before the status report
