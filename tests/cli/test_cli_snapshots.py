@@ -167,16 +167,17 @@ def test_verify_subprocess_exit_codes_and_no_tracebacks(snapdir, tmp_path):
     bad = run_cli("verify", path)
     assert bad.returncode == 1
     assert "objects.optimizer.state.0.exp_avg" in bad.stdout and "Traceback" not in bad.stderr + bad.stdout
-    foreign = tmp_path / "foreign.bin"
-    foreign.write_bytes(b"\x80\x02 a pickle, not a pyckpt commit record")
-    not_ours = run_cli("verify", foreign)
-    assert not_ours.returncode == 1
-    assert "not a pyckpt snapshot" in not_ours.stderr and "Traceback" not in not_ours.stderr
     missing = run_cli("verify", tmp_path / "missing.bin")
     assert missing.returncode == 2
     assert "no snapshot at" in missing.stderr and "Traceback" not in missing.stderr
-    usage = run_cli("verify")
-    assert usage.returncode == 2
+
+
+def test_verify_foreign_file_and_usage(tmp_path):
+    foreign = tmp_path / "foreign.bin"
+    foreign.write_bytes(b"\x80\x02 a pickle, not a pyckpt commit record")
+    not_ours = cli("verify", foreign)
+    assert not_ours.exit_code == 1 and "not a pyckpt snapshot" in not_ours.stderr
+    assert runner.invoke(app, ["verify"]).exit_code == 2
 
 
 def test_console_script_is_installed():
