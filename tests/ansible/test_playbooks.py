@@ -285,3 +285,34 @@ def test_launch_script_runs_train_yml_on_the_given_inventory(tmp_path):
     assert proc.returncode != 0
     assert "Node ranks must be 0..3" in " ".join(proc.stdout.split()), proc.stdout + proc.stderr
     assert "PLAY [Status" not in proc.stdout  # a failed launch stops before the status report
+
+
+# --- verify-shared ------------------------------------------------------------------------------
+
+def test_verify_shared_passes_when_every_node_sees_one_directory(tmp_path):
+    # The four "nodes" all run here (connection local) on one directory: a shared filesystem.
+    rc, out = run(tmp_path, REPO / "playbooks/verify-shared.yml", REPO / "inventory/physical",
+                  local(tmp_path, cluster_user="root", cluster_group="root"))
+    assert rc == 0, out
+    assert "node3 sees the files of all 4 nodes" in out
+    assert sorted(p.name for p in (tmp_path / "shared/.cluster-verify").iterdir()) == ["node0", "node1", "node2",
+                                                                                      "node3"]
+
+
+def test_verify_shared_fails_for_a_node_that_does_not_share(tmp_path):
+    # node2 writes to its own directory (as if its NFS mount were missing): the others miss its file,
+    # and node2 misses theirs. A file node2 left in the share on an earlier run must not count.
+    hosts = spec_hosts(node2={"shared_path": str(tmp_path / "node2-local"),
+                              "snapshot_dir": str(tmp_path / "node2-local/snapshots")})
+    inv = make_inventory(tmp_path, hosts, shared_path=str(tmp_path / "shared"),
+                         snapshot_dir=str(tmp_path / "shared/snapshots"), cluster_user="root", cluster_group="root")
+    (tmp_path / "node2-local/snapshots").mkdir(parents=True)
+    (tmp_path / "node2-local/.cluster-verify").mkdir()
+    (tmp_path / "shared/.cluster-verify").mkdir(parents=True)
+    (tmp_path / "shared/.cluster-verify/node2").write_text("20261124T000000.000000-1\n")
+    extra = {"ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable}
+    rc, out = run(tmp_path, REPO / "playbooks/verify-shared.yml", inv, extra)
+    assert rc != 0
+    flat = " ".join(out.split())
+    assert "node0 does not see the current file of node2" in flat
+    assert "node2 does not see the current file of node0, node1, node3" in flat
