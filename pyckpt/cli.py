@@ -106,6 +106,19 @@ def _opt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _open(snapshot: Path, version: str | None):
+    """Snapshot.open, with an unknown --version reported as a usage error (exit 2)."""
+    from .reader import Snapshot
+    from .storage import SnapshotStore
+
+    if version is not None:
+        names = [v.name for v in SnapshotStore(snapshot).read_commit().versions]
+        if version not in names:
+            fail(f"{os.path.abspath(snapshot)}: no version {version!r}; committed versions: {', '.join(names)}",
+                 EXIT_USAGE)
+    return Snapshot.open(snapshot, version)
+
+
 def _progress():
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
@@ -170,9 +183,8 @@ def inspect_cmd(
 ) -> None:
     """Show a snapshot's metadata and its tensors (name, dtype, shape, bytes, files)."""
     from .inspect import tensors
-    from .reader import Snapshot
 
-    snap = Snapshot.open(snapshot, version)
+    snap = _open(snapshot, version)
     infos = tensors(snap)
     summary = {"path": snap.store.path, "version": snap.ref.name, "world_size": snap.manifest.world_size,
                "format_version": snap.manifest.format_version, "bytes": snap.manifest.total_bytes,
@@ -215,7 +227,12 @@ def verify_cmd(
     from .storage import SnapshotStore
 
     record = SnapshotStore(snapshot).read_commit()
-    names = [v.name for v in record.versions] if all_versions else (version or [record.current.name])
+    committed = [v.name for v in record.versions]
+    names = committed if all_versions else (version or [record.current.name])
+    unknown = [n for n in names if n not in committed]
+    if unknown:
+        fail(f"{os.path.abspath(snapshot)}: no version {', '.join(unknown)}; committed versions: "
+             f"{', '.join(committed)}", EXIT_USAGE)
     results = []
     for name in names:
         start = time.perf_counter()
@@ -317,7 +334,6 @@ def export_cmd(
     Streams: memory holds about one tensor (or 64 MiB) at a time. torch files load with
     torch.load(OUT, weights_only=True); safetensors with safetensors.torch.load_file(OUT)."""
     from .inspect import export_safetensors, export_torch
-    from .reader import Snapshot
 
     kind = fmt.lower()
     if kind == "auto":
@@ -332,7 +348,7 @@ def export_cmd(
         fail(f"{out} exists; pass --force to replace it", EXIT_USAGE)
     if not out.parent.is_dir():
         fail(f"{out.parent} is not a directory", EXIT_USAGE)
-    snap = Snapshot.open(snapshot, version)
+    snap = _open(snapshot, version)
     write = export_torch if kind == "torch" else export_safetensors
     start = time.perf_counter()
     if progress:

@@ -224,7 +224,7 @@ def _torch_dtype_name(record: TensorRecord) -> str | None:
         return record.dtype
     try:
         return str(torch.from_numpy(np.empty(0, dtype=np.dtype(record.dtype[6:]))).dtype).removeprefix("torch.")
-    except TypeError:
+    except (TypeError, ValueError):  # e.g. big-endian arrays: torch has no such dtype
         return None
 
 

@@ -117,8 +117,10 @@ def test_inspect_older_version_and_unknown_version(snapdir):
     older = json.loads(cli("inspect", snapdir / "checkpoint.bin", "--version", "v00000001", "--json").stdout)
     assert older["meta"]["step"] == 1
     result = cli("inspect", snapdir / "checkpoint.bin", "--version", "v00000042")
-    assert result.exit_code == 1
-    assert "no version 'v00000042'" in result.stderr
+    assert result.exit_code == 2
+    assert "no version 'v00000042'" in result.stderr and "v00000003, v00000002, v00000001" in result.stderr
+    assert cli("verify", snapdir / "checkpoint.bin", "-v", "v00000042").exit_code == 2
+    assert cli("export", snapdir / "checkpoint.bin", snapdir / "x.pt", "-v", "v00000042").exit_code == 2
 
 
 # -- verify --------------------------------------------------------------------------------
