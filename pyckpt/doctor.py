@@ -316,14 +316,21 @@ def check_shared_exists(path: str) -> Check:
                  "mount the shared filesystem there (setup-cluster.yml does), or fix SHARED_FS_PATH")
 
 
-def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool) -> Check:
-    """Workers of an nfs cluster must see SHARED_FS_PATH through an NFS mount; the master exports it."""
+def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode: str = "physical") -> Check:
+    """Workers of an nfs cluster must see SHARED_FS_PATH through an NFS mount; the master exports it.
+
+    Only physical clusters are held to it: a local container cluster (docker mode) may share the
+    directory by bind mount, and the doctor playbook's markers prove the sharing either way.
+    """
     mount = mount_of(os.path.realpath(path), mountinfo)
     if mount is None:
         return Check("shared_fs_type", WARN, f"no mount found for {path} in the mount table", "check `findmnt -T`")
     found = f"{path} is on {mount['fstype']} ({mount['source']} at {mount['mount_point']})"
     if fs_type != "nfs":
         return Check("shared_fs_type", PASS, f"{found}; SHARED_FS_TYPE={fs_type}", details=mount)
+    if mode != "physical" and not is_master and mount["fstype"] not in NFS_TYPES:
+        return Check("shared_fs_type", PASS, f"{found}; DISTRIBUTED_MODE={mode}: a non-NFS share (e.g. a bind "
+                     "mount) is accepted outside physical mode", details=mount)
     if is_master:
         status = WARN if mount["fstype"] in NFS_TYPES else PASS
         return Check("shared_fs_type", status, f"{found}; this host is the master (the NFS server)",
@@ -487,7 +494,8 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     exists = check_shared_exists(shared)
     checks.append(exists)
     if exists.status == PASS:
-        checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master))
+        checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master,
+                                    config.mode))
         checks.append(check_writable(shared))
         try:
             last = newest_complete_bytes(config.snapshot_dir)

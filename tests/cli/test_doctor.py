@@ -211,6 +211,8 @@ def test_fs_type_worker_needs_nfs_master_exports_local(tmp_path):
     worker = d.check_fs_type("/shared", local, "nfs", is_master=False)
     assert worker.status == d.FAIL and "expected nfs" in worker.message and "mount -t nfs4" in worker.hint
     assert d.check_fs_type("/shared", local, "nfs", is_master=True).status == d.PASS
+    docker = d.check_fs_type("/shared", local, "nfs", is_master=False, mode="docker")
+    assert docker.status == d.PASS and "DISTRIBUTED_MODE=docker" in docker.message
     assert d.check_fs_type("/shared", local, "local", is_master=False).status == d.PASS
     with open("/proc/self/mountinfo") as f:  # the real table: some filesystem holds tmp_path
         real = d.check_fs_type(str(tmp_path), f.read(), "local", is_master=True)
