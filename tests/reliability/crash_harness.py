@@ -66,6 +66,7 @@ class Trial:
     outcome: str = ""    # "previous" (= last reported) or "new" (the one in flight)
     leftovers: list[str] = field(default_factory=list)
     survivors_exit: list[str] = field(default_factory=list)
+    output: str = ""     # the tail of rank 0's stdout (diagnostics)
     seconds: float = 0.0
 
 
@@ -111,14 +112,13 @@ def verify(path: str) -> int:
                              f"{snap.ref.step}, {step})")
     # And the public restore path into a runtime.
     runtime = TrainingRuntime(capture_rng=False)
-    blob = Blob.__new__(Blob)
-    blob.loaded = None
+    blob = Blob(-7, expected["size"])      # a live state of the same shapes (restore may read into it in place)
     runtime.register("blob", blob)
     with DistributedCoordinator(load_config(environ={}, cuda_available=lambda: False)) as coord:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # "restoring a 2-rank snapshot on 1 rank" is expected here
             coord.restore(path, runtime)
-    if runtime.step != step or not same(expected, blob.loaded):
+    if runtime.step != step or not same(expected, blob.loaded if blob.loaded is not None else blob.state):
         raise HarnessFailure(f"{path}: DistributedCoordinator.restore gave different state than Snapshot")
     return step
 
@@ -200,7 +200,8 @@ def run_trial(path: str, index: int, start: int, rng: random.Random) -> Trial:
                              f"{procs[0].stderr.read()[-2000:]}")
     committed = [int(out0[i + 1]) for i, w in enumerate(out0) if w == "committed"]
     last = committed[-1] if committed else start - 1
-    trial = Trial(index, job, kill, point, victims, delay, last, survivors_exit=survivors)
+    trial = Trial(index, job, kill, point, victims, delay, last, survivors_exit=survivors,
+                  output=" ".join(out0[-12:]))
     trial.restored = verify(path)
     if trial.restored == last:
         trial.outcome = "previous"
@@ -231,7 +232,10 @@ def run(trials: int, seed: int = 0, workdir: str | None = None, log=print) -> di
                 still = sorted(set(pending) & set(os.listdir(SnapshotStore(path).root))
                                | set(pending) & set(os.listdir(os.path.dirname(path))))
                 if still:
-                    raise HarnessFailure(f"trial {index}: leftovers of the previous crash survived a commit: {still}")
+                    raise HarnessFailure(
+                        f"trial {index}: leftovers of the previous crash survived a commit: {still}; now "
+                        f"{sorted(os.listdir(SnapshotStore(path).root))}, record "
+                        f"{[v.name for v in SnapshotStore(path).read_commit().versions]}, trial {asdict(trial)}")
                 pending = []
             if index % 2 == 0:
                 SnapshotStore(path).gc(KEEP_LAST)

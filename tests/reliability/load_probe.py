@@ -3,7 +3,7 @@
     python load_probe.py CASES.json [--max-extra-mb N]
 
 CASES.json: [{"name": ..., "path": ...}, ...]. For each case prints "start <name>" then one JSON line
-{"name", "restore": outcome, "verify": outcome} where an outcome is {"kind": "ok"|"error"|"unexpected",
+{"name", "restore", "verify", "cli_verify": outcome} where an outcome is {"kind": "ok"|"error"|"unexpected",
 "type", "file", "tensor", "message", "exact"}; "exact" says whether loaded values equal the
 reference of the step they claim (state.make_state). Run as a subprocess so that a segfault or an
 abort shows up as the process dying after "start <name>", never as a crash of the test runner.
@@ -69,16 +69,33 @@ def verify(path: str) -> bool:
             and all(p["loss"] == loss(step, r) for r, p in enumerate(privates)))
 
 
+def cli_verify(path: str) -> bool:
+    """What `pyckpt verify` runs: every tensor of the manifest read and checked (no comparison of values)."""
+    from pyckpt.inspect import verify as verify_all
+
+    verify_all(Snapshot.open(path))
+    return True
+
+
+class LiveStateClobbered(Exception):
+    """A restore that failed had already overwritten the job's live state."""
+
+
 def restore(path: str) -> bool:
     runtime = TrainingRuntime(capture_rng=False)
-    blob = Blob.__new__(Blob)
-    blob.loaded = None
+    blob = Blob(-7)                       # the job's live state before the restore (same shapes as the snapshot)
     runtime.register("blob", blob)
     coord = DistributedCoordinator(load_config(environ={}, cuda_available=lambda: False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        coord.restore(path, runtime)
-    return same(reference_for(blob.loaded), blob.loaded) and blob.loaded["step"] == runtime.step
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            coord.restore(path, runtime)
+    except PyckptError:
+        if not same(blob.state, make_state(-7)) or blob.loaded is not None:
+            raise LiveStateClobbered("restore raised, but the registered object's state was already changed")
+        raise
+    loaded = blob.loaded if blob.loaded is not None else blob.state
+    return same(reference_for(loaded), loaded) and loaded["step"] == runtime.step
 
 
 def main() -> int:
@@ -96,7 +113,8 @@ def main() -> int:
     for case in cases:
         print(f"start {case['name']}", flush=True)
         result = {"name": case["name"], "restore": _outcome(lambda: restore(case["path"])),
-                  "verify": _outcome(lambda: verify(case["path"]))}
+                  "verify": _outcome(lambda: verify(case["path"])),
+                  "cli_verify": _outcome(lambda: cli_verify(case["path"]))}
         print(json.dumps(result), flush=True)
     print("end", flush=True)
     return 0

@@ -53,7 +53,7 @@ class Cases:
     def check(self, results: dict) -> None:
         problems = []
         for name, (expect, target) in self.expect.items():
-            for how in ("restore", "verify"):
+            for how in ("restore", "verify", "cli_verify"):
                 got = results[name][how]
                 if got["kind"] == "ok" and got["exact"] and (
                         expect == "error-or-exact" or (how == "restore" and name in self.restore_may_skip)):

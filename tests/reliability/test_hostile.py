@@ -39,7 +39,7 @@ class _Bomb:
 
 
 def check_all_refused(results: dict, names: list[str], expect_type: str = "IntegrityError") -> None:
-    problems = [f"{n} {how}: {results[n][how]}" for n in names for how in ("restore", "verify")
+    problems = [f"{n} {how}: {results[n][how]}" for n in names for how in ("restore", "verify", "cli_verify")
                 if results[n][how]["kind"] != "error" or results[n][how]["type"] != expect_type]
     assert not problems, "\n".join(problems)
 
