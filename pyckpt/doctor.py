@@ -427,8 +427,9 @@ def check_nfs_export(master_addr: str, path: str, fs_type: str, is_master: bool,
     if probe is not None:
         rc, out = probe
         if rc == 0:
-            return Check("nfs_export", PASS, f"{master_addr} answers NFSv4 over TCP ({out.splitlines()[-1]})")
-        return Check("nfs_export", FAIL, f"no NFS server answers on {master_addr}: {out.splitlines()[-1] if out else rc}",
+            return Check("nfs_export", PASS, f"{master_addr} answers NFSv4 over TCP ({(out.splitlines() or [''])[-1]})")
+        last = out.splitlines()[-1] if out else f"rc {rc}"
+        return Check("nfs_export", FAIL, f"no NFS server answers on {master_addr}: {last}",
                      "start the NFS server on the master and allow ports 111 and 2049 from the cluster subnet")
     if shown is not None:
         return Check("nfs_export", FAIL, f"showmount -e {master_addr} failed: {shown[1][:200]}",

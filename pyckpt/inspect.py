@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import IntegrityError, PyckptError, SnapshotNotFoundError
+from .errors import PyckptError, SnapshotNotFoundError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord
 from .reader import Snapshot
 from .storage import MANIFEST, SnapshotStore
@@ -371,5 +371,5 @@ def iter_rows(path: str | os.PathLike) -> Iterator[VersionRow]:
         yield from list_versions(snapshot_path)
 
 
-__all__ = ["IntegrityError", "TensorInfo", "VersionRow", "export_safetensors", "export_torch", "iter_rows",
+__all__ = ["TensorInfo", "VersionRow", "export_safetensors", "export_torch", "iter_rows",
            "list_versions", "newest_complete_bytes", "snapshot_paths", "tensors", "verify"]

@@ -21,7 +21,7 @@ from pyckpt.cli import app
 from pyckpt.inspect import verify
 from pyckpt.storage import SnapshotStore
 
-from .conftest import run_cli, write_snapshots
+from .conftest import run_cli
 
 runner = CliRunner()
 
