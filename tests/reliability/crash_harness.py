@@ -92,6 +92,16 @@ def leftovers(path: str) -> list[str]:
     return sorted(out)
 
 
+def _inode(path: str, name: str) -> int | None:
+    """Inode of a leftover (a version dir under path.pyckpt, or a record tmp file next to path)."""
+    for where in (SnapshotStore(path).root, os.path.dirname(path)):
+        try:
+            return os.lstat(os.path.join(where, name)).st_ino
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def verify(path: str) -> int:
     """Everything a user could do with the snapshot at path succeeds and is bit-exact; returns its step."""
     snap = Snapshot.open(path)
@@ -225,24 +235,25 @@ def run(trials: int, seed: int = 0, workdir: str | None = None, log=print) -> di
                        capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
         step = verify(path)
         results: list[Trial] = []
-        pending: list[str] = []          # leftovers that the next commit must remove
+        # Leftovers of an odd trial must be gone once the next trial has committed a snapshot
+        # (its first begin() removes them). Compared by name and inode: after removal a name may be reused.
+        pending: dict[str, int] = {}
         for index in range(trials):
             trial = run_trial(path, index, step + 1, rng)
             if pending and trial.last_reported > step:
-                still = sorted(set(pending) & set(os.listdir(SnapshotStore(path).root))
-                               | set(pending) & set(os.listdir(os.path.dirname(path))))
+                still = sorted(name for name, ino in pending.items() if _inode(path, name) == ino)
                 if still:
                     raise HarnessFailure(
                         f"trial {index}: leftovers of the previous crash survived a commit: {still}; now "
                         f"{sorted(os.listdir(SnapshotStore(path).root))}, record "
                         f"{[v.name for v in SnapshotStore(path).read_commit().versions]}, trial {asdict(trial)}")
-                pending = []
+            pending = {}
             if index % 2 == 0:
                 SnapshotStore(path).gc(KEEP_LAST)
                 if leftovers(path):
                     raise HarnessFailure(f"trial {index}: gc left {leftovers(path)}")
             else:
-                pending += trial.leftovers
+                pending = {name: _inode(path, name) for name in trial.leftovers}
             step = trial.restored
             results.append(trial)
             log(f"trial {index:4d} {trial.job:6s} {trial.kill:6s} {str(trial.point):19s} victims={trial.victims} "
