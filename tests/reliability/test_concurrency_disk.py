@@ -179,3 +179,20 @@ def test_snapshot_files_and_dirs_are_not_world_writable(tmp_path, umask):
             checked.append(name)
     assert len(checked) >= 7   # new, parents, record, .pyckpt, .lock, version dir, manifest, data file
     assert verify(path) == 3
+
+
+def test_a_corrupted_record_stops_new_snapshots_and_deletes_nothing(tmp_path):
+    """pyckpt will not guess which versions are committed: the writer refuses, naming the record."""
+    path = str(tmp_path / "checkpoint.bin")
+    job = Job(16 << 10)
+    job.snapshot(path, 1)
+    job.snapshot(path, 2)
+    before = sorted(os.listdir(path + ".pyckpt"))
+    with open(path, "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0x55]))
+    with pytest.raises(SnapshotError, match=path):
+        job.snapshot(path, 3)
+    assert sorted(os.listdir(path + ".pyckpt")) == before
