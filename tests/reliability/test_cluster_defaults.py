@@ -126,3 +126,43 @@ def test_inventories_keep_the_safe_defaults():
                 for subnet in re.findall(r"cluster_subnet:\s*(\S+)", flat):
                     net = ipaddress.ip_network(subnet.strip("'\""), strict=False)
                     assert net.prefixlen >= 8 and net != ipaddress.ip_network("0.0.0.0/0"), f"{f}: {subnet}"
+
+
+needs_firewall_role = pytest.mark.skipif(not os.path.isdir(os.path.join(ROLES, "firewall")),
+                                         reason="roles/firewall is not in the repo")
+
+
+def firewall_rules(overrides: dict | None = None) -> list[dict]:
+    return yaml.safe_load(render("firewall", "rules.yml.j2", overrides))
+
+
+@needs_firewall_role
+def test_ufw_defaults_deny_incoming_and_are_enabled():
+    v = role_vars("firewall")
+    assert v["firewall_default_incoming"] == "deny"
+    assert v["firewall_enabled"] is True
+
+
+@needs_firewall_role
+@pytest.mark.parametrize("subnet", [None, "10.77.0.0/26"])
+def test_ufw_allows_only_ssh_from_outside_the_subnet(subnet):
+    overrides = {"cluster_subnet": subnet} if subnet else {}
+    want = subnet or role_vars("firewall")["firewall_cluster_subnet"]
+    rules = firewall_rules(overrides)
+    assert rules[0]["port"] == "22" and rules[0]["proto"] == "tcp" and rules[0]["rule"] == "allow", \
+        "SSH must be the first rule (ufw is enabled after the rules: the controller is never locked out)"
+    for r in rules[1:]:
+        assert r["rule"] == "allow" and r["from"] == want, f"{r['key']} is open beyond the cluster subnet {want}"
+    assert {(r["port"], r["proto"]) for r in rules} >= {("29500", "tcp"), ("2049", "tcp"), ("111", "tcp")}
+
+
+@needs_firewall_role
+def test_ufw_is_enabled_only_after_rules_and_policies():
+    with open(os.path.join(ROLES, "firewall", "tasks", "main.yml")) as f:
+        tasks = yaml.safe_load(f)
+    ufw = [(i, t["community.general.ufw"]) for i, t in enumerate(tasks) if "community.general.ufw" in t]
+    enable = [i for i, args in ufw if "state" in args]
+    rules = [i for i, args in ufw if "rule" in args and not args.get("delete")]
+    policy = [i for i, args in ufw if "default" in args]
+    assert enable and rules and policy
+    assert max(rules) < min(enable) and max(policy) < min(enable)
