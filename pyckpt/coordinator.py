@@ -10,6 +10,7 @@ Snapshot protocol (rank 0 leads):
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,6 +39,7 @@ from .writer import byte_view, write_file
 
 log = logging.getLogger("pyckpt")
 DEFAULT_KEEP_LAST = 2
+_TORCH_COPY_MIN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -187,10 +190,11 @@ class DistributedCoordinator:
         self.wait()
         keep = keep_last or self.keep_last
         start = time.perf_counter()
-        captured = self._capture(runtime)
-        if blocking:
-            return self._write(str(path), captured, keep, start)
-        self._stage(captured)
+        with _gc_paused():
+            captured = self._capture(runtime)
+            if blocking:
+                return self._write(str(path), captured, keep, start)
+            self._stage(captured)
         self._install_sigterm_guard()
         future: Future = Future()
         self._pending = future
@@ -236,7 +240,11 @@ class DistributedCoordinator:
         staging = self._staging.numpy()
         for piece, view in captured.segments:
             src = view[piece.src_offset: piece.src_offset + piece.length]
-            staging[piece.file_offset: piece.file_offset + piece.length] = src
+            if piece.length >= _TORCH_COPY_MIN:  # torch's copy uses the intra-op threads
+                self._staging[piece.file_offset: piece.file_offset + piece.length].copy_(
+                    torch.frombuffer(src, dtype=torch.uint8))
+            else:
+                staging[piece.file_offset: piece.file_offset + piece.length] = src
         whole = memoryview(staging)
         captured.segments = [(Slice(p.tensor, p.file_offset, p.file_offset, p.length), whole)
                              for p, _ in captured.segments]
@@ -347,10 +355,11 @@ class DistributedCoordinator:
         comm = self._comm
         error: PyckptError | None = None
         try:
-            snap = Snapshot.open(path, version)
-            replicated = snap.replicated()
-            saved_world = snap.manifest.world_size
-            private = snap.private(comm.rank) if comm.rank < saved_world else None
+            with _gc_paused():
+                snap = Snapshot.open(path, version)
+                replicated = snap.replicated(into=_live_destinations(snap.manifest, runtime))
+                saved_world = snap.manifest.world_size
+                private = snap.private(comm.rank) if comm.rank < saved_world else None
             found = snap.ref.name
         except SnapshotNotFoundError as exc:
             error, found = exc, None
@@ -369,8 +378,22 @@ class DistributedCoordinator:
         if comm.world_size != saved_world:
             warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                           "state are restored; per-rank RNG state only for ranks present in both", stacklevel=2)
-        runtime.load_state(replicated, private, strict=strict)
+        with _gc_paused():
+            runtime.load_state(replicated, private, strict=strict)
         return True
+
+
+@contextmanager
+def _gc_paused():
+    """No cyclic GC while tens of thousands of small objects are built (it cost seconds at 20k tensors);
+    nothing created here forms cycles that need it, and the collector resumes right after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _record(tensor) -> TensorRecord:
@@ -390,3 +413,64 @@ def _shift(node: Any, base: int) -> Any:
         if kind in ("L", "U"):
             return {kind: [_shift(v, base) for v in value]}
     return node
+
+
+def _live_destinations(manifest: Manifest, runtime: TrainingRuntime) -> dict[int, torch.Tensor]:
+    """Saved tensor index -> flat uint8 view of the registered object's own tensor, for reading in place.
+
+    Only for objects whose saved state has exactly the structure of their live state (same keys, and
+    every tensor with the same dtype and shape, contiguous, on the CPU): loading them then cannot fail
+    on a mismatch, and load_state_dict's copy becomes a no-op (copy_ of a tensor onto itself). Other
+    objects (a fresh optimizer without state, a changed model) are read into new buffers as before.
+    A checksum error while reading in place leaves those objects partially overwritten: the restore
+    raises IntegrityError and the caller must restore another version before training on.
+    """
+    live_tensors: list = []
+    try:
+        live_tree = flatten({"objects": {name: obj.state_dict() for name, obj in runtime.objects.items()}},
+                            live_tensors, "live")
+    except (TypeError, KeyError):
+        return {}
+    saved_objects = _dict_items(_dict_items(manifest.replicated).get("objects"))
+    live_objects = _dict_items(_dict_items(live_tree).get("objects"))
+    out: dict[int, torch.Tensor] = {}
+    for name, live in live_objects.items():
+        pairs: list[tuple[int, int]] = []
+        if name not in saved_objects or not _same_structure(saved_objects[name], live, pairs):
+            continue
+        views = {}
+        for saved_index, live_index in pairs:
+            t, rec = live_tensors[live_index], manifest.tensors[saved_index]
+            if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+                    and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
+                    and t.numel() * t.element_size() == rec.nbytes) or saved_index in out:
+                break
+            views[saved_index] = t.detach().reshape(-1).view(torch.uint8)
+        else:
+            out.update(views)
+    return out
+
+
+def _dict_items(node: Any) -> dict:
+    if isinstance(node, dict) and isinstance(node.get("D"), list):
+        return {item[0]: item[1] for item in node["D"] if isinstance(item, list) and len(item) == 2}
+    return {}
+
+
+def _same_structure(saved: Any, live: Any, pairs: list[tuple[int, int]]) -> bool:
+    """Do two state trees have the same keys and tensor positions (plain values may differ)?"""
+    if not (isinstance(saved, dict) and isinstance(live, dict) and len(saved) == 1 and len(live) == 1):
+        return False
+    (kind, value), = saved.items()
+    (live_kind, live_value), = live.items()
+    if kind != live_kind:
+        return False
+    if kind in ("T", "N"):
+        pairs.append((value, live_value))
+        return kind == "T"
+    if kind == "D":
+        return (len(value) == len(live_value)
+                and all(a[0] == b[0] and _same_structure(a[1], b[1], pairs) for a, b in zip(value, live_value)))
+    if kind in ("L", "U"):
+        return len(value) == len(live_value) and all(_same_structure(a, b, pairs) for a, b in zip(value, live_value))
+    return True

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -12,8 +12,8 @@ import torch
 from .errors import IntegrityError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .storage import SnapshotStore
+from .writer import helper_pool
 
-_READ_THREADS = 4
 
 
 @dataclass
@@ -49,38 +49,52 @@ class Snapshot:
     def file_path(self, index: int) -> str:
         return os.path.join(self.directory, self.manifest.files[index].name)
 
-    def read_tree(self, tree: Any, indices: Iterable[int] | None = None) -> Any:
-        """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum."""
+    def read_tree(self, tree: Any, indices: Iterable[int] | None = None,
+                  into: dict[int, torch.Tensor] | None = None) -> Any:
+        """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum.
+
+        `into` maps tensor indices to flat uint8 views of existing tensors of the same dtype and
+        shape: those are read in place (no allocation, no copy later) and returned as those tensors."""
         wanted = sorted(set(_referenced(tree))) if indices is None else sorted(set(indices))
         tensors: list[Any] = [None] * len(self.manifest.tensors)
-        for index, value in zip(wanted, self.read_tensors(wanted)):
+        out = [into.get(i) for i in wanted] if into else None
+        for index, value in zip(wanted, self.read_tensors(wanted, out)):
             tensors[index] = value
         return unflatten(tree, tensors, os.path.join(self.directory, "manifest.json"))
 
-    def replicated(self) -> Any:
-        return self.read_tree(self.manifest.replicated)
+    def replicated(self, into: dict[int, torch.Tensor] | None = None) -> Any:
+        return self.read_tree(self.manifest.replicated, into=into)
 
     def private(self, rank: int) -> Any:
         return self.read_tree(self.manifest.per_rank[rank])
 
-    def read_tensors(self, indices: list[int]) -> list[torch.Tensor | np.ndarray]:
+    def read_tensors(self, indices: list[int], out: list[torch.Tensor | None] | None = None
+                     ) -> list[torch.Tensor | np.ndarray]:
+        """Read tensors (by manifest index) into fresh CPU buffers, or into `out[i]` (uint8, the
+        tensor's size) where given; every piece's checksum is verified before this returns."""
         where = os.path.join(self.directory, "manifest.json")
         if any(not 0 <= i < len(self.manifest.tensors) for i in indices):
             raise IntegrityError(f"{where}: state tree references a tensor that does not exist", file=where)
         records = [self.manifest.tensors[i] for i in indices]
-        names = self.manifest.tensor_names()
         fds = self._open_files()  # checks every file's real size before any memory is allocated
         try:
-            buffers = [torch.empty(r.nbytes, dtype=torch.uint8) for r in records]
-            jobs = [(fds[p.file], p, buf, name, start)
-                    for rec, buf, name in zip(records, buffers, (names.get(i, f"#{i}") for i in indices))
-                    for p, start in _piece_starts(rec)]
-            if len(jobs) > 1:
-                with ThreadPoolExecutor(_READ_THREADS) as pool:
-                    list(pool.map(lambda job: self._read_piece(*job), jobs))
-            else:
-                for job in jobs:
-                    self._read_piece(*job)
+            buffers = [out[k] if out is not None and out[k] is not None else torch.empty(r.nbytes, dtype=torch.uint8)
+                       for k, r in enumerate(records)]
+            # Every piece, grouped by file in file order: neighbours are read with one preadv.
+            by_file: dict[int, list] = {}
+            for k, (rec, buf) in enumerate(zip(records, buffers)):
+                view = memoryview(buf.numpy()) if rec.nbytes else memoryview(b"")
+                for p, start in _piece_starts(rec):
+                    by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
+            jobs = []
+            for file, pieces in by_file.items():
+                pieces.sort(key=lambda item: item[0])
+                jobs.extend((fds[file], batch) for batch in _batches(pieces))
+            names = _LazyNames(self.manifest, indices)
+            futures = [helper_pool().submit(self._read_batch, fd, batch, names) for fd, batch in jobs]
+            wait(futures)                # every job is done with the fds before they are closed
+            for future in futures:
+                future.result()          # the first error, if any
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -109,22 +123,86 @@ class Snapshot:
             raise
         return fds
 
-    def _read_piece(self, fd, piece, buf: torch.Tensor, name: str, start: int) -> None:
-        view = memoryview(buf.numpy())[start: start + piece.length]
+    def _read_batch(self, fd: int, batch: list, names: "_LazyNames") -> None:
+        """One preadv for a run of pieces (gaps between them land in a scratch buffer), then checksums."""
+        first, last = batch[0][1], batch[-1][1]
+        start, end = first.offset, last.offset + last.length
+        iov: list[memoryview] = []
+        pos = start
+        for offset, piece, view, _ in batch:
+            if offset > pos:
+                iov.append(memoryview(bytearray(offset - pos)))
+            if piece.length:
+                iov.append(view)
+            pos = offset + piece.length
         done = 0
-        while done < piece.length:
-            got = os.preadv(fd, [view[done:]], piece.offset + done)
+        while done < end - start:
+            got = os.preadv(fd, iov, start + done)
             if got == 0:
+                piece = next(p for o, p, _, _ in batch if o + p.length > start + done)
+                k = next(k for o, p, _, k in batch if p is piece)
                 path = self.file_path(piece.file)
-                raise IntegrityError(f"{path}: ends early while reading tensor {name}", file=path, tensor=name)
+                raise IntegrityError(f"{path}: ends early while reading tensor {names[k]}", file=path,
+                                     tensor=names[k])
             done += got
-        if checksum(view) != piece.xxh3:
-            path = self.file_path(piece.file)
-            raise IntegrityError(
-                f"{path}: checksum mismatch in tensor {name} (bytes {piece.offset}-{piece.offset + piece.length}); "
-                "the snapshot is corrupted: restore an older version or take a new snapshot",
-                file=path, tensor=name,
-            )
+            iov = _advance(iov, got)
+        for offset, piece, view, k in batch:
+            if checksum(view) != piece.xxh3:
+                path = self.file_path(piece.file)
+                name = names[k]
+                raise IntegrityError(
+                    f"{path}: checksum mismatch in tensor {name} (bytes {piece.offset}-{piece.offset + piece.length}); "
+                    "the snapshot is corrupted: restore an older version or take a new snapshot",
+                    file=path, tensor=name,
+                )
+
+
+_BATCH_BYTES = 16 << 20       # a read job: neighbouring pieces up to this size (or one larger piece)
+_BATCH_IOV = 512              # iovecs per preadv (Linux allows 1024)
+_MAX_GAP = 4096               # bytes of other data between two pieces that one read may skip over
+
+
+def _batches(pieces: list) -> list[list]:
+    """Cut file-ordered pieces into read jobs: contiguous runs, at most ~_BATCH_BYTES and _BATCH_IOV each."""
+    out, current, size, end = [], [], 0, None
+    for item in pieces:
+        offset, piece = item[0], item[1]
+        joins = current and 0 <= offset - end <= _MAX_GAP and size + piece.length <= _BATCH_BYTES \
+            and len(current) < _BATCH_IOV // 2
+        if not joins and current:
+            out.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += piece.length
+        end = offset + piece.length
+    if current:
+        out.append(current)
+    return out
+
+
+def _advance(iov: list[memoryview], count: int) -> list[memoryview]:
+    """Drop `count` bytes from the front of an iovec list (after a short read)."""
+    i = 0
+    while i < len(iov) and count >= len(iov[i]):
+        count -= len(iov[i])
+        i += 1
+    iov = iov[i:]
+    if iov and count:
+        iov[0] = iov[0][count:]
+    return iov
+
+
+class _LazyNames:
+    """Tensor names for error messages, computed only when an error needs one."""
+
+    def __init__(self, manifest: Manifest, indices: list[int]):
+        self.manifest, self.indices, self._names = manifest, indices, None
+
+    def __getitem__(self, k: int) -> str:
+        if self._names is None:
+            self._names = self.manifest.tensor_names()
+        index = self.indices[k]
+        return self._names.get(index, f"#{index}")
 
 
 def _piece_starts(record: TensorRecord):
