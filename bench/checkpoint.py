@@ -115,11 +115,11 @@ def run_single(args, workdir: str, res: Results) -> None:
     # DCP's async_save wants a process group; a 1-rank gloo group changes nothing for the others.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        classes = [libs.Pyckpt, libs.TorchSave, libs.Safetensors, libs.DCP]
+        classes = [c for c in (libs.Pyckpt, libs.TorchSave, libs.Safetensors, libs.DCP) if c.name in args.libs]
         problem = libs.ensure_torchsnapshot(os.path.join(workdir, "..", "pyckpt-bench-deps")) \
-            if args.torchsnapshot else "skipped (--no-torchsnapshot)"
+            if args.torchsnapshot and "torchsnapshot" in args.libs else "skipped (not selected)"
         res.values["torchsnapshot"] = problem or "ran"
-        for kind in ("large", "small"):
+        for kind in args.states:
             model, optimizer = st.build(kind, size, small_tensors=args.small_tensors)
             res.values[f"{kind}.state_bytes"] = st.state_bytes(model, optimizer)
             res.values[f"{kind}.tensors"] = len(st.state_tensors(model, optimizer))
@@ -243,6 +243,8 @@ def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdi
             st.scramble(model, optimizer)
             step(f"{lib.name}.restore_warm", lambda: lib.restore(path))
             st.assert_equal(model, optimizer, ref, f"{world} ranks {lib.name} warm restore")
+    if world > 1:
+        restore_strategies(rank, world, os.path.join(workdir, f"ranks{world}-pyckpt"), repeat, step, cold)
     # bytes each rank wrote: pyckpt data-<rank>.bin, DCP __<rank>_0.distcp
     mine = {"pyckpt": instances[0].last_info.bytes_written,
             "dcp": os.path.getsize(os.path.join(workdir, f"ranks{world}-dcp", f"__{rank}_0.distcp"))}
@@ -255,6 +257,35 @@ def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdi
         values["bytes_per_rank"] = {name: [g[name] for g in gathered] for name in mine}
         with open(out, "w") as f:
             json.dump({"runs": found, "values": values}, f)
+
+
+def restore_strategies(rank: int, world: int, path: str, repeat: int, step, cold) -> None:
+    """The two ways N ranks can get the same replicated bytes, on pyckpt's data files (raw, no parsing):
+    every rank reads every file, or rank r reads file r once and broadcasts it over gloo."""
+    import glob
+    import torch.distributed as dist
+    files = sorted(glob.glob(os.path.join(path + ".pyckpt", "v*", "data-*.bin")),
+                   key=lambda f: int(f.rsplit("-", 1)[1].split(".")[0]))
+    if len(files) != world:
+        return
+    buffers = [torch.empty(os.path.getsize(f), dtype=torch.uint8) for f in files]
+    for buf in buffers:
+        buf.fill_(0)                               # preallocated and touched, like in-place restore targets
+
+    def read_all():
+        for f, buf in zip(files, buffers):
+            read_limit(f, buf)
+
+    def split_broadcast():
+        read_limit(files[rank], buffers[rank])
+        for owner, buf in enumerate(buffers):
+            dist.broadcast(buf, src=owner)
+
+    for _ in range(repeat):
+        cold(path + ".pyckpt")
+        step("strategy.every_rank_reads_all", read_all)
+        cold(path + ".pyckpt")
+        step("strategy.split_read_broadcast", split_broadcast)
 
 
 def run_ranks(args, workdir: str, res: Results) -> None:
@@ -297,6 +328,10 @@ def parse(argv=None):
                    "must be a real disk, not tmpfs, for the figures to mean anything)")
     p.add_argument("--no-torchsnapshot", dest="torchsnapshot", action="store_false",
                    help="do not pip-install torchsnapshot into a private directory to measure it")
+    p.add_argument("--libs", default="pyckpt,torch.save,safetensors,dcp,torchsnapshot",
+                   help="libraries to measure (default: all)")
+    p.add_argument("--states", default="large,small", help="states to measure (large, small)")
+    p.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS measurement")
     p.add_argument("--quick", action="store_true", help="64 MiB, 1 run, ranks 1,2, 2,000 small tensors, "
                    "3 RSS snapshots: checks the program end to end (for CI); the figures mean little")
     args = p.parse_args(argv)
@@ -305,6 +340,8 @@ def parse(argv=None):
         if args.ranks == p.get_default("ranks"):
             args.ranks = "1,2"
     args.ranks = [int(r) for r in str(args.ranks).split(",") if r.strip()]
+    args.libs = [name.strip() for name in args.libs.split(",") if name.strip()]
+    args.states = [name.strip() for name in args.states.split(",") if name.strip()]
     return args
 
 
@@ -318,7 +355,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         run_single(args, workdir, res)
-        run_rss(args, workdir, res)
+        if args.rss:
+            run_rss(args, workdir, res)
         if args.ranks:
             run_ranks(args, workdir, res)
     finally:
