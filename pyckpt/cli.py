@@ -85,6 +85,13 @@ def expected_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _esc(text) -> str:
+    """Paths, tensor names and messages are data, not rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
@@ -149,7 +156,7 @@ def ls(
 
         where = os.path.abspath(path)
         base = where if os.path.isdir(where) and not where.endswith(".pyckpt") else os.path.dirname(where)
-        table = Table(title=f"snapshots in {base}", title_justify="left")
+        table = Table(title=f"snapshots in {_esc(base)}", title_justify="left")
         for column in ("path", "version", "status", "step", "epoch", "loss", "world", "size", "time"):
             table.add_column(column, justify="right" if column in ("step", "epoch", "loss", "world", "size")
                              else "left")
@@ -157,16 +164,16 @@ def ls(
             status = {"current": "[green]current[/]", "committed": "committed",
                       "stage": "[yellow]incomplete (stage)[/]", "orphan": "[yellow]incomplete (orphan)[/]",
                       "broken": "[red]broken[/]"}[r.status]
-            table.add_row(os.path.relpath(r.path, base), r.version, status,
+            table.add_row(_esc(os.path.relpath(r.path, base)), r.version, status,
                           _opt(r.step), _opt(r.epoch), _opt(r.loss), _opt(r.world_size), _size(r.bytes),
                           _when(r.created))
         console = _console()
         if rows:
             console.print(table)
         else:
-            console.print(f"no snapshots in {path}")
+            console.print(f"no snapshots in {_esc(path)}")
         for r in broken:
-            console.print(f"[red]broken:[/] {r.path} {r.version}: {r.error}")
+            console.print(f"[red]broken:[/] {_esc(r.path)} {r.version}: {_esc(r.error)}")
         if any(r.status in ("stage", "orphan") for r in rows):
             console.print("incomplete versions are leftovers of interrupted writers; the next snapshot "
                           "or `pyckpt gc` removes them")
@@ -197,7 +204,7 @@ def inspect_cmd(
 
     console = _console()
     meta = snap.meta
-    console.print(f"[bold]{snap.store.path}[/] version {snap.ref.name}: step {_opt(meta.get('step'))}, epoch "
+    console.print(f"[bold]{_esc(snap.store.path)}[/] version {snap.ref.name}: step {_opt(meta.get('step'))}, epoch "
                   f"{_opt(meta.get('epoch'))}, loss {_opt(meta.get('loss'))}, world size {snap.manifest.world_size}, "
                   f"{_size(snap.manifest.total_bytes)} in {len(snap.manifest.files)} file(s), "
                   f"written {_when(meta.get('created'))}"
@@ -206,7 +213,7 @@ def inspect_cmd(
     for column in ("#", "tensor", "dtype", "shape", "bytes", "files"):
         table.add_column(column, justify="right" if column in ("#", "bytes") else "left")
     for t in infos:
-        table.add_row(str(t.index), t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", _size(t.nbytes),
+        table.add_row(str(t.index), _esc(t.name), t.dtype, "x".join(map(str, t.shape)) or "scalar", _size(t.nbytes),
                       ",".join(f.removeprefix("data-").removesuffix(".bin") for f in t.files) or "-")
     console.print(table)
 
@@ -260,12 +267,12 @@ def verify_cmd(
         console = _console()
         for r in results:
             if r["ok"]:
-                console.print(f"[green]OK[/] {r['path']} {r['version']}: {r['tensors']} tensors, "
+                console.print(f"[green]OK[/] {_esc(r['path'])} {r['version']}: {r['tensors']} tensors, "
                               f"{_size(r['bytes'])} verified in {r['seconds']:.2f}s")
             else:
                 where = " ".join(x for x in (f"file {r['file']}" if r["file"] else "",
                                              f"tensor {r['tensor']}" if r["tensor"] else "") if x)
-                console.print(f"[red]CORRUPT[/] {r['path']} {r['version']}: {where}\n  {r['error']}")
+                console.print(f"[red]CORRUPT[/] {_esc(r['path'])} {r['version']}: {_esc(where)}\n  {_esc(r['error'])}")
     if not ok:
         raise typer.Exit(EXIT_FAILED)
 
@@ -308,10 +315,10 @@ def gc_cmd(
         verb = "would remove" if dry_run else "removed"
         for entry in report:
             if entry["busy"]:
-                console.print(f"[yellow]busy[/] {entry['path']}: a snapshot is being written; nothing removed, "
+                console.print(f"[yellow]busy[/] {_esc(entry['path'])}: a snapshot is being written; nothing removed, "
                               "run gc again later")
             else:
-                console.print(f"{entry['path']}: {verb} {', '.join(entry['removed']) or 'nothing'}")
+                console.print(f"{_esc(entry['path'])}: {verb} {', '.join(entry['removed']) or 'nothing'}")
     if busy:
         raise typer.Exit(EXIT_FAILED)
 
@@ -365,8 +372,8 @@ def export_cmd(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
-        _console().print(f"wrote {out} ({kind}): {result['tensors']} tensors, {_size(result['bytes'])} from "
-                         f"{snap.store.path} {snap.ref.name} in {result['seconds']:.2f}s")
+        _console().print(f"wrote {_esc(out)} ({kind}): {result['tensors']} tensors, {_size(result['bytes'])} from "
+                         f"{_esc(snap.store.path)} {snap.ref.name} in {result['seconds']:.2f}s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,9 +406,9 @@ def doctor_cmd(
         console = _console()
         style = {"pass": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
         for c in checks:
-            console.print(f"[{style[c.status]}]{c.status.upper():4}[/] {c.name:16} {c.message}", markup=True)
+            console.print(f"[{style[c.status]}]{c.status.upper():4}[/] {c.name:16} {_esc(c.message)}")
             if c.hint and c.status != "pass":
-                console.print(f"     {'':16} fix: {c.hint}")
+                console.print(f"     {'':16} fix: {_esc(c.hint)}")
         counts = {s: sum(1 for c in checks if c.status == s) for s in style}
         console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     raise typer.Exit(code)

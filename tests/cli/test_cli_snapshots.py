@@ -378,3 +378,13 @@ def test_config_validate_keeps_its_contract(tmp_path):
 def _no_leftover_copies(tmp_path):
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_human_output_prints_paths_literally(snapdir, tmp_path):
+    """Paths and messages are data: rich must not read "[red]" in a directory name as markup."""
+    odd = tmp_path / "[red]runs"
+    shutil.copytree(snapdir, odd)
+    listing = cli("ls", odd)
+    assert listing.exit_code == 0 and f"snapshots in {odd}" in listing.stdout
+    checked = cli("verify", odd / "checkpoint.bin")
+    assert checked.exit_code == 0 and str(odd / "checkpoint.bin") in checked.stdout
