@@ -9,4 +9,3 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "reliability: tests/reliability (crash, corruption, hostile input)")
-    config.addinivalue_line("markers", "long: a long run, skipped unless its env var asks for it")
