@@ -27,6 +27,7 @@ if [ "$have" = "$recipe" ] && [ "${CHECKPOINT4_IMAGE_REBUILD:-0}" != 1 ]; then
   exit 0
 fi
 
+old_id=$(podman image inspect --format '{{ .Id }}' "$IMAGE" 2>/dev/null || true)
 start=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/checkpoint4-rootfs.XXXXXX")
 rootfs=$work/rootfs
@@ -79,4 +80,8 @@ tar -C "$rootfs" -c . | podman import \
   --change 'CMD ["/lib/systemd/systemd"]' \
   --change "LABEL checkpoint4.recipe=$recipe" \
   --quiet - "$IMAGE" >/dev/null
+# The previous image lost its tag: remove it unless a container still uses it.
+if [ -n "$old_id" ] && [ "$old_id" != "$(podman image inspect --format '{{ .Id }}' "$IMAGE")" ]; then
+  podman image rm "$old_id" >/dev/null 2>&1 || true
+fi
 echo "built $IMAGE in $(( $(date +%s) - start )) s"
