@@ -14,10 +14,14 @@ The reference digest comes from `torchrun --nproc_per_node=3` on the controller:
 and the same gloo reduction order give bit-identical parameters (checked here, the cluster's
 uninterrupted path is the same code).
 
-Runs in about 10-15 minutes (image cached). CHECKPOINT4_E2E_KEEP=1 leaves the cluster up afterwards.
+The test builds its own cluster (name ck4e2e, network 10.78.0.0/24, inventory in pytest's tmp dir),
+so it neither touches a cluster made with the defaults nor rewrites inventory/docker/hosts.yml.
+Runs in about 10-15 minutes (image cached). CHECKPOINT4_E2E_KEEP=1 leaves the cluster up afterwards
+(remove it with `ansible-playbook local-cluster-teardown.yml -e local_cluster_name=ck4e2e`).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -39,7 +43,6 @@ from tests.conftest import final_digest, torchrun
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
-INVENTORY = REPO / "inventory/docker"
 VENV_BIN = Path(sys.executable).parent
 SERVICE = "checkpoint4-training"
 IMAGE = "localhost/checkpoint4-debian:bookworm"
@@ -48,8 +51,10 @@ IMAGE = "localhost/checkpoint4-debian:bookworm"
 STEPS, INTERVAL, STEP_DELAY = 300, 20, 0.1
 BREAK_AFTER_STEP = 100           # a committed snapshot at least this far before the failure
 TRAIN_ARGS = ["--steps", str(STEPS), "--checkpoint-interval", str(INTERVAL)]
-# A host on the cluster's bridge network but outside cluster_subnet (10.77.0.0/26): "the LAN".
-OUTSIDER_ADDRESS = "10.77.0.100"
+# This test's cluster (local-cluster.yml settings). cluster_subnet is the bridge's first /26.
+NAME, SUBNET = "ck4e2e", "10.78.0.0/24"
+# A host on the cluster's bridge network but outside cluster_subnet: "another machine on the LAN".
+OUTSIDER_ADDRESS = str(ipaddress.ip_network(SUBNET)[100])
 PROBE_PORT = 40123               # not in any firewall rule
 
 
@@ -60,6 +65,7 @@ class Cluster:
     address: dict[str, str]
     network: str
     shared: Path                 # the controller directory that is /shared in every container
+    inventory: Path
 
     @property
     def nodes(self) -> list[str]:
@@ -95,7 +101,7 @@ def from_outsider(cluster: Cluster, script: str, timeout: float = 90) -> subproc
                "--label", "checkpoint4.e2e=outsider", IMAGE, "sh", "-c", script], timeout=timeout, check=False)
 
 
-def playbook(name: str, tmp: Path, inventory: Path | None = INVENTORY, extravars: dict | None = None,
+def playbook(name: str, tmp: Path, inventory: Path | None, extravars: dict | None = None,
              timeout: int = 1200) -> ansible_runner.Runner:
     """Run a playbook of the repo with ansible-runner; fail with the end of its output."""
     private = tmp / f"runner-{name.replace('/', '-')}-{time.monotonic_ns()}"
@@ -128,7 +134,8 @@ def wait_for_snapshot(cluster: Cluster, min_step: int, timeout: float = 420) -> 
         if steps and max(steps) >= min_step:
             return max(steps)
         time.sleep(1)
-    raise AssertionError(f"no snapshot at step >= {min_step} after {timeout:.0f} s:\n{journal(cluster, cluster.master)}")
+    raise AssertionError(f"no snapshot at step >= {min_step} after {timeout:.0f} s:\n"
+                         f"{journal(cluster, cluster.master)[-4000:]}")
 
 
 def journal(cluster: Cluster, node: str, since: int | None = None) -> str:
@@ -152,12 +159,12 @@ def wait_for_final(cluster: Cluster, since: int, timeout: float = 600) -> str:
 
 def start_training(cluster: Cluster, tmp: Path) -> int:
     """Stop any job, remove the snapshots, start a fresh job with train.yml; returns the start time."""
-    playbook("stop-training.yml", tmp)
+    playbook("stop-training.yml", tmp, cluster.inventory)
     if cluster.snapshot.parent.exists():
         for entry in cluster.snapshot.parent.iterdir():
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     since = int(on(cluster.master, "date", "+%s").stdout)
-    playbook("train.yml", tmp, extravars={
+    playbook("train.yml", tmp, cluster.inventory, extravars={
         "training_steps": STEPS, "training_checkpoint_interval": INTERVAL,
         "training_extra_args": ["--step-delay", str(STEP_DELAY)],
         # Start again when a node boots (the stopped-container case).
@@ -168,7 +175,7 @@ def start_training(cluster: Cluster, tmp: Path) -> int:
 
 def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
     """status.yml's per-node lines, parsed: {node: {"state", "restarts", "step"}}."""
-    result = playbook("status.yml", tmp)
+    result = playbook("status.yml", tmp, cluster.inventory)
     lines = [line for event in result.events if event.get("event") == "runner_on_ok"
              and event["event_data"].get("task") == "Status | the cluster"
              for line in event["event_data"]["res"]["msg"]]
@@ -180,6 +187,19 @@ def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
         found[node] = {"state": m.group(1), "restarts": int(m.group(2)),
                        "step": int(m.group(3)) if m.group(3).isdigit() else None}
     return found
+
+
+def wait_for_boot(node: str, timeout: float = 120) -> None:
+    """Until systemd in the container has finished booting (right after `podman start` systemctl
+    may not reach PID 1 yet, so one `is-system-running --wait` is not enough)."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = on(node, "timeout", "30", "systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{node} did not finish booting within {timeout:.0f} s (state {state!r})")
 
 
 def training_pid(cluster: Cluster, node: str) -> int:
@@ -227,22 +247,29 @@ def cluster(tmp: Path):
         pytest.fail("podman is not installed: run `make setup-containers` (tests/images/setup-podman.sh)")
     t0 = time.monotonic()
     sh(["bash", "tests/images/build-image.sh"], timeout=1200)   # cached: seconds when the image exists
-    playbook("local-cluster-teardown.yml", tmp, inventory=None)    # leftovers of an interrupted run
-    playbook("local-cluster.yml", tmp, inventory=None)
-    hosts = yaml.safe_load((INVENTORY / "hosts.yml").read_text())["all"]
+    # inventory/docker's settings, with this test's generated hosts.yml beside them.
+    inventory = tmp / "inventory"
+    shutil.copytree(REPO / "inventory/docker/group_vars", inventory / "group_vars")
+    settings = {"local_cluster_name": NAME, "local_cluster_subnet": SUBNET,
+                "local_cluster_inventory_dir": str(inventory)}
+    playbook("local-cluster-teardown.yml", tmp, None, settings)    # leftovers of an interrupted run
+    playbook("local-cluster.yml", tmp, None, settings)
+    hosts = yaml.safe_load((inventory / "hosts.yml").read_text())["all"]
     name = hosts["vars"]["local_cluster_name"]
+    assert name == NAME and not ipaddress.ip_address(OUTSIDER_ADDRESS) in ipaddress.ip_network(
+        hosts["vars"]["cluster_subnet"]), hosts["vars"]
     master = next(iter(hosts["children"]["master"]["hosts"]))
     workers = list(hosts["children"]["workers"]["hosts"])
     address = {n: v["cluster_address"]
                for group in ("master", "workers") for n, v in hosts["children"][group]["hosts"].items()}
-    c = Cluster(master, workers, address, f"{name}-net", REPO / ".cache/local-cluster" / name / "shared")
+    c = Cluster(master, workers, address, f"{name}-net", REPO / ".cache/local-cluster" / name / "shared", inventory)
     assert len(c.nodes) == 3, f"the e2e expects the default 3-node cluster, got {c.nodes}"
     t1 = time.monotonic()
-    playbook("setup-cluster.yml", tmp)
+    playbook("setup-cluster.yml", tmp, inventory)
     print(f"\nlocal cluster created in {t1 - t0:.0f} s, provisioned in {time.monotonic() - t1:.0f} s")
     yield c
     if os.environ.get("CHECKPOINT4_E2E_KEEP") != "1":
-        playbook("local-cluster-teardown.yml", tmp, inventory=None)
+        playbook("local-cluster-teardown.yml", tmp, None, settings)
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +350,7 @@ def test_stopped_and_restarted_worker_container_resumes_bit_identical(cluster: C
     sh(["podman", "stop", "--time", "5", victim], timeout=60)
     time.sleep(5)
     sh(["podman", "start", victim], timeout=60)
-    on(victim, "timeout", "90", "systemctl", "is-system-running", "--wait", check=False, timeout=120)
+    wait_for_boot(victim)
     # The rebooted node comes back with its firewall on and its name still on the cluster address.
     assert "Status: active" in on(victim, "ufw", "status").stdout
     assert on(victim, "getent", "ahostsv4", victim).stdout.split()[0] == cluster.address[victim]
