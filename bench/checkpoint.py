@@ -53,13 +53,16 @@ def free_port() -> int:
 # One process: limits, every library, large and small state
 # ------------------------------------------------------------------------------------------------
 
-def measure_limits(res: Results, model, optimizer, workdir: str, repeat: int) -> None:
+def limits(res: Results, model, optimizer, workdir: str):
+    """Returns a function that measures every limit once: called at the start of every round of the
+    libraries, so each limit is measured next to what is compared with it (the disk is shared)."""
     tensors = st.state_tensors(model, optimizer)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     pack(tensors, buffer)                      # first touch of the buffer is not part of "one copy"
     path = os.path.join(workdir, "limit.bin")
-    for _ in range(repeat):
+
+    def once() -> None:
         res.add("limit.copy", timed(lambda: pack(tensors, buffer))[0])
         seconds, clones = timed(lambda: [t.clone() for t in tensors])
         del clones
@@ -69,13 +72,17 @@ def measure_limits(res: Results, model, optimizer, workdir: str, repeat: int) ->
         res.values["cache_drop_method"] = drop_cache(path)
         res.add("limit.read_cold", timed(lambda: read_limit(path, buffer))[0])
         res.add("limit.read_warm", timed(lambda: read_limit(path, buffer))[0])
-    clear(path)
+        clear(path)
+    return once
 
 
-def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir: str, repeat: int) -> None:
+def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir: str, repeat: int,
+                 each_round=None) -> None:
     ref = st.fingerprint(model, optimizer)
     instances = [cls(model, optimizer) for cls in lib_classes]
     for rep in range(repeat):
+        if each_round is not None:
+            each_round()
         for lib in instances:
             key = f"{kind}.{lib.name}"
             path = os.path.join(workdir, f"{kind}-{lib.name}")
@@ -125,11 +132,9 @@ def run_single(args, workdir: str, res: Results) -> None:
             res.values[f"{kind}.tensors"] = len(st.state_tensors(model, optimizer))
             log(f"{kind} state: {res.values[f'{kind}.tensors']} tensors, "
                 f"{res.values[f'{kind}.state_bytes'] / MIB:.0f} MiB")
-            if kind == "large":
-                measure_limits(res, model, optimizer, workdir, args.repeat)
-                log("limits done")
+            each_round = limits(res, model, optimizer, workdir) if kind == "large" else None
             wanted = classes + ([libs.TorchSnapshot] if problem is None and kind == "large" else [])
-            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat)
+            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round)
             log(f"{kind} libraries done")
             del model, optimizer
             gc.collect()
