@@ -315,6 +315,29 @@ def run_ranks(args, workdir: str, res: Results) -> None:
 
 # ------------------------------------------------------------------------------------------------
 
+def _command(argv: list[str]) -> str:
+    """The command line as it can be re-run anywhere: output files by their names, no --workdir."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name, _, value = arg.partition("=")
+        if name == "--workdir":
+            skip = not value
+            continue
+        if name in ("--out", "--png"):
+            if value:
+                arg = f"{name}={os.path.basename(value)}"
+            elif i + 1 < len(argv):
+                out.append(arg)
+                out.append(os.path.basename(argv[i + 1]))
+                skip = True
+                continue
+        out.append(arg)
+    return "python -m bench.checkpoint " + " ".join(out)
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -368,9 +391,9 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     data = {
         "meta": {
-            "command": "python -m bench.checkpoint " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": _command(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "size_gib": args.size_gib, "repeat": args.repeat,
             "ranks": args.ranks, "small_tensors": args.small_tensors, "workdir_fs": fs_type(base), "seconds": time.perf_counter() - started,
         },
