@@ -354,15 +354,23 @@ class DistributedCoordinator:
         self.wait()
         comm = self._comm
         error: PyckptError | None = None
+        in_place: dict = {}
         try:
             with _gc_paused():
                 snap = Snapshot.open(path, version)
-                replicated = snap.replicated(into=_live_destinations(snap.manifest, runtime))
+                in_place = _live_destinations(snap.manifest, runtime)
+                replicated = snap.replicated(into=in_place)
                 saved_world = snap.manifest.world_size
                 private = snap.private(comm.rank) if comm.rank < saved_world else None
             found = snap.ref.name
         except SnapshotNotFoundError as exc:
             error, found = exc, None
+        except IntegrityError as exc:
+            if in_place:  # tensors are read straight into the live objects: say they are now unusable
+                exc = IntegrityError(f"{exc}\nThe registered model/optimizer were being restored in place and may "
+                                     "be partly overwritten: restore another version (restore(path, version=...); "
+                                     "`pyckpt ls` lists them) before training on.", file=exc.file, tensor=exc.tensor)
+            error, found = exc, "error"
         except PyckptError as exc:
             error, found = exc, "error"
         outcomes = comm.all_gather(found if error is None or isinstance(error, SnapshotNotFoundError)

@@ -274,3 +274,14 @@ def test_plan_covers_every_byte_once_and_balances(world):
     assert covered == sizes
     share = [p.size for p in plans]
     assert max(share) - min(share) <= 2 * 64 + 64 * world
+
+
+def test_corruption_during_in_place_restore_says_the_objects_are_unusable(coordinator, snap_path):
+    *_, runtime = make()
+    coordinator.snapshot(snap_path, runtime)
+    snap = pyckpt.Snapshot.open(snap_path)
+    with open(snap.file_path(0), "r+b") as f:
+        f.seek(snap.manifest.tensors[0].pieces[0].offset)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(IntegrityError, match="partly overwritten: restore another version"):
+        coordinator.restore(snap_path, runtime)
