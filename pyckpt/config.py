@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,7 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
         rank = node_rank * nproc + local_rank
 
     master_addr = merged["MASTER_ADDR"].value.strip()
-    if not master_addr or any(c.isspace() for c in master_addr):
+    if not _is_address(master_addr):
         raise _fail("MASTER_ADDR", merged["MASTER_ADDR"], "is not a host name or address",
                     "use the master node's address, e.g. MASTER_ADDR=192.168.1.100")
     if mode == "physical" and nodes > 1 and _is_loopback(master_addr):
@@ -308,6 +309,18 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
         passthrough=tuple(sorted(passthrough.items())),
         origins=tuple(sorted((k, s.origin) for k, s in merged.items())),
     )
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _is_address(addr: str) -> bool:
+    """An IPv4/IPv6 address or an RFC 1123 host name."""
+    try:
+        ipaddress.ip_address(addr)
+        return True
+    except ValueError:
+        return _HOSTNAME.match(addr) is not None
 
 
 def _is_loopback(addr: str) -> bool:

@@ -266,7 +266,7 @@ def test_training_unit_per_node_of_the_physical_cluster(tmp_path):
     for rank, host in enumerate(["node0", "node1", "node2", "node3"]):
         unit = units[host]
         assert (f" --nnodes=4 --nproc_per_node=1 --node_rank={rank} --master_addr=192.168.1.100 "
-                f"--master_port=29500 --max_restarts=3 {tmp_path}/shared/checkpoint4/train.py "
+                f"--master_port=29500 --max_restarts=0 {tmp_path}/shared/checkpoint4/train.py "
                 f"--snapshot-path {tmp_path}/shared/snapshots/checkpoint.bin --checkpoint-interval 50 --steps 500 "
                 f"--config-dir {tmp_path}/shared/checkpoint4/config") in unit
         assert "ExecStart=/shared/venv/bin/torchrun " in unit

@@ -118,6 +118,8 @@ def test_unknown_key_warns_with_line(tmp_path):
         (("DISTRIBUTED_MODE=physical", "DISTRIBUTED_MODE=cloud"), {}, r"DISTRIBUTED_MODE='cloud' is not allowed"),
         (("SHARED_FS_TYPE=nfs", "SHARED_FS_TYPE=s3"), {}, r"SHARED_FS_TYPE='s3' is not allowed; use one of local, nfs"),
         (("MASTER_ADDR=192.168.1.100", "MASTER_ADDR=127.0.0.1"), {}, r"MASTER_ADDR='127.0.0.1' is a loopback"),
+        (("MASTER_ADDR=192.168.1.100", "MASTER_ADDR=not-an-address!"), {}, r"MASTER_ADDR='not-an-address!' is not "
+                                                                           r"a host name or address"),
         (("", ""), {"NODE_RANK": "4"}, r"environment variable: NODE_RANK='4' must be below PHYSICAL_NODES=4"),
         (("", ""), {"NODE_RANK": "-1"}, r"NODE_RANK='-1' is out of range"),
         (("", ""), {"RANK": "9"}, r"RANK='9' must be below WORLD_SIZE=4"),
