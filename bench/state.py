@@ -44,12 +44,10 @@ def build(kind: str, total_bytes: int, seed: int = 0, small_tensors: int = 20_00
         layers = 8
         dim = max(8, int(math.sqrt(param_bytes / 4 / layers)))
         model: torch.nn.Module = Stack(layers, dim)
-        x = torch.randn(4, dim)
     elif kind == "small":
         count = max(1, small_tensors // 4)
         numel = max(1, param_bytes // 4 // count)
         model = Many(count, numel)
-        x = torch.randn(numel)
     else:
         raise ValueError(kind)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
