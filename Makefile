@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup setup-containers demo test lint pytest clean
+.PHONY: setup setup-containers setup-docker demo test lint pytest clean
 
 setup:                ## controller venv: pyckpt (editable), torch CPU wheel, ansible, molecule, test tools
 	bash scripts/setup-venv.sh
@@ -13,6 +13,9 @@ setup-containers:     ## podman + runc + the Debian image the Molecule scenarios
 	bash tests/images/setup-podman.sh
 	bash tests/images/build-image.sh
 
+setup-docker: setup-containers  ## docker engine (started if none runs) + the same image, for local_cluster_engine=docker
+	bash tests/images/setup-docker.sh
+
 demo: setup           ## single mode: train.py with snapshots, an interruption, a resume
 	bash scripts/demo-single.sh
 
@@ -20,7 +23,7 @@ lint: setup
 	yamllint -s .
 	ansible-lint --profile production
 
-pytest: setup setup-containers
+pytest: setup setup-containers setup-docker
 	OMP_NUM_THREADS=1 $(PY) -m pytest -ra tests
 
 test: lint pytest     ## everything CI runs
