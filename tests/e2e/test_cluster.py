@@ -1,7 +1,8 @@
 """End to end: a 3-node local cluster built and provisioned by the repo's own playbooks, trained with
 train.py, broken in the middle, and checked against an uninterrupted run.
 
-Real: three systemd containers, each with its own network namespace, address and ufw firewall;
+Real: three systemd containers, each with its own network namespace, address and ufw firewall,
+once with podman (the default engine) and once with docker (local_cluster_engine=docker);
 Ansible (through ansible-runner) runs local-cluster.yml, then the ordinary setup-cluster.yml,
 train.yml, status.yml and stop-training.yml against inventory/docker; torchrun + gloo between the
 containers; the nfs-ganesha server on the master, listed with a userspace NFS client (libnfs-utils).
@@ -14,10 +15,12 @@ The reference digest comes from `torchrun --nproc_per_node=3` on the controller:
 and the same gloo reduction order give bit-identical parameters (checked here, the cluster's
 uninterrupted path is the same code).
 
-The test builds its own cluster (name ck4e2e, network 10.78.0.0/24, inventory in pytest's tmp dir),
-so it neither touches a cluster made with the defaults nor rewrites inventory/docker/hosts.yml.
-Runs in about 10-15 minutes (image cached). CHECKPOINT4_E2E_KEEP=1 leaves the cluster up afterwards
-(remove it with `ansible-playbook local-cluster-teardown.yml -e local_cluster_name=ck4e2e`).
+The test builds its own clusters (podman: ck4e2e on 10.78.0.0/24, docker: ck4e2d on 10.79.0.0/24,
+inventories in pytest's tmp dir), so it neither touches a cluster made with the defaults nor
+rewrites inventory/docker/hosts.yml. About 10 minutes per engine (image cached).
+CHECKPOINT4_E2E_KEEP=1 leaves the clusters up afterwards (remove them with
+`ansible-playbook local-cluster-teardown.yml -e local_cluster_name=ck4e2e`, and
+`-e local_cluster_name=ck4e2d -e local_cluster_engine=docker`).
 """
 from __future__ import annotations
 
@@ -51,21 +54,23 @@ IMAGE = "localhost/checkpoint4-debian:bookworm"
 STEPS, INTERVAL, STEP_DELAY = 300, 20, 0.1
 BREAK_AFTER_STEP = 100           # a committed snapshot at least this far before the failure
 TRAIN_ARGS = ["--steps", str(STEPS), "--checkpoint-interval", str(INTERVAL)]
-# This test's cluster (local-cluster.yml settings). cluster_subnet is the bridge's first /26.
-NAME, SUBNET = "ck4e2e", "10.78.0.0/24"
+# This test's clusters (local-cluster.yml settings), one per engine. cluster_subnet is the bridge's first /26.
+CLUSTERS = {"podman": ("ck4e2e", "10.78.0.0/24"), "docker": ("ck4e2d", "10.79.0.0/24")}
 # A host on the cluster's bridge network but outside cluster_subnet: "another machine on the LAN".
-OUTSIDER_ADDRESS = str(ipaddress.ip_network(SUBNET)[100])
+OUTSIDER_HOST_NUMBER = 100
 PROBE_PORT = 40123               # not in any firewall rule
 
 
 @dataclass
 class Cluster:
+    engine: str                  # podman or docker: the CLI that runs commands in the containers
     master: str
     workers: list[str]
     address: dict[str, str]
     network: str
     shared: Path                 # the controller directory that is /shared in every container
     inventory: Path
+    outsider: str                # an address on the bridge network outside cluster_subnet
 
     @property
     def nodes(self) -> list[str]:
@@ -91,13 +96,13 @@ def sh(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.C
     return proc
 
 
-def on(node: str, *cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(["podman", "exec", node, *cmd], timeout=timeout, check=check)
+def on(cluster: Cluster, node: str, *cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([cluster.engine, "exec", node, *cmd], timeout=timeout, check=check)
 
 
 def from_outsider(cluster: Cluster, script: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    """Run `script` in a throwaway container at OUTSIDER_ADDRESS (same bridge, outside the cluster subnet)."""
-    return sh(["podman", "run", "--rm", "--network", cluster.network, "--ip", OUTSIDER_ADDRESS,
+    """Run `script` in a throwaway container at cluster.outsider (same bridge, outside the cluster subnet)."""
+    return sh([cluster.engine, "run", "--rm", "--network", cluster.network, "--ip", cluster.outsider,
                "--label", "checkpoint4.e2e=outsider", IMAGE, "sh", "-c", script], timeout=timeout, check=False)
 
 
@@ -142,7 +147,7 @@ def journal(cluster: Cluster, node: str, since: int | None = None) -> str:
     args = ["journalctl", "--unit", SERVICE, "--no-pager", "--output", "cat"]
     if since is not None:
         args += ["--since", f"@{since}"]
-    return on(node, *args, check=False).stdout
+    return on(cluster, node, *args, check=False).stdout
 
 
 def wait_for_final(cluster: Cluster, since: int, timeout: float = 600) -> str:
@@ -163,7 +168,7 @@ def start_training(cluster: Cluster, tmp: Path) -> int:
     if cluster.snapshot.parent.exists():
         for entry in cluster.snapshot.parent.iterdir():
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    since = int(on(cluster.master, "date", "+%s").stdout)
+    since = int(on(cluster, cluster.master, "date", "+%s").stdout)
     playbook("train.yml", tmp, cluster.inventory, extravars={
         "training_steps": STEPS, "training_checkpoint_interval": INTERVAL,
         "training_extra_args": ["--step-delay", str(STEP_DELAY)],
@@ -189,13 +194,13 @@ def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
     return found
 
 
-def wait_for_boot(node: str, timeout: float = 120) -> None:
-    """Until systemd in the container has finished booting (right after `podman start` systemctl
+def wait_for_boot(cluster: Cluster, node: str, timeout: float = 120) -> None:
+    """Until systemd in the container has finished booting (right after `podman/docker start` systemctl
     may not reach PID 1 yet, so one `is-system-running --wait` is not enough)."""
     deadline = time.monotonic() + timeout
     state = ""
     while time.monotonic() < deadline:
-        state = on(node, "timeout", "30", "systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+        state = on(cluster, node, "timeout", "30", "systemctl", "is-system-running", "--wait", check=False).stdout.strip()
         if state in ("running", "degraded"):
             return
         time.sleep(1)
@@ -204,9 +209,9 @@ def wait_for_boot(node: str, timeout: float = 120) -> None:
 
 def training_pid(cluster: Cluster, node: str) -> int:
     """PID (in the container) of the train.py process under the unit's torchrun."""
-    main = on(node, "systemctl", "show", "--property=MainPID", "--value", SERVICE).stdout.strip()
+    main = on(cluster, node, "systemctl", "show", "--property=MainPID", "--value", SERVICE).stdout.strip()
     assert main not in ("", "0"), f"{SERVICE} is not running on {node}"
-    children = on(node, "pgrep", "--parent", main, check=False).stdout.split()
+    children = on(cluster, node, "pgrep", "--parent", main, check=False).stdout.split()
     assert len(children) == 1, f"expected one train.py under torchrun {main} on {node}, found {children}"
     return int(children[0])
 
@@ -241,28 +246,35 @@ def tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp: Path):
+@pytest.fixture(scope="module", params=sorted(CLUSTERS, reverse=True))   # podman (the default) first
+def cluster(tmp: Path, request):
+    engine = request.param
+    expected_name, subnet = CLUSTERS[engine]
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: run `make setup-containers` (tests/images/setup-podman.sh)")
     t0 = time.monotonic()
     sh(["bash", "tests/images/build-image.sh"], timeout=1200)   # cached: seconds when the image exists
+    if engine == "docker":   # starts dockerd if none runs, copies the image: seconds when both are there
+        sh(["bash", "tests/images/setup-docker.sh"], timeout=900)
     # inventory/docker's settings, with this test's generated hosts.yml beside them.
-    inventory = tmp / "inventory"
+    inventory = tmp / f"inventory-{engine}"
     shutil.copytree(REPO / "inventory/docker/group_vars", inventory / "group_vars")
-    settings = {"local_cluster_name": NAME, "local_cluster_subnet": SUBNET,
+    settings = {"local_cluster_engine": engine, "local_cluster_name": expected_name, "local_cluster_subnet": subnet,
                 "local_cluster_inventory_dir": str(inventory)}
+    outsider = str(ipaddress.ip_network(subnet)[OUTSIDER_HOST_NUMBER])
     playbook("local-cluster-teardown.yml", tmp, None, settings)    # leftovers of an interrupted run
     playbook("local-cluster.yml", tmp, None, settings)
     hosts = yaml.safe_load((inventory / "hosts.yml").read_text())["all"]
     name = hosts["vars"]["local_cluster_name"]
-    assert name == NAME and not ipaddress.ip_address(OUTSIDER_ADDRESS) in ipaddress.ip_network(
+    assert hosts["vars"]["ansible_connection"].endswith(f".{engine}"), hosts["vars"]
+    assert name == expected_name and not ipaddress.ip_address(outsider) in ipaddress.ip_network(
         hosts["vars"]["cluster_subnet"]), hosts["vars"]
     master = next(iter(hosts["children"]["master"]["hosts"]))
     workers = list(hosts["children"]["workers"]["hosts"])
     address = {n: v["cluster_address"]
                for group in ("master", "workers") for n, v in hosts["children"][group]["hosts"].items()}
-    c = Cluster(master, workers, address, f"{name}-net", REPO / ".cache/local-cluster" / name / "shared", inventory)
+    c = Cluster(engine, master, workers, address, f"{name}-net", REPO / ".cache/local-cluster" / name / "shared",
+                inventory, outsider)
     assert len(c.nodes) == 3, f"the e2e expects the default 3-node cluster, got {c.nodes}"
     t1 = time.monotonic()
     playbook("setup-cluster.yml", tmp, inventory)
@@ -270,6 +282,11 @@ def cluster(tmp: Path):
     yield c
     if os.environ.get("CHECKPOINT4_E2E_KEEP") != "1":
         playbook("local-cluster-teardown.yml", tmp, None, settings)
+        # The teardown removes everything the create run made (the image stays).
+        left = sh([engine, "ps", "--all", "--quiet", "--filter", f"label=checkpoint4.local-cluster={name}"]).stdout
+        assert left.strip() == "", f"containers left after the teardown: {left}"
+        assert sh([engine, "network", "inspect", c.network], check=False).returncode != 0, "network left"
+        assert not c.shared.parent.exists(), f"{c.shared.parent} left after the teardown"
 
 
 @pytest.fixture(scope="module")
@@ -282,22 +299,22 @@ def reference(tmp: Path) -> str:
 # -- tests --------------------------------------------------------------------------------------
 def test_nodes_resolve_every_node_to_its_cluster_address(cluster: Cluster):
     for node in cluster.nodes:
-        assert on(node, "hostname").stdout.strip() == node
+        assert on(cluster, node, "hostname").stdout.strip() == node
         for other in cluster.nodes:
-            first = on(node, "getent", "ahostsv4", other).stdout.split()[0]
+            first = on(cluster, node, "getent", "ahostsv4", other).stdout.split()[0]
             assert first == cluster.address[other], f"on {node}, {other} resolves to {first}"
 
 
 def test_firewall_admits_the_cluster_and_drops_the_rest(cluster: Cluster):
     for node in cluster.nodes:
-        assert "Status: active" in on(node, "ufw", "status").stdout, f"ufw is not active on {node}"
+        assert "Status: active" in on(cluster, node, "ufw", "status").stdout, f"ufw is not active on {node}"
     target, peer = cluster.workers
     # A listener on a port that no rule names; it ends by itself after 120 s.
-    pid = on(target, "sh", "-c", f"timeout 120 nc -lk {PROBE_PORT} >/dev/null 2>&1 & echo $!").stdout.strip()
+    pid = on(cluster, target, "sh", "-c", f"timeout 120 nc -lk {PROBE_PORT} >/dev/null 2>&1 & echo $!").stdout.strip()
     try:
         time.sleep(1)
         # From another cluster node: admitted (the cluster subnet is allowed as a whole, as gloo needs).
-        inside = on(peer, "nc", "-z", "-w", "5", cluster.address[target], str(PROBE_PORT), check=False)
+        inside = on(cluster, peer, "nc", "-z", "-w", "5", cluster.address[target], str(PROBE_PORT), check=False)
         assert inside.returncode == 0, f"{peer} cannot reach {target}:{PROBE_PORT}: {inside.stderr}"
         # From outside the cluster subnet: dropped, so the connection times out (a closed port without
         # a firewall would be refused at once).
@@ -305,20 +322,20 @@ def test_firewall_admits_the_cluster_and_drops_the_rest(cluster: Cluster):
                                          f"echo rc=$? ms=$(( ($(date +%s%N) - s) / 1000000 ))")
         m = re.search(r"rc=(\d+) ms=(\d+)", outside.stdout)
         assert m, f"probe container failed: {outside.stdout}{outside.stderr}"
-        assert m.group(1) != "0", f"{OUTSIDER_ADDRESS} reached {target}:{PROBE_PORT} through the firewall"
+        assert m.group(1) != "0", f"{cluster.outsider} reached {target}:{PROBE_PORT} through the firewall"
         assert int(m.group(2)) >= 3500, f"refused after {m.group(2)} ms instead of dropped: is ufw filtering?"
     finally:
-        on(target, "kill", pid, check=False)
+        on(cluster, target, "kill", pid, check=False)
 
 
 def test_nfs_export_is_served_through_the_firewall(cluster: Cluster):
     url = f"nfs://{cluster.address[cluster.master]}/shared?version=4"
-    listing = on(cluster.workers[0], "timeout", "30", "nfs-ls", url, check=False, timeout=60)
+    listing = on(cluster, cluster.workers[0], "timeout", "30", "nfs-ls", url, check=False, timeout=60)
     assert listing.returncode == 0, f"nfs-ls from {cluster.workers[0]} failed: {listing.stdout}{listing.stderr}"
     names = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
     assert {"checkpoint4", "snapshots", "venv"} <= names, listing.stdout
     outside = from_outsider(cluster, f"timeout 15 nfs-ls '{url}'; echo rc=$?")
-    assert "rc=0" not in outside.stdout, f"the NFS export answered {OUTSIDER_ADDRESS}: {outside.stdout}"
+    assert "rc=0" not in outside.stdout, f"the NFS export answered {cluster.outsider}: {outside.stdout}"
 
 
 def test_killed_training_process_on_a_worker_resumes_bit_identical(cluster: Cluster, reference: str, tmp: Path):
@@ -326,7 +343,7 @@ def test_killed_training_process_on_a_worker_resumes_bit_identical(cluster: Clus
     reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
     victim = cluster.workers[0]
-    on(victim, "kill", "-KILL", str(training_pid(cluster, victim)))
+    on(cluster, victim, "kill", "-KILL", str(training_pid(cluster, victim)))
 
     during = status(cluster, tmp)
     assert max(s["step"] or 0 for s in during.values()) >= BREAK_AFTER_STEP, during
@@ -347,13 +364,13 @@ def test_stopped_and_restarted_worker_container_resumes_bit_identical(cluster: C
     reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
     victim = cluster.workers[-1]
-    sh(["podman", "stop", "--time", "5", victim], timeout=60)
+    sh([cluster.engine, "stop", "-t", "5", victim], timeout=60)
     time.sleep(5)
-    sh(["podman", "start", victim], timeout=60)
-    wait_for_boot(victim)
+    sh([cluster.engine, "start", victim], timeout=60)
+    wait_for_boot(cluster, victim)
     # The rebooted node comes back with its firewall on and its name still on the cluster address.
-    assert "Status: active" in on(victim, "ufw", "status").stdout
-    assert on(victim, "getent", "ahostsv4", victim).stdout.split()[0] == cluster.address[victim]
+    assert "Status: active" in on(cluster, victim, "ufw", "status").stdout
+    assert on(cluster, victim, "getent", "ahostsv4", victim).stdout.split()[0] == cluster.address[victim]
 
     log = wait_for_final(cluster, since)
     assert BREAK_AFTER_STEP <= resumed_step(log) < STEPS
