@@ -333,3 +333,29 @@ def test_verify_shared_fails_for_a_node_that_does_not_share(tmp_path):
     flat = " ".join(out.split())
     assert "node0 does not see the current file of node2" in flat
     assert "node2 does not see the current file of node0, node1, node3" in flat
+
+
+# --- local cluster settings (the checks run before any container is made) ------------------------
+
+BAD_LOCAL_CLUSTER = {
+    "engine": ({"local_cluster_engine": "lxc"}, "local_cluster_engine=lxc (podman|docker)"),
+    "no workers": ({"local_cluster_workers": 0}, "local_cluster_workers=0 (>= 1)"),
+    "name": ({"local_cluster_name": "Ck_4"}, "local_cluster_name=Ck_4"),
+    "subnet not a network": ({"local_cluster_subnet": "10.77.0.5/24"}, "local_cluster_subnet=10.77.0.5/24"),
+    "too many workers": ({"local_cluster_subnet": "10.77.0.0/28", "local_cluster_workers": 8},
+                         "local_cluster_workers=8"),
+    "nodes outside the cluster subnet": ({"local_cluster_workers": 60},
+                                         "must lie inside local_cluster_subnet"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LOCAL_CLUSTER, ids=list(BAD_LOCAL_CLUSTER))
+def test_local_cluster_rejects_bad_settings_before_creating_anything(tmp_path, case):
+    settings, message = BAD_LOCAL_CLUSTER[case]
+    state = tmp_path / "state"
+    rc, out = run(tmp_path, "local-cluster.yml", "localhost,",
+                  {**settings, "local_cluster_state_dir": str(state),
+                   "local_cluster_inventory_dir": str(tmp_path / "inventory")})
+    assert rc != 0, out
+    assert message in " ".join(out.split()), out
+    assert not state.exists() and not (tmp_path / "inventory").exists(), "created things before failing"
