@@ -424,7 +424,7 @@ def _shift(node: Any, base: int) -> Any:
 
 
 def _live_destinations(manifest: Manifest, runtime: TrainingRuntime) -> dict[int, torch.Tensor]:
-    """Saved tensor index -> flat uint8 view of the registered object's own tensor, for reading in place.
+    """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
 
     Only for objects whose saved state has exactly the structure of their live state (same keys, and
     every tensor with the same dtype and shape, contiguous, on the CPU): loading them then cannot fail
@@ -447,13 +447,14 @@ def _live_destinations(manifest: Manifest, runtime: TrainingRuntime) -> dict[int
         if name not in saved_objects or not _same_structure(saved_objects[name], live, pairs):
             continue
         views = {}
+        records = manifest.tensors
         for saved_index, live_index in pairs:
-            t, rec = live_tensors[live_index], manifest.tensors[saved_index]
-            if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+            t, rec = live_tensors[live_index], records[saved_index]
+            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
                     and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
-                    and t.numel() * t.element_size() == rec.nbytes) or saved_index in out:
+                    and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
                 break
-            views[saved_index] = t.detach().reshape(-1).view(torch.uint8)
+            views[saved_index] = t.detach() if t.requires_grad else t
         else:
             out.update(views)
     return out

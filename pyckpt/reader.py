@@ -53,8 +53,8 @@ class Snapshot:
                   into: dict[int, torch.Tensor] | None = None) -> Any:
         """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum.
 
-        `into` maps tensor indices to flat uint8 views of existing tensors of the same dtype and
-        shape: those are read in place (no allocation, no copy later) and returned as those tensors."""
+        `into` maps tensor indices to existing contiguous CPU tensors of the same dtype and shape:
+        those are read in place (no allocation, no copy later) and returned as those tensors."""
         wanted = sorted(set(_referenced(tree))) if indices is None else sorted(set(indices))
         tensors: list[Any] = [None] * len(self.manifest.tensors)
         out = [into.get(i) for i in wanted] if into else None
@@ -70,10 +70,12 @@ class Snapshot:
 
     def read_tensors(self, indices: list[int], out: list[torch.Tensor | None] | None = None
                      ) -> list[torch.Tensor | np.ndarray]:
-        """Read tensors (by manifest index) into fresh CPU buffers, or into `out[i]` (uint8, the
-        tensor's size) where given; every piece's checksum is verified before this returns."""
+        """Read tensors (by manifest index) into fresh CPU buffers, or into `out[i]` where given (a
+        contiguous CPU tensor of the record's dtype and shape, returned as is); every piece's checksum
+        is verified before this returns."""
         where = os.path.join(self.directory, "manifest.json")
-        if any(not 0 <= i < len(self.manifest.tensors) for i in indices):
+        count = len(self.manifest.tensors)
+        if any(not 0 <= i < count for i in indices):
             raise IntegrityError(f"{where}: state tree references a tensor that does not exist", file=where)
         records = [self.manifest.tensors[i] for i in indices]
         fds = self._open_files()  # checks every file's real size before any memory is allocated
@@ -83,12 +85,18 @@ class Snapshot:
             # Every piece, grouped by file in file order: neighbours are read with one preadv.
             by_file: dict[int, list] = {}
             for k, (rec, buf) in enumerate(zip(records, buffers)):
-                view = memoryview(buf.numpy()) if rec.nbytes else memoryview(b"")
+                view = _byte_view(buf) if rec.nbytes else memoryview(b"")
+                pieces = rec.pieces
+                if len(pieces) == 1:  # the common case: a tensor of at most 64 MiB in one file
+                    p = pieces[0]
+                    by_file.setdefault(p.file, []).append((p.offset, p, view, k))
+                    continue
                 for p, start in _piece_starts(rec):
                     by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
             jobs = []
             for file, pieces in by_file.items():
-                pieces.sort(key=lambda item: item[0])
+                if any(a[0] > b[0] for a, b in zip(pieces, pieces[1:])):
+                    pieces.sort(key=lambda item: item[0])
                 jobs.extend((fds[file], batch) for batch in _batches(pieces))
             names = _LazyNames(self.manifest, indices)
             futures = [helper_pool().submit(self._read_batch, fd, batch, names) for fd, batch in jobs]
@@ -98,7 +106,9 @@ class Snapshot:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return [_as_value(rec, buf) for rec, buf in zip(records, buffers)]
+        if out is None:
+            return [_as_value(rec, buf) for rec, buf in zip(records, buffers)]
+        return [buf if given is not None else _as_value(rec, buf) for rec, buf, given in zip(records, buffers, out)]
 
     def _open_files(self) -> dict[int, int]:
         fds: dict[int, int] = {}
@@ -130,8 +140,8 @@ class Snapshot:
         iov: list[memoryview] = []
         pos = start
         for offset, piece, view, _ in batch:
-            if offset > pos:
-                iov.append(memoryview(bytearray(offset - pos)))
+            if offset > pos:  # alignment padding (or a small gap): read into scratch, never looked at
+                iov.append(_SCRATCH[: offset - pos] if offset - pos <= _MAX_GAP else memoryview(bytearray(offset - pos)))
             if piece.length:
                 iov.append(view)
             pos = offset + piece.length
@@ -160,6 +170,7 @@ class Snapshot:
 _BATCH_BYTES = 16 << 20       # a read job: neighbouring pieces up to this size (or one larger piece)
 _BATCH_IOV = 512              # iovecs per preadv (Linux allows 1024)
 _MAX_GAP = 4096               # bytes of other data between two pieces that one read may skip over
+_SCRATCH = memoryview(bytearray(_MAX_GAP))  # shared by every read: gap bytes are discarded
 
 
 def _batches(pieces: list) -> list[list]:
@@ -205,6 +216,15 @@ class _LazyNames:
         return self._names.get(index, f"#{index}")
 
 
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, as a flat memoryview."""
+    if t.dtype is not torch.uint8 or t.dim() != 1:
+        if t.requires_grad:
+            t = t.detach()
+        t = t.reshape(-1).view(torch.uint8)
+    return memoryview(t.numpy())
+
+
 def _piece_starts(record: TensorRecord):
     start = 0
     for piece in record.pieces:
@@ -221,18 +241,25 @@ def _as_value(record: TensorRecord, buf: torch.Tensor):
     return buf.view(dtype).reshape(record.shape)
 
 
-def _referenced(node: Any):
-    if isinstance(node, dict) and len(node) == 1:
+def _referenced(root: Any) -> list[int]:
+    """Tensor indices a state tree references (iterative; malformed nodes are left to unflatten)."""
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if type(node) is not dict or len(node) != 1:
+            continue
         (kind, value), = node.items()
-        if kind in ("T", "N") and isinstance(value, int):
-            yield value
-        elif kind == "D" and isinstance(value, list):
-            for item in value:
-                if isinstance(item, list) and len(item) == 2:
-                    yield from _referenced(item[1])
-        elif kind in ("L", "U") and isinstance(value, list):
-            for item in value:
-                yield from _referenced(item)
+        if kind == "T" or kind == "N":
+            if type(value) is int:
+                out.append(value)
+        elif kind == "D":
+            if type(value) is list:
+                todo.extend([item[1] for item in value if type(item) is list and len(item) == 2])
+        elif kind == "L" or kind == "U":
+            if type(value) is list:
+                todo.extend(value)
+    return out
 
 
 def load(path: str | os.PathLike, *, version: str | None = None) -> dict:

@@ -131,6 +131,8 @@ class TrainingRuntime:
             try:
                 if self._kinds[name] == "model":
                     obj.load_state_dict(_fitting(obj, state), strict=strict)
+                elif isinstance(obj, torch.optim.Optimizer):
+                    obj.load_state_dict(_fast_membership(state))
                 else:
                     obj.load_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -141,6 +143,36 @@ class TrainingRuntime:
         self._loss = (private or {}).get("loss")
         if private and "rng" in private and self.capture_rng:
             set_rng_state(private["rng"])
+
+
+class _IdList(list):
+    """A param group's "params" (saved param ids) with O(1) `in`: torch's Optimizer.load_state_dict
+    looks up the group of every state tensor with `param_id in group["params"]`, which is quadratic
+    in the number of parameters (0.25 s at 5,000 parameters with Adam). Same list otherwise."""
+
+    def __contains__(self, item) -> bool:
+        cached = self.__dict__.get("_ids")
+        if cached is None or cached[0] != len(self):
+            try:
+                cached = (len(self), frozenset(self))
+            except TypeError:  # unhashable entries: plain list semantics
+                return list.__contains__(self, item)
+            self.__dict__["_ids"] = cached
+        try:
+            return item in cached[1]
+        except TypeError:
+            return list.__contains__(self, item)
+
+
+def _fast_membership(state: Any) -> Any:
+    """The optimizer state dict with each param group's "params" as an _IdList (values unchanged)."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list):
+        return state
+    state = dict(state)
+    state["param_groups"] = [dict(g, params=_IdList(g["params"]))
+                             if isinstance(g, dict) and type(g.get("params")) is list else g for g in groups]
+    return state
 
 
 def _model_mismatch(name: str, model: torch.nn.Module, saved: dict, strict: bool) -> list[str]:
