@@ -54,18 +54,21 @@ def align(offset: int) -> int:
 # State trees: nested dicts/lists/tuples of tensors, arrays and plain values <-> JSON nodes.
 # ---------------------------------------------------------------------------------------------
 
-def flatten(obj: Any, tensors: list, path: str = "state") -> Any:
-    """Encode `obj` as a JSON node; tensors/arrays are appended to `tensors` and referenced by index."""
+def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
+    """Encode `obj` as a JSON node; tensors/arrays are appended to `tensors` and referenced by index.
+
+    `path` (for error messages) is a string or a (parent, key, is_index) chain, formatted only when
+    an error needs it: formatting it for every node cost more than the encoding at 20k tensors."""
     if isinstance(obj, torch.Tensor):
         if obj.layout != torch.strided:
-            raise TypeError(f"cannot snapshot {path}: {obj.layout} tensors are not supported; convert to dense")
+            raise TypeError(f"cannot snapshot {_path(path)}: {obj.layout} tensors are not supported; convert to dense")
         if obj.dtype not in DTYPE_NAMES:
-            raise TypeError(f"cannot snapshot {path}: dtype {obj.dtype} is not supported")
+            raise TypeError(f"cannot snapshot {_path(path)}: dtype {obj.dtype} is not supported")
         tensors.append(obj)
         return {"T": len(tensors) - 1}
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in NUMPY_KINDS or obj.dtype.hasobject:
-            raise TypeError(f"cannot snapshot {path}: numpy dtype {obj.dtype} is not plain numbers")
+            raise TypeError(f"cannot snapshot {_path(path)}: numpy dtype {obj.dtype} is not plain numbers")
         tensors.append(obj)
         return {"N": len(tensors) - 1}
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -78,16 +81,25 @@ def flatten(obj: Any, tensors: list, path: str = "state") -> Any:
         items = []
         for key, value in obj.items():
             if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise TypeError(f"cannot snapshot {path}: dict key {key!r} is not a str or int")
-            items.append([key, flatten(value, tensors, f"{path}[{key!r}]")])
+                raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
+            items.append([key, flatten(value, tensors, (path, key, False))])
         return {"D": items}
     if isinstance(obj, (list, tuple)):
         kind = "L" if isinstance(obj, list) else "U"
-        return {kind: [flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+        return {kind: [flatten(v, tensors, (path, i, True)) for i, v in enumerate(obj)]}
     raise TypeError(
-        f"cannot snapshot {path}: a {type(obj).__name__} is not supported; state_dicts may hold tensors, "
+        f"cannot snapshot {_path(path)}: a {type(obj).__name__} is not supported; state_dicts may hold tensors, "
         "numpy arrays, numbers, strings, None, and dicts/lists/tuples of them"
     )
+
+
+def _path(path: Any) -> str:
+    """state['objects']['model'][0] from flatten's (parent, key, is_index) chain."""
+    keys = []
+    while isinstance(path, tuple):
+        path, key, is_index = path
+        keys.append(f"[{key}]" if is_index else f"[{key!r}]")
+    return str(path) + "".join(reversed(keys))
 
 
 def unflatten(node: Any, tensors: list, where: str, depth: int = 0) -> Any:

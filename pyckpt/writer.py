@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,18 +42,33 @@ def helper_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _load_sync_file_range():
+def _load_libc(name: str, argtypes: list):
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
+        fn = getattr(libc, name)
+    except (OSError, AttributeError):  # not Linux/glibc: the plain path does all the work
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _load_libc("sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint])
+# fallocate(2), not posix_fallocate: where the filesystem cannot allocate (older NFS) it fails with
+# EOPNOTSUPP instead of being emulated by writing every block twice.
+_fallocate = _load_libc("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong])
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks in one go before writing it (ext4/xfs: one allocation instead of one
+    per writeback; measured here 0.55 s instead of 0.65-4 s for 1.5 GiB + fsync). A full disk fails
+    now, before anything is written; a filesystem that cannot preallocate is simply written."""
+    if _fallocate is None or size <= 0:
+        return
+    if _fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, f"cannot reserve {size} bytes: {os.strerror(err)}")
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -65,13 +81,14 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
     """A flat uint8 view of a tensor's bytes (a copy only when it is on a GPU or not contiguous)."""
     if isinstance(obj, np.ndarray):
         return memoryview(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
-    t = obj.detach()
-    if t.device.type != "cpu":
+    t = obj.detach() if obj.requires_grad else obj
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.nbytes == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _digests(views: list[memoryview]) -> list[str]:
@@ -84,6 +101,7 @@ def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int) -> 
     pending = []                                  # checksum futures, one per batch, in file order
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        preallocate(fd, size)
         batch: list[memoryview] = []
         pieces: list[memoryview] = []
         batch_bytes = pos = flushed = 0
@@ -102,7 +120,8 @@ def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int) -> 
                 pad = _ZEROS[: min(len(_ZEROS), piece.file_offset - pos)]
                 batch.append(pad)
                 pos += len(pad)
-            data = view[piece.src_offset: piece.src_offset + piece.length]
+            data = view if piece.src_offset == 0 and piece.length == len(view) else \
+                view[piece.src_offset: piece.src_offset + piece.length]
             pieces.append(data)
             batch.append(data)
             pos += piece.length
