@@ -69,6 +69,7 @@ def limits(res: Results, model, optimizer, workdir: str):
         res.add("limit.clone", seconds)
         clear(path)
         res.add("limit.write_fdatasync", timed(lambda: write_limit(path, buffer))[0])
+        res.add("limit.overwrite_fdatasync", timed(lambda: write_limit(path, buffer, overwrite=True))[0])
         res.values["cache_drop_method"] = drop_cache(path)
         res.add("limit.read_cold", timed(lambda: read_limit(path, buffer))[0])
         res.add("limit.read_warm", timed(lambda: read_limit(path, buffer))[0])
@@ -360,6 +361,9 @@ def parse(argv=None):
                    help="libraries to measure (default: all)")
     p.add_argument("--states", default="large,small", help="states to measure (large, small)")
     p.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS measurement")
+    p.add_argument("--pyckpt-reuse-files", choices=("on", "off"), default="on",
+                   help="DistributedCoordinator(reuse_files=...): overwrite the data files of the dropped "
+                   "version instead of allocating new ones (default on; off is pyckpt's default)")
     p.add_argument("--quick", action="store_true", help="64 MiB, 1 run, ranks 1,2, 2,000 small tensors, "
                    "3 RSS snapshots: checks the program end to end (for CI); the figures mean little")
     args = p.parse_args(argv)
@@ -375,6 +379,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    os.environ[libs.REUSE_ENV] = "1" if args.pyckpt_reuse_files == "on" else "0"  # also for the rank processes
     os.environ.setdefault("OMP_NUM_THREADS", "1" if max(args.ranks, default=1) > 1 else str(os.cpu_count()))
     base = args.workdir or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
@@ -395,7 +400,8 @@ def main(argv=None) -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "size_gib": args.size_gib, "repeat": args.repeat,
-            "ranks": args.ranks, "small_tensors": args.small_tensors, "workdir_fs": fs_type(base), "seconds": time.perf_counter() - started,
+            "ranks": args.ranks, "small_tensors": args.small_tensors,
+            "pyckpt_options": {"reuse_files": args.pyckpt_reuse_files == "on"}, "workdir_fs": fs_type(base), "seconds": time.perf_counter() - started,
         },
         "values": res.values,
         "figures": res.figures(),

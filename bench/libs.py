@@ -23,6 +23,9 @@ TORCHSNAPSHOT_PINS = ["torchsnapshot==0.1.0", "aiofiles==25.1.0", "nest-asyncio=
                       "importlib-metadata==8.5.0", "zipp==3.21.0"]
 
 
+REUSE_ENV = "PYCKPT_BENCH_REUSE_FILES"   # "1": DistributedCoordinator(reuse_files=True) (--pyckpt-reuse-files)
+
+
 class Lib:
     name = ""
     has_async = False
@@ -53,7 +56,8 @@ class Pyckpt(Lib):
         self.runtime = pyckpt.TrainingRuntime()
         self.runtime.register_model(model)
         self.runtime.register_optimizer(optimizer)
-        self.coordinator = coordinator or pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1)
+        self.coordinator = coordinator or pyckpt.DistributedCoordinator(
+            pyckpt.load_config(environ={}), keep_last=1, reuse_files=os.environ.get(REUSE_ENV, "1") == "1")
         self.coordinator.initialize()
         self.last_info = None
 

@@ -94,10 +94,13 @@ def pack(tensors: list[torch.Tensor], into: torch.Tensor) -> None:
         pos += n
 
 
-def write_limit(path: str, buffer: torch.Tensor) -> None:
-    """Sequential write of the buffer in large chunks, then fdatasync: what the disk allows."""
+def write_limit(path: str, buffer: torch.Tensor, overwrite: bool = False) -> None:
+    """Sequential write of the buffer in large chunks, then fdatasync: what the disk allows.
+
+    overwrite=True writes over the blocks of an existing file of that size (no allocation): the limit
+    for pyckpt with reuse_files=True, which overwrites the data files of a dropped version."""
     view = memoryview(buffer.numpy())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY if overwrite else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for off in range(0, len(view), _CHUNK):
             chunk = view[off: off + _CHUNK]

@@ -15,7 +15,8 @@ def _m(data: dict, key: str) -> float | None:
 
 def rows(data: dict) -> list[dict]:
     out = []
-    for key in ("limit.copy", "limit.clone", "limit.write_fdatasync", "limit.read_cold", "limit.read_warm"):
+    for key in ("limit.copy", "limit.clone", "limit.write_fdatasync", "limit.overwrite_fdatasync", "limit.read_cold",
+                "limit.read_warm"):
         if key in data["figures"]:
             out.append(_row(data, key, "large", None, None))
     for kind in ("large", "small"):
@@ -111,7 +112,7 @@ def table(data: dict) -> str:
              f"# {meta['date']}  torch {meta['torch']}  {meta['cpus']} cpus  fs {meta['workdir_fs']}  "
              f"state {v.get('large.state_bytes', 0) / 2**30:.2f} GiB ({v.get('large.tensors')} tensors; small: "
              f"{v.get('small.tensors')} tensors)  medians of {meta['repeat']}  cache drop: {v.get('cache_drop_method')}"
-             f"  torchsnapshot: {v.get('torchsnapshot')}",
+             f"  torchsnapshot: {v.get('torchsnapshot')}  pyckpt: {meta.get('pyckpt_options', {})}",
              f"{'figure':40} {'seconds':>8} {'spread':>7} {'GB/s':>6} {'x limit':>8} {'x best alt':>10}  limit"]
     for r in data["rows"]:
         extra = f"  bytes/rank {r['bytes_per_rank']}" if r.get("bytes_per_rank") else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -40,6 +41,8 @@ from .writer import byte_view, write_file
 log = logging.getLogger("pyckpt")
 DEFAULT_KEEP_LAST = 2
 _TORCH_COPY_MIN = 1 << 20
+SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
+_DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,17 @@ class _Captured:
 
 
 class DistributedCoordinator:
-    def __init__(self, config: Config | None = None, *, keep_last: int = DEFAULT_KEEP_LAST):
+    def __init__(self, config: Config | None = None, *, keep_last: int = DEFAULT_KEEP_LAST,
+                 reuse_files: bool = False):
+        """keep_last: committed versions kept. reuse_files: keep the data files of the version that
+        falls out of keep_last as spares (P.pyckpt/.spare/) and overwrite them with the next snapshot
+        instead of deleting them and allocating new files (faster, steadier saves: docs/PERFORMANCE.md;
+        costs the disk space of one more version between snapshots, hence off by default)."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.config = config
         self.keep_last = keep_last
+        self.reuse_files = reuse_files
         self._comm = _Comm()
         self._owns_group = False
         self._initialized = False
@@ -279,7 +288,9 @@ class DistributedCoordinator:
             name, stage = begun
             size = cap.share.size + cap.private_plan.size
             try:
-                digests = write_file(os.path.join(stage, f"data-{comm.rank}.bin"), cap.segments, size)
+                data_name = f"data-{comm.rank}.bin"
+                spare = os.path.join(store.root, SPARE_DIR, data_name) if self.reuse_files else None
+                digests = write_file(os.path.join(stage, data_name), cap.segments, size, reuse=spare)
                 # Only several ranks need to compare their replicated structure (and it costs ~50 ms at 20k tensors).
                 structure = checksum(repr(cap.replicated_tree).encode() +
                                      repr([(r.dtype, r.shape) for r in cap.records]).encode()) \
@@ -331,6 +342,7 @@ class DistributedCoordinator:
             per_rank_trees.append(_shift(report["private_tree"], base))
         manifest = Manifest(len(reports), [FileRecord(f"data-{r}.bin", rep["size"]) for r, rep in enumerate(reports)],
                             tensors, cap.replicated_tree, per_rank_trees, cap.meta)
+        _keep_spares(store, keep_last if self.reuse_files else None)
         store.publish(stage, name, manifest.to_json(), cap.meta, keep_last)
 
     def _install_sigterm_guard(self) -> None:
@@ -400,6 +412,38 @@ class DistributedCoordinator:
         with _gc_paused():
             runtime.load_state(replicated, private, strict=strict)
         return True
+
+
+def _keep_spares(store: SnapshotStore, keep_last: int | None) -> None:
+    """Leader, under the lock, before publishing: hard-link the data files of the newest version that
+    this commit drops from the record into P.pyckpt/.spare/, so deleting that version only removes
+    names and the next snapshot overwrites these files in place (writer._take_spare). Until the new
+    record is in place the spares are still linked from their committed version (st_nlink 2), and a
+    writer never overwrites such a file. keep_last None: remove the spares (reuse turned off)."""
+    spare_dir = os.path.join(store.root, SPARE_DIR)
+    try:
+        old = os.listdir(spare_dir)
+    except FileNotFoundError:
+        old = []
+    for entry in old:  # spares nobody took (fewer ranks now, or reuse turned off)
+        try:
+            os.unlink(os.path.join(spare_dir, entry))
+        except OSError:
+            pass
+    if keep_last is None:
+        return
+    record = store.committed()
+    dropped = record.versions[keep_last - 1:] if record else []
+    if not dropped:
+        return
+    source = store.version_dir(dropped[0].name)
+    try:
+        os.makedirs(spare_dir, mode=0o755, exist_ok=True)
+        for entry in os.listdir(source):
+            if _DATA_FILE.match(entry):
+                os.link(os.path.join(source, entry), os.path.join(spare_dir, entry))
+    except OSError as exc:  # no hard links (some filesystems): the old version is simply deleted
+        log.debug("pyckpt: no spare data files kept: %s", exc)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,11 +96,17 @@ def _digests(views: list[memoryview]) -> list[str]:
     return [checksum(v) for v in views]
 
 
-def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int) -> list[str]:
-    """Write `size` bytes made of the slices (in file order, gaps zero-filled), fsync, return checksums."""
+def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int, reuse: str | None = None) -> list[str]:
+    """Write `size` bytes made of the slices (in file order, gaps zero-filled), fsync, return checksums.
+
+    `reuse`: a spare file (the data file of a version that is no longer committed) to move to `path`
+    and overwrite in place instead of creating a new file; used only if it is a regular file that no
+    version directory links any more."""
     pool = helper_pool()
     pending = []                                  # checksum futures, one per batch, in file order
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = _take_spare(reuse, path, size) if reuse else None
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         preallocate(fd, size)
         batch: list[memoryview] = []
@@ -137,6 +144,36 @@ def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int) -> 
     finally:
         os.close(fd)
     return [digest for future in pending for digest in future.result()]
+
+
+def _take_spare(spare: str, path: str, size: int) -> int | None:
+    """Move a spare data file to `path` and open it for overwriting; None (and no spare) if unusable.
+
+    Overwriting a file's existing blocks is faster than allocating new ones (here 0.35 s vs 0.55-4 s
+    for 1.5 GiB + fsync: ext4 with online discard on a thin-provisioned virtual disk), and deleting
+    the old version then only removes a name instead of freeing 1.5 GiB. A spare still linked from a
+    version directory (st_nlink > 1: the writer crashed before that version was dropped from the
+    record) is never written to."""
+    try:
+        os.rename(spare, path)
+    except OSError:
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        os.unlink(path)
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise OSError("spare data file is still part of a version")
+        if info.st_size != size:
+            os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return None
+    return fd
 
 
 def _writev_all(fd: int, buffers: list[memoryview]) -> None:
