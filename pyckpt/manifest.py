@@ -59,6 +59,20 @@ def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
 
     `path` (for error messages) is a string or a (parent, key, is_index) chain, formatted only when
     an error needs it: formatting it for every node cost more than the encoding at 20k tensors."""
+    kind = type(obj)
+    if kind is dict:  # exact types first (state dicts are mostly these); subclasses take the general path
+        items = []
+        for key, value in obj.items():
+            if type(key) is not str and (type(key) is not int):
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
+            items.append([key, flatten(value, tensors, (path, key, False))])
+        return {"D": items}
+    if kind is torch.Tensor and obj.layout == torch.strided and obj.dtype in DTYPE_NAMES:
+        tensors.append(obj)
+        return {"T": len(tensors) - 1}
+    if obj is None or kind is int or kind is float or kind is str or kind is bool:
+        return {"V": obj}
     if isinstance(obj, torch.Tensor):
         if obj.layout != torch.strided:
             raise TypeError(f"cannot snapshot {_path(path)}: {obj.layout} tensors are not supported; convert to dense")
@@ -206,7 +220,7 @@ class Manifest:
                                         for p in t.pieces]} for t in self.tensors],
                 "replicated": self.replicated, "per_rank": self.per_rank, "meta": self.meta,
                 "format_version": self.format_version}
-        return json.dumps(body, separators=(",", ":")).encode()
+        return json.dumps(body, separators=(",", ":"), check_circular=False).encode()
 
     @property
     def total_bytes(self) -> int:
