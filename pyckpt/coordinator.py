@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,11 +37,10 @@ from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot
 from .runtime import TrainingRuntime
 from .storage import SnapshotStore
-from .writer import byte_view, write_file
+from .writer import byte_view, helper_pool, write_file
 
 log = logging.getLogger("pyckpt")
 DEFAULT_KEEP_LAST = 2
-_TORCH_COPY_MIN = 1 << 20
 SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
 _DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
 
@@ -251,18 +251,23 @@ class DistributedCoordinator:
         return cached[1]
 
     def _stage(self, captured: _Captured) -> None:
-        """Copy this rank's bytes into the reused staging buffer (the only part that blocks training)."""
+        """Copy this rank's bytes into the reused staging buffer (the only part that blocks training).
+
+        The copy is split into equal byte ranges copied in parallel by this thread and the helper
+        threads (one per usable CPU, at most 4): the copy is bound by memory bandwidth, which one
+        core does not saturate, and the training loop is blocked for this copy anyway."""
         size = captured.share.size + captured.private_plan.size
         if self._staging.numel() < size:
             self._staging = torch.empty(size, dtype=torch.uint8)
         staging = self._staging.numpy()
-        for piece, view in captured.segments:
-            src = view[piece.src_offset: piece.src_offset + piece.length]
-            if piece.length >= _TORCH_COPY_MIN:  # torch's copy uses the intra-op threads
-                self._staging[piece.file_offset: piece.file_offset + piece.length].copy_(
-                    torch.frombuffer(src, dtype=torch.uint8))
-            else:
-                staging[piece.file_offset: piece.file_offset + piece.length] = src
+        jobs = [(piece.file_offset, view, piece.src_offset, piece.length) for piece, view in captured.segments]
+        parts = _split(jobs, _copy_workers())
+        futures = [helper_pool().submit(_copy_into, staging, part) for part in parts[1:]]
+        try:
+            _copy_into(staging, parts[0] if parts else [])
+        finally:
+            for future in futures:
+                future.result()
         whole = memoryview(staging)
         captured.segments = [(Slice(p.tensor, p.file_offset, p.file_offset, p.length), whole)
                              for p, _ in captured.segments]
@@ -412,6 +417,38 @@ class DistributedCoordinator:
         with _gc_paused():
             runtime.load_state(replicated, private, strict=strict)
         return True
+
+
+def _copy_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _split(jobs: list[tuple[int, memoryview, int, int]], parts: int) -> list[list]:
+    """Cut copy jobs (dst offset, source view, src offset, length) into `parts` lists of ~equal bytes."""
+    total = sum(job[3] for job in jobs)
+    target = -(-total // parts) if total else 1
+    out: list[list] = [[]]
+    room = target
+    for dst, view, src, length in jobs:
+        while length > room and len(out) < parts:
+            if room:
+                out[-1].append((dst, view, src, room))
+                dst, src, length = dst + room, src + room, length - room
+            out.append([])
+            room = target
+        out[-1].append((dst, view, src, length))
+        room -= length
+    return out
+
+
+def _copy_into(staging: np.ndarray, jobs: list[tuple[int, memoryview, int, int]]) -> None:
+    """numpy copies of plain bytes release the GIL (above a few hundred bytes), so parts run in parallel."""
+    for dst, view, src, length in jobs:
+        staging[dst: dst + length] = np.frombuffer(view, dtype=np.uint8, count=length, offset=src)
 
 
 def _keep_spares(store: SnapshotStore, keep_last: int | None) -> None:
