@@ -1,0 +1,123 @@
+"""Where pyckpt's time goes: save, async stall and restore split into phases, on one state.
+
+    python -m bench.phases --state small --size-gib 1.5 --repeat 5 [--reuse-files off]
+
+Wraps pyckpt's internal steps with timers (capture = state_dict + encoding + planning; write = the
+data file incl. writev/fsync; commit = manifest, publish, pruning; open = commit record + manifest
+validation; match = finding the live tensors to read in place; read = preadv + checksums; load =
+load_state_dict) and prints min and median over --repeat runs. Warm page cache for restores (the
+CPU side); `python -m bench.checkpoint` measures cold restores against the other libraries.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from . import state as st
+
+
+def _timers(acc: dict) -> None:
+    from pyckpt import coordinator, reader, runtime, writer
+
+    def wrap(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                acc[label] += time.perf_counter() - start
+        setattr(owner, name, timed)
+
+    coord = coordinator.DistributedCoordinator
+    wrap(coord, "_capture", "save.capture")
+    wrap(coord, "_stage", "async.stage_copy")
+    wrap(coord, "_commit", "save.commit")
+    wrap(coordinator, "write_file", "save.write")
+    wrap(writer.os, "writev", "save.write.writev")
+    wrap(writer.os, "fsync", "save.write.fsync")
+    wrap(reader.Snapshot, "open", "restore.open")
+    wrap(coordinator, "_live_destinations", "restore.match")
+    wrap(reader.Snapshot, "read_tensors", "restore.read")
+    wrap(runtime.TrainingRuntime, "load_state", "restore.load")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", choices=("large", "small"), default="small")
+    p.add_argument("--size-gib", type=float, default=1.5)
+    p.add_argument("--small-tensors", type=int, default=20_000)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--reuse-files", choices=("on", "off"), default="on")
+    p.add_argument("--workdir", default=None, help="a real disk (default: the system temp dir)")
+    args = p.parse_args(argv)
+
+    import pyckpt
+    acc: dict = collections.defaultdict(float)
+    _timers(acc)
+    model, optimizer = st.build(args.state, int(args.size_gib * (1 << 30)), small_tensors=args.small_tensors)
+    runtime = pyckpt.TrainingRuntime()
+    runtime.register_model(model)
+    runtime.register_optimizer(optimizer)
+    coordinator = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1,
+                                                reuse_files=args.reuse_files == "on")
+    workdir = tempfile.mkdtemp(prefix="pyckpt-phases-", dir=args.workdir)
+    path = os.path.join(workdir, "checkpoint.bin")
+    runs: dict = collections.defaultdict(list)
+
+    def record(total_key: str, seconds: float) -> None:
+        runs[total_key].append(seconds)
+        for key, value in acc.items():
+            runs[key].append(value)
+        acc.clear()
+
+    try:
+        for _ in range(args.repeat):
+            acc.clear()
+            start = time.perf_counter()
+            coordinator.snapshot(path, runtime)
+            record("save.total", time.perf_counter() - start)
+        for _ in range(args.repeat):
+            acc.clear()
+            start = time.perf_counter()
+            future = coordinator.snapshot(path, runtime, blocking=False)
+            runs["async.stall"].append(time.perf_counter() - start)
+            runs["async.stage_copy"].append(acc.pop("async.stage_copy", 0.0))
+            future.result()
+            acc.clear()
+        reference = st.fingerprint(model, optimizer)
+        for _ in range(args.repeat):
+            st.scramble(model, optimizer)
+            acc.clear()
+            start = time.perf_counter()
+            coordinator.restore(path, runtime)
+            record("restore_warm.total", time.perf_counter() - start)
+            st.assert_equal(model, optimizer, reference, "pyckpt restore")
+    finally:
+        coordinator.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"# python -m bench.phases {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"# state {args.state}: {len(st.state_tensors(model, optimizer))} tensors, "
+          f"{st.state_bytes(model, optimizer) / 2**30:.2f} GiB; reuse_files {args.reuse_files}; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(f"{'phase':28} {'min s':>7} {'median s':>9}")
+    order = ["save.total", "save.capture", "save.write", "save.write.writev", "save.write.fsync", "save.commit",
+             "async.stall", "async.stage_copy", "restore_warm.total", "restore.open", "restore.match",
+             "restore.read", "restore.load"]
+    for key in order + sorted(k for k in runs if k not in order):
+        if runs.get(key):
+            print(f"{key:28} {min(runs[key]):7.3f} {statistics.median(runs[key]):9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
