@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     runtime = pyckpt.TrainingRuntime()
     runtime.register_model(model)
     runtime.register_optimizer(optimizer)
-    coordinator = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1,
-                                                reuse_files=args.reuse_files == "on")
+    options = {"reuse_files": True} if args.reuse_files == "on" else {}  # (off: also runs on older pyckpt)
+    coordinator = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, **options)
     workdir = tempfile.mkdtemp(prefix="pyckpt-phases-", dir=args.workdir)
     path = os.path.join(workdir, "checkpoint.bin")
     runs: dict = collections.defaultdict(list)
