@@ -12,7 +12,7 @@ import torch
 from .errors import IntegrityError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .storage import SnapshotStore
-from .writer import helper_pool
+from .writer import NUMPY_NATIVE, helper_pool
 
 
 
@@ -218,11 +218,11 @@ class _LazyNames:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable, as a flat memoryview."""
-    if t.dtype is not torch.uint8 or t.dim() != 1:
-        if t.requires_grad:
-            t = t.detach()
-        t = t.reshape(-1).view(torch.uint8)
-    return memoryview(t.numpy())
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype in NUMPY_NATIVE:
+        return memoryview(t.numpy().reshape(-1).view(np.uint8))
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _piece_starts(record: TensorRecord):

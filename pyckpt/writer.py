@@ -90,7 +90,14 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
         t = t.contiguous()
     if t.nbytes == 0:
         return memoryview(b"")
+    if t.dtype in NUMPY_NATIVE:  # numpy's reshape/view cost half of torch's per call (20k tensors)
+        return memoryview(t.numpy().reshape(-1).view(np.uint8))
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# torch dtypes that Tensor.numpy() supports (not bfloat16, float8, ...)
+NUMPY_NATIVE = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+                          torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
 
 
 def _digests(views: list[memoryview]) -> list[str]:
