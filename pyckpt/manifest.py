@@ -7,7 +7,6 @@ raises IntegrityError instead of allocating huge memory or touching paths outsid
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -63,9 +62,9 @@ def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
     if kind is dict:  # exact types first (state dicts are mostly these); subclasses take the general path
         items = []
         for key, value in obj.items():
-            if type(key) is not str and (type(key) is not int):
-                if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
+            if type(key) is not str and type(key) is not int and (not isinstance(key, (str, int))
+                                                                   or isinstance(key, bool)):
+                raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
             items.append([key, flatten(value, tensors, (path, key, False))])
         return {"D": items}
     if kind is torch.Tensor and obj.layout == torch.strided and obj.dtype in DTYPE_NAMES:

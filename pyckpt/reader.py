@@ -1,6 +1,7 @@
 """Read a committed snapshot back: validated manifest, preadv into fresh tensors, every byte verified."""
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class Snapshot:
                     by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
             jobs = []
             for file, pieces in by_file.items():
-                if any(a[0] > b[0] for a, b in zip(pieces, pieces[1:])):
+                if any(a[0] > b[0] for a, b in itertools.pairwise(pieces)):
                     pieces.sort(key=lambda item: item[0])
                 jobs.extend((fds[file], batch) for batch in _batches(pieces))
             names = _LazyNames(self.manifest, indices)
@@ -253,12 +254,10 @@ def _referenced(root: Any) -> list[int]:
         if kind == "T" or kind == "N":
             if type(value) is int:
                 out.append(value)
-        elif kind == "D":
-            if type(value) is list:
-                todo.extend([item[1] for item in value if type(item) is list and len(item) == 2])
-        elif kind == "L" or kind == "U":
-            if type(value) is list:
-                todo.extend(value)
+        elif kind == "D" and type(value) is list:
+            todo.extend([item[1] for item in value if type(item) is list and len(item) == 2])
+        elif (kind == "L" or kind == "U") and type(value) is list:
+            todo.extend(value)
     return out
 
 
