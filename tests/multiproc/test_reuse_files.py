@@ -1,0 +1,70 @@
+"""reuse_files=True with 2 real ranks (gloo on 127.0.0.1): every rank overwrites its own spare data
+file, and every snapshot still restores exactly."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyckpt
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.multiproc
+
+
+class _Holder:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, loaded):
+        self.state.update(loaded)
+
+
+def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    state = {"w": torch.zeros(300_000), "b": torch.zeros(7)}  # the same on every rank (replicated)
+    runtime = pyckpt.TrainingRuntime(capture_rng=False)
+    runtime.register("holder", _Holder(state))
+    inodes = []
+    with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, reuse_files=True) as c:
+        for step in range(1, 5):
+            state["w"].fill_(float(step))
+            state["b"].fill_(-float(step))
+            runtime.set_step(step)
+            info = c.snapshot(path, runtime, blocking=step % 2 == 0)
+            if not isinstance(info, pyckpt.SnapshotInfo):
+                info = info.result()
+            inodes.append(os.stat(os.path.join(path + ".pyckpt", info.version, f"data-{rank}.bin")).st_ino)
+            dist.barrier()
+        state["w"].zero_()
+        c.restore(path, runtime)
+        assert runtime.step == 4 and torch.equal(state["w"], torch.full((300_000,), 4.0))
+        assert torch.equal(state["b"], torch.full((7,), -4.0))
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(" ".join(map(str, inodes)))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_overwrite_their_own_spares(tmp_path):
+    path = str(tmp_path / "ck.bin")
+    out = str(tmp_path / "inodes")
+    mp.spawn(_worker, args=(2, free_port(), path, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        inodes = [int(x) for x in open(f"{out}.{rank}").read().split()]
+        # snapshot 3 overwrote snapshot 1's file, snapshot 4 snapshot 2's (keep_last=1: one spare)
+        assert inodes[2] == inodes[0] and inodes[3] == inodes[1] and inodes[0] != inodes[1], inodes
+    loaded = pyckpt.load(path)
+    assert loaded["progress"]["step"] == 4
+    assert torch.equal(loaded["objects"]["holder"]["w"], torch.full((300_000,), 4.0))
+    snap = pyckpt.Snapshot.open(path)
+    assert [f.size for f in snap.manifest.files] == [
+        os.path.getsize(os.path.join(snap.directory, f"data-{r}.bin")) for r in (0, 1)]
