@@ -361,9 +361,9 @@ def parse(argv=None):
                    help="libraries to measure (default: all)")
     p.add_argument("--states", default="large,small", help="states to measure (large, small)")
     p.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS measurement")
-    p.add_argument("--pyckpt-reuse-files", choices=("on", "off"), default="on",
+    p.add_argument("--pyckpt-reuse-files", choices=("on", "off"), default="off",
                    help="DistributedCoordinator(reuse_files=...): overwrite the data files of the dropped "
-                   "version instead of allocating new ones (default on; off is pyckpt's default)")
+                   "version instead of allocating new ones (default off, as in pyckpt)")
     p.add_argument("--quick", action="store_true", help="64 MiB, 1 run, ranks 1,2, 2,000 small tensors, "
                    "3 RSS snapshots: checks the program end to end (for CI); the figures mean little")
     args = p.parse_args(argv)
