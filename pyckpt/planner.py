@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from typing import NamedTuple
 
-from .manifest import ALIGN, MAX_PIECE
+from .manifest import MAX_PIECE, align
 
 
 class Slice(NamedTuple):
@@ -36,15 +36,13 @@ def _cut(out: list[Slice], tensor: int, start: int, length: int, file_base: int,
 
 def plan_replicated(sizes: list[int], world_size: int) -> list[RankPlan]:
     """Split tensors of the given byte sizes across `world_size` files of (nearly) equal size."""
-    mask = ALIGN - 1
     starts, pos = [], 0
-    append = starts.append
     for size in sizes:
-        pos = (pos + mask) & ~mask
-        append(pos)
+        pos = align(pos)
+        starts.append(pos)
         pos += size
     total = pos
-    bounds = [min(total, ((total * r // world_size) + mask) & ~mask) for r in range(world_size)] + [total]
+    bounds = [min(total, align(total * r // world_size)) for r in range(world_size)] + [total]
     plans: list[list[Slice]] = [[] for _ in range(world_size)]
     r = 0
     for index, (start, size) in enumerate(zip(starts, sizes)):
@@ -67,11 +65,10 @@ def plan_replicated(sizes: list[int], world_size: int) -> list[RankPlan]:
 
 def plan_private(sizes: list[int], base: int) -> RankPlan:
     """Lay out one rank's private tensors after `base` bytes of its file."""
-    mask = ALIGN - 1
     slices: list[Slice] = []
     pos = base
     for index, size in enumerate(sizes):
-        pos = (pos + mask) & ~mask
+        pos = align(pos)
         _cut(slices, index, pos, size, 0, 0)
         pos += size
     return RankPlan(slices, pos - base)

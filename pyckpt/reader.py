@@ -1,7 +1,6 @@
 """Read a committed snapshot back: validated manifest, preadv into fresh tensors, every byte verified."""
 from __future__ import annotations
 
-import itertools
 import os
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from .errors import IntegrityError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .storage import SnapshotStore
-from .writer import NUMPY_NATIVE, helper_pool
+from .writer import byte_view, helper_pool
 
 
 
@@ -86,7 +85,7 @@ class Snapshot:
             # Every piece, grouped by file in file order: neighbours are read with one preadv.
             by_file: dict[int, list] = {}
             for k, (rec, buf) in enumerate(zip(records, buffers)):
-                view = _byte_view(buf) if rec.nbytes else memoryview(b"")
+                view = byte_view(buf) if rec.nbytes else memoryview(b"")
                 pieces = rec.pieces
                 if len(pieces) == 1:  # the common case: a tensor of at most 64 MiB in one file
                     p = pieces[0]
@@ -96,8 +95,7 @@ class Snapshot:
                     by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
             jobs = []
             for file, pieces in by_file.items():
-                if any(a[0] > b[0] for a, b in itertools.pairwise(pieces)):
-                    pieces.sort(key=lambda item: item[0])
+                pieces.sort(key=lambda item: item[0])   # linear when already in order
                 jobs.extend((fds[file], batch) for batch in _batches(pieces))
             names = _LazyNames(self.manifest, indices)
             futures = [helper_pool().submit(self._read_batch, fd, batch, names) for fd, batch in jobs]
@@ -215,15 +213,6 @@ class _LazyNames:
             self._names = self.manifest.tensor_names()
         index = self.indices[k]
         return self._names.get(index, f"#{index}")
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable, as a flat memoryview."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.dtype in NUMPY_NATIVE:
-        return memoryview(t.numpy().reshape(-1).view(np.uint8))
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _piece_starts(record: TensorRecord):

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import xxhash
 
+from .manifest import checksum
 from .planner import Slice
 
 _IOV_MAX = 1024               # iovecs per writev (Linux: IOV_MAX)
@@ -79,6 +79,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+# torch dtypes that Tensor.numpy() supports (not bfloat16, float8, ...)
+_NUMPY_NATIVE = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+                          torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
+
+
 def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
     """A flat uint8 view of a tensor's bytes (a copy only when it is on a GPU or not contiguous)."""
     if isinstance(obj, np.ndarray):
@@ -90,19 +95,14 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
         t = t.contiguous()
     if t.nbytes == 0:
         return memoryview(b"")
-    if t.dtype in NUMPY_NATIVE:  # numpy's reshape/view cost half of torch's per call (20k tensors)
+    if t.dtype in _NUMPY_NATIVE:  # numpy's reshape/view cost half of torch's per call (20k tensors)
         return memoryview(t.numpy().reshape(-1).view(np.uint8))
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-# torch dtypes that Tensor.numpy() supports (not bfloat16, float8, ...)
-NUMPY_NATIVE = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-                          torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
-
 
 def _digests(views: list[memoryview]) -> list[str]:
-    digest = xxhash.xxh3_64_hexdigest   # manifest.checksum, without a Python call per piece
-    return [digest(v) for v in views]
+    return [checksum(v) for v in views]
 
 
 def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int, reuse: str | None = None) -> list[str]:
