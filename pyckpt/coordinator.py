@@ -10,6 +10,7 @@ Snapshot protocol (rank 0 leads):
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -135,6 +136,8 @@ class DistributedCoordinator:
             # and object collectives work even when the training backend is nccl.
             group = dist.new_group(backend="gloo")
             self._comm = _Comm(group, dist.get_rank(), dist.get_world_size())
+        if self._owns_group or self._comm.group is not None:
+            atexit.register(self._release_groups)
         self._initialized = True
         return self
 
@@ -163,11 +166,22 @@ class DistributedCoordinator:
         try:
             self.wait()
         finally:
-            if self._owns_group and dist.is_initialized():
-                dist.destroy_process_group()
-            self._owns_group = False
-            self._comm = _Comm()
+            self._release_groups()
             self._initialized = False
+
+    def _release_groups(self) -> None:
+        """Destroy the process groups this coordinator created (all of them if it joined the job).
+
+        A gloo group still alive when the interpreter exits can abort the process ("terminate called
+        without an active exception") while C++ tears its threads down, so this also runs at exit."""
+        atexit.unregister(self._release_groups)
+        if dist.is_available() and dist.is_initialized():
+            if self._owns_group:
+                dist.destroy_process_group()
+            elif self._comm.group is not None:
+                dist.destroy_process_group(self._comm.group)
+        self._owns_group = False
+        self._comm = _Comm()
 
     def __enter__(self) -> "DistributedCoordinator":
         return self.initialize()

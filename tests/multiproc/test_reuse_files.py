@@ -1,5 +1,5 @@
 """reuse_files=True with 2 real ranks (gloo on 127.0.0.1): every rank overwrites its own spare data
-file, and every snapshot still restores exactly."""
+file, and every snapshot still restores exactly; shutdown() releases the coordinator's own group."""
 from __future__ import annotations
 
 import os
@@ -49,6 +49,16 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         c.restore(path, runtime)
         assert runtime.step == 4 and torch.equal(state["w"], torch.full((300_000,), 4.0))
         assert torch.equal(state["b"], torch.full((7,), -4.0))
+        own_group = c._comm.group
+    # shutdown destroyed the coordinator's own gloo group (left alive, it can abort the exit) and
+    # left the script's default group alone
+    assert dist.get_world_size() == world
+    try:
+        dist.get_process_group_ranks(own_group)
+    except KeyError:  # torch no longer knows the group
+        pass
+    else:
+        raise AssertionError("the coordinator's process group outlived shutdown()")
     with open(f"{out}.{rank}", "w") as f:
         f.write(" ".join(map(str, inodes)))
     dist.destroy_process_group()
