@@ -25,7 +25,8 @@ import torch
 
 from . import libs, report
 from . import state as st
-from .measure import (clear, drop_cache, fs_type, median, pack, read_limit, spread, timed, write_limit)
+from .measure import (aligned_buffer, clear, drop_cache, fs_type, median, pack, read_limit, spread, timed,
+                      write_direct_limit, write_limit)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -58,8 +59,8 @@ def limits(res: Results, model, optimizer, workdir: str):
     libraries, so each limit is measured next to what is compared with it (the disk is shared)."""
     tensors = st.state_tensors(model, optimizer)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    pack(tensors, buffer)                      # first touch of the buffer is not part of "one copy"
+    aligned = aligned_buffer(nbytes)           # touched: first touch is not part of "one copy"
+    buffer = aligned[:nbytes]
     path = os.path.join(workdir, "limit.bin")
 
     def once() -> None:
@@ -70,6 +71,10 @@ def limits(res: Results, model, optimizer, workdir: str):
         clear(path)
         res.add("limit.write_fdatasync", timed(lambda: write_limit(path, buffer))[0])
         res.add("limit.overwrite_fdatasync", timed(lambda: write_limit(path, buffer, overwrite=True))[0])
+        clear(path)
+        seconds, direct = timed(lambda: write_direct_limit(path, aligned))
+        if direct:
+            res.add("limit.write_direct", seconds)
         res.values["cache_drop_method"] = drop_cache(path)
         res.add("limit.read_cold", timed(lambda: read_limit(path, buffer))[0])
         res.add("limit.read_warm", timed(lambda: read_limit(path, buffer))[0])

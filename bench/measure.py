@@ -1,6 +1,7 @@
 """Timing helpers, page-cache dropping and the hardware limits (write+fdatasync, cold read, one copy)."""
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import statistics
@@ -109,6 +110,33 @@ def write_limit(path: str, buffer: torch.Tensor, overwrite: bool = False) -> Non
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A touched uint8 tensor in page-aligned memory, nbytes rounded up to whole pages (O_DIRECT
+    writes whole, aligned blocks)."""
+    out = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1) + (-nbytes % mmap.PAGESIZE)), dtype=torch.uint8)
+    out.fill_(0)
+    return out
+
+
+def write_direct_limit(path: str, buffer: torch.Tensor) -> bool:
+    """Sequential O_DIRECT writes of an aligned_buffer (64 MiB each), then fdatasync: the disk
+    without the page cache. False where the filesystem refuses O_DIRECT."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        view = memoryview(buffer.numpy())
+        for off in range(0, len(view), 4 * _CHUNK):
+            os.pwrite(fd, view[off: off + 4 * _CHUNK], off)
+        os.fdatasync(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def read_limit(path: str, buffer: torch.Tensor) -> None:

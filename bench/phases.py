@@ -3,7 +3,7 @@
     python -m bench.phases --state small --size-gib 1.5 --repeat 5 [--reuse-files off]
 
 Wraps pyckpt's internal steps with timers (capture = state_dict + encoding + planning; write = the
-data file incl. writev/fsync; commit = manifest, publish, pruning; open = commit record + manifest
+data file: direct or buffered write, checksums, fsync; commit = manifest, publish, pruning; open = commit record + manifest
 validation; match = finding the live tensors to read in place; read = preadv + checksums; load =
 load_state_dict) and prints min and median over --repeat runs. Warm page cache for restores (the
 CPU side); `python -m bench.checkpoint` measures cold restores against the other libraries.
@@ -43,7 +43,8 @@ def _timers(acc: dict) -> None:
     wrap(coord, "_stage", "async.stage_copy")
     wrap(coord, "_commit", "save.commit")
     wrap(coordinator, "write_file", "save.write")
-    wrap(writer.os, "writev", "save.write.writev")
+    wrap(writer, "_write_direct", "save.write.direct")
+    wrap(writer, "_write_buffered", "save.write.buffered")
     wrap(writer.os, "fsync", "save.write.fsync")
     wrap(reader.Snapshot, "open", "restore.open")
     wrap(coordinator, "_live_destinations", "restore.match")
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
           f"{st.state_bytes(model, optimizer) / 2**30:.2f} GiB; reuse_files {args.reuse_files}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
     print(f"{'phase':28} {'min s':>7} {'median s':>9}")
-    order = ["save.total", "save.capture", "save.write", "save.write.writev", "save.write.fsync", "save.commit",
+    order = ["save.total", "save.capture", "save.write", "save.write.direct", "save.write.buffered", "save.write.fsync",
+             "save.commit",
              "async.stall", "async.stage_copy", "restore_warm.total", "restore.open", "restore.match",
              "restore.read", "restore.load"]
     for key in order + sorted(k for k in runs if k not in order):

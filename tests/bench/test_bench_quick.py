@@ -22,6 +22,14 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def _accepts_direct(directory: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError:
+        return False
+    return True
+
+
 def test_quick_benchmark_reports_every_figure(tmp_path):
     out, png = tmp_path / "quick.json", tmp_path / "quick.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,6 +42,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     figures, values = data["figures"], data["values"]
 
     expected = ["limit.copy", "limit.clone", "limit.write_fdatasync", "limit.read_cold", "limit.read_warm"]
+    if _accepts_direct(str(tmp_path)):
+        expected.append("limit.write_direct")
     for kind in ("large", "small"):
         for lib in LIBS:
             expected += [f"{kind}.{lib}.{m}" for m in ("save", "restore_cold", "restore_warm")]
