@@ -158,7 +158,8 @@ class SnapshotStore:
         return name, stage
 
     def publish(self, stage: str, name: str, manifest: bytes, meta: dict, keep_last: int) -> CommitRecord:
-        """Make the staged version the current one. Data files must already be durable."""
+        """Make the staged version the current one. Data files must already be durable. The versions
+        the new record drops stay on disk until gc() (the coordinator runs it on a helper thread)."""
         write_bytes_durably(os.path.join(stage, MANIFEST), manifest)
         fsync_dir(stage)
         _crash_point("manifest-written")
@@ -173,8 +174,6 @@ class SnapshotStore:
         record = CommitRecord([ref] + older[: max(0, keep_last - 1)])
         self._replace_record(record)
         _crash_point("record-renamed")
-        self._drop_unlisted(record)
-        _crash_point("pruned")
         return record
 
     def _replace_record(self, record: CommitRecord) -> None:

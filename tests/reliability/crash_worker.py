@@ -5,7 +5,8 @@
 Prints "ready" once initialised and "committed <step>" (rank 0) after each snapshot is committed.
 The harness SIGKILLs it at random moments, or sets PYCKPT_TEST_CRASH_AT=<point>[:n] so that it kills
 itself right after a named phase. Points in pyckpt.storage: stage-created, manifest-written,
-stage-renamed, record-tmp-written, record-renamed, pruned. Points added here by wrapping the
+stage-renamed, record-tmp-written, record-renamed; in pyckpt.coordinator: pruned (after the background
+deletion of the versions a commit dropped). Points added here by wrapping the
 writer (so coordinator.py needs no hook): data-written (data file written, before its fsync) and
 data-fsynced (this rank's data file durable, before the leader gathers).
 """

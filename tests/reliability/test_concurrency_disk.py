@@ -39,7 +39,9 @@ class Job:
         self.runtime.set_step(step)
         self.runtime.set_loss(loss(step, 0))
         torch.manual_seed(rng_seed(step, 0))
-        return self.coord.snapshot(path, self.runtime)
+        info = self.coord.snapshot(path, self.runtime)
+        self.coord.wait()   # and the versions it dropped are deleted (on a helper thread): the disk at rest
+        return info
 
 
 def test_two_jobs_on_one_path_one_wins_or_a_clear_lock_error(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from pyckpt import (
     load_config,
 )
 from pyckpt.planner import plan_replicated
+from pyckpt.storage import SnapshotStore
 
 
 def make(seed: int = 0, hidden: int = 16):
@@ -87,6 +89,29 @@ def test_rng_state_is_restored(coordinator, snap_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_dropped_version_is_deleted_behind_the_returned_snapshot(snap_path, monkeypatch):
+    """snapshot() returns once the new version is committed; deleting the version it dropped runs
+    on a helper thread (held back here), and wait() / the next snapshot wait for it."""
+    *_, runtime = make()
+    release = threading.Event()
+    gc = SnapshotStore.gc
+    monkeypatch.setattr(SnapshotStore, "gc", lambda self, keep: release.wait(30) and gc(self, keep))
+    dropped = os.path.join(snap_path + ".pyckpt", "v00000001")
+    with DistributedCoordinator(load_config(environ={}), keep_last=1) as c:
+        runtime.set_step(1)
+        c.snapshot(snap_path, runtime)
+        runtime.set_step(2)
+        release.set()
+        c.wait()
+        release.clear()
+        c.snapshot(snap_path, runtime)
+        assert os.path.isdir(dropped)                          # the deletion is held back...
+        assert pyckpt.load(snap_path)["progress"]["step"] == 2  # ...and the new version is committed
+        release.set()
+        c.wait()
+        assert not os.path.exists(dropped)
+
+
 def test_same_path_keeps_last_n_versions_and_always_one_complete(snap_path):
     *_, runtime = make()
     with DistributedCoordinator(load_config(environ={}), keep_last=3) as c:
@@ -122,6 +147,7 @@ def test_stage_left_by_a_crash_is_ignored_and_cleaned(coordinator, snap_path):
     *_, runtime = make()
     runtime.set_step(1)
     coordinator.snapshot(snap_path, runtime)
+    coordinator.wait()  # its background clean-up is over: the stage below is left for the next begin()
     stale = snap_path + ".pyckpt/v00000002.stage-deadbeef0000"
     os.makedirs(stale)
     with open(os.path.join(stale, "data-0.bin"), "wb") as f:
