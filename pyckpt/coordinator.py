@@ -212,7 +212,7 @@ class DistributedCoordinator:
         in the background (one snapshot in flight at a time: the next call waits for it).
         """
         self.initialize()
-        self.wait()
+        self._wait_pending()  # not the previous clean-up: the write waits for that, off the training thread
         keep = keep_last or self.keep_last
         start = time.perf_counter()
         with _gc_paused():
@@ -237,13 +237,19 @@ class DistributedCoordinator:
     def wait(self) -> SnapshotInfo | None:
         """Block until the snapshot in flight (if any) is committed and the versions it dropped are
         deleted; re-raise its error."""
-        future, self._pending = self._pending, None
         try:
-            return None if future is None else future.result()
+            return self._wait_pending()
         finally:
-            if self._pruning is not None:
-                self._pruning.join()
-                self._pruning = None
+            self._wait_pruning()
+
+    def _wait_pending(self) -> SnapshotInfo | None:
+        future, self._pending = self._pending, None
+        return None if future is None else future.result()
+
+    def _wait_pruning(self) -> None:
+        pruning, self._pruning = self._pruning, None
+        if pruning is not None:
+            pruning.join()
 
     def _capture(self, runtime: TrainingRuntime) -> _Captured:
         rep_tensors: list = []
@@ -292,6 +298,7 @@ class DistributedCoordinator:
                              for p, _ in captured.segments]
 
     def _write(self, path: str, cap: _Captured, keep_last: int, start: float) -> SnapshotInfo:
+        self._wait_pruning()  # the disk never holds more versions than during one write
         comm = self._comm
         store = SnapshotStore(path)
         lock = store.locked() if comm.rank == 0 else None
