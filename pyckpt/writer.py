@@ -54,18 +54,17 @@ def helper_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-_ring: list[memoryview] = []
-_ring_pid = 0
+_ring: tuple[int, threading.Lock, list[memoryview]] | None = None
 
 
-def _direct_ring() -> list[memoryview]:
-    """The page-aligned buffers of direct writes, allocated (and touched) once per process."""
-    global _ring, _ring_pid
+def _direct_ring() -> tuple[threading.Lock, list[memoryview]]:
+    """The page-aligned buffers of direct writes, allocated once per process, and the lock that
+    gives them to one writer at a time (two coordinators may write at once)."""
+    global _ring
     with _pool_lock:
-        if not _ring or _ring_pid != os.getpid():
-            _ring = [memoryview(mmap.mmap(-1, _DIRECT_CHUNK)) for _ in range(_DIRECT_RING)]
-            _ring_pid = os.getpid()
-        return _ring
+        if _ring is None or _ring[0] != os.getpid():
+            _ring = (os.getpid(), threading.Lock(), [memoryview(mmap.mmap(-1, _DIRECT_CHUNK)) for _ in range(_DIRECT_RING)])
+        return _ring[1], _ring[2]
 
 
 def _load_libc(name: str, argtypes: list):
@@ -183,8 +182,13 @@ def _write_direct(fd: int, slices, size: int, pending: list) -> bool:
     """Fill the aligned buffers with the file's bytes in order and write each full one with O_DIRECT
     (on helper threads, while the next is filled). False (nothing assumed written) if the
     filesystem turns the direct writes down, so the caller writes the file the buffered way."""
+    lock, ring = _direct_ring()
+    with lock:
+        return _write_through(fd, slices, size, pending, ring)
+
+
+def _write_through(fd: int, slices, size: int, pending: list, ring: list[memoryview]) -> bool:
     pool = helper_pool()
-    ring = _direct_ring()
     writes: list = [None] * len(ring)            # the write in flight from each buffer
     slot, fill, base = 0, 0, 0                   # buffer being filled, bytes in it, its file offset
     buf = ring[0]

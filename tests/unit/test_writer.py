@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -89,3 +90,14 @@ def test_a_write_error_other_than_einval_is_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         writer.write_file(str(tmp_path / "d.bin"), slices, size)
     assert info.value.errno == errno.ENOSPC
+
+
+def test_two_files_written_at_once_share_no_buffer(tmp_path):
+    """Two coordinators in one process may write at the same time: the reused direct-write buffers
+    go to one writer at a time, so neither file gets the other's bytes."""
+    jobs = [_layout(seed, 60, 1 << 20) for seed in (8, 9)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda k: writer.write_file(str(tmp_path / f"{k}.bin"), *jobs[k]), (0, 1)))
+    for k, (slices, size) in enumerate(jobs):
+        with open(tmp_path / f"{k}.bin", "rb") as f:
+            assert f.read() == _expected(slices, size)
