@@ -113,7 +113,6 @@ class DistributedCoordinator:
         self._owns_group = False
         self._initialized = False
         self._pending: Future | None = None
-        self._worker: threading.Thread | None = None
         self._pruning: threading.Thread | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plan_cache: tuple | None = None
@@ -230,8 +229,7 @@ class DistributedCoordinator:
             except BaseException as exc:  # handed to the caller through the future
                 future.set_exception(exc)
 
-        self._worker = threading.Thread(target=run, name="pyckpt-snapshot", daemon=False)
-        self._worker.start()
+        threading.Thread(target=run, name="pyckpt-snapshot", daemon=False).start()
         return future
 
     def wait(self) -> SnapshotInfo | None:

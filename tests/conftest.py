@@ -19,6 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepts_direct_io(directory: str) -> bool:
+    """Whether the filesystem under directory lets a file be opened with O_DIRECT."""
+    try:
+        os.close(os.open(os.path.join(directory, "o_direct-probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError:
+        return False
+    return True
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment minus any torch.distributed/pyckpt settings, plus `extra`."""
     drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",

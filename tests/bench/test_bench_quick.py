@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import accepts_direct_io
+
 REPO = Path(__file__).resolve().parents[2]
 LIBS = ["pyckpt", "torch.save", "safetensors", "dcp"]
 ASYNC = ["pyckpt", "dcp"]
@@ -20,14 +22,6 @@ ASYNC = ["pyckpt", "dcp"]
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
-def _accepts_direct(directory: str) -> bool:
-    try:
-        os.close(os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
-    except OSError:
-        return False
-    return True
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path):
@@ -42,7 +36,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     figures, values = data["figures"], data["values"]
 
     expected = ["limit.copy", "limit.clone", "limit.write_fdatasync", "limit.read_cold", "limit.read_warm"]
-    if _accepts_direct(str(tmp_path)):
+    if accepts_direct_io(str(tmp_path)):
         expected.append("limit.write_direct")
     for kind in ("large", "small"):
         for lib in LIBS:

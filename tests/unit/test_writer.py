@@ -4,7 +4,6 @@ filesystem refuses O_DIRECT the buffered path takes over. Real files in pytest's
 from __future__ import annotations
 
 import errno
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +13,7 @@ import pytest
 from pyckpt import writer
 from pyckpt.manifest import checksum
 from pyckpt.planner import Slice
+from tests.conftest import accepts_direct_io
 
 
 def _layout(seed: int, count: int, max_len: int):
@@ -48,17 +48,8 @@ def test_file_holds_exactly_the_slices_and_their_checksums(tmp_path, seed, count
     assert digests == [checksum(view[src: src + length]) for (_, src, _, length), view in slices]
 
 
-def _accepts_direct(directory: str) -> bool:
-    try:
-        fd = os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 def test_direct_io_is_used_where_the_filesystem_takes_it(tmp_path, monkeypatch):
-    if not _accepts_direct(str(tmp_path)):
+    if not accepts_direct_io(str(tmp_path)):
         pytest.skip("this filesystem refuses O_DIRECT")
     modes = []
     original = writer._set_direct
