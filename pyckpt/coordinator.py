@@ -117,6 +117,7 @@ class DistributedCoordinator:
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plan_cache: tuple | None = None
         self._previous_sigterm: Any = None
+        self._direct_reads = True
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> "DistributedCoordinator":
@@ -136,6 +137,10 @@ class DistributedCoordinator:
             # and object collectives work even when the training backend is nccl.
             group = dist.new_group(backend="gloo")
             self._comm = _Comm(group, dist.get_rank(), dist.get_world_size())
+            # Ranks under one kernel share its page cache: every rank reading a file through it
+            # reads the disk once, so restores read direct only where a rank has its kernel alone.
+            kernels = self._comm.all_gather(_kernel_id())
+            self._direct_reads = kernels.count(kernels[self.rank]) == 1
         if self._owns_group or self._comm.group is not None:
             atexit.register(self._release_groups)
         self._initialized = True
@@ -430,9 +435,9 @@ class DistributedCoordinator:
             with _gc_paused():
                 snap = Snapshot.open(path, version)
                 in_place = _live_destinations(snap.manifest, runtime)
-                replicated = snap.replicated(into=in_place)
+                replicated = snap.replicated(into=in_place, direct=self._direct_reads)
                 saved_world = snap.manifest.world_size
-                private = snap.private(comm.rank) if comm.rank < saved_world else None
+                private = snap.private(comm.rank, direct=self._direct_reads) if comm.rank < saved_world else None
             found = snap.ref.name
         except SnapshotNotFoundError as exc:
             error, found = exc, None
@@ -460,6 +465,16 @@ class DistributedCoordinator:
         with _gc_paused():
             runtime.load_state(replicated, private, strict=strict)
         return True
+
+
+def _kernel_id() -> str:
+    """Which running kernel (and so which page cache) this process is on: containers on one machine
+    share it, so the boot id rather than the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def _copy_workers() -> int:

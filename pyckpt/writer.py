@@ -63,8 +63,33 @@ def _direct_ring() -> tuple[threading.Lock, list[memoryview]]:
     global _ring
     with _pool_lock:
         if _ring is None or _ring[0] != os.getpid():
-            _ring = (os.getpid(), threading.Lock(), [memoryview(mmap.mmap(-1, _DIRECT_CHUNK)) for _ in range(_DIRECT_RING)])
+            _ring = (os.getpid(), threading.Lock(), aligned_buffers(_DIRECT_RING, _DIRECT_CHUNK))
         return _ring[1], _ring[2]
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def aligned_buffers(count: int, size: int) -> list[memoryview]:
+    """`count` touched buffers of `size` bytes for O_DIRECT I/O, in one private mapping aligned to
+    2 MiB and backed by huge pages where the kernel gives them (transparent_hugepage=madvise).
+
+    Why huge pages: a block device takes a limited number of memory segments per request (254 on
+    this VM's virtio disk), so a 4 MiB transfer into scattered 4 KiB pages is cut into ~1 MiB
+    requests; measured 0.60-0.93 s for 1.5 GiB of direct reads into separate 4 MiB mappings against
+    0.39-0.43 s into huge pages (4 MiB requests). MAP_PRIVATE: a shared anonymous mapping is shmem,
+    which gets no transparent huge pages."""
+    total = count * size
+    region = mmap.mmap(-1, total + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -np.frombuffer(region, dtype=np.uint8).ctypes.data % _HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, start, total)
+        except OSError:  # a kernel without transparent huge pages: plain pages, still aligned
+            pass
+    whole = memoryview(region)[start: start + total]
+    np.frombuffer(whole, dtype=np.uint8).fill(0)  # touch now, not inside the first timed write
+    return [whole[i * size: (i + 1) * size] for i in range(count)]
 
 
 def _load_libc(name: str, argtypes: list):

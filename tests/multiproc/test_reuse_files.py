@@ -1,5 +1,6 @@
 """reuse_files=True with 2 real ranks (gloo on 127.0.0.1): every rank overwrites its own spare data
-file, and every snapshot still restores exactly; shutdown() releases the coordinator's own group."""
+file, and every snapshot still restores exactly; two ranks on one kernel restore through its page
+cache (not O_DIRECT: each would read the disk); shutdown() releases the coordinator's own group."""
 from __future__ import annotations
 
 import os
@@ -35,6 +36,9 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", _Holder(state))
     inodes = []
+    direct_reads = []
+    real_read_direct = pyckpt.reader._read_direct
+    pyckpt.reader._read_direct = lambda *args: direct_reads.append(1) or real_read_direct(*args)
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, reuse_files=True) as c:
         for step in range(1, 5):
             state["w"].fill_(float(step))
@@ -49,6 +53,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         c.restore(path, runtime)
         assert runtime.step == 4 and torch.equal(state["w"], torch.full((300_000,), 4.0))
         assert torch.equal(state["b"], torch.full((7,), -4.0))
+        assert direct_reads == [], "ranks sharing a page cache read the snapshot with O_DIRECT"
         own_group = c._comm.group
     # shutdown destroyed the coordinator's own gloo group (left alive, it can abort the exit) and
     # left the script's default group alone
