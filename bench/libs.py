@@ -3,6 +3,7 @@
 save(path): until durable (fsync'd; libraries that do not fsync get an fsync of their files).
 async_save(path) -> wait: returns once the training loop may continue; wait() returns once durable.
 restore(path): the state is back in the model and optimizer (read + load_state_dict).
+settle(): finish background work that a finished call left behind (no figure includes it).
 A restore is always "into the live model": that is what a training script needs.
 """
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Lib:
     def restore(self, path: str) -> None:
         raise NotImplementedError
 
+    def settle(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -70,6 +74,9 @@ class Pyckpt(Lib):
 
     def restore(self, path):
         self.coordinator.restore(path, self.runtime)
+
+    def settle(self):
+        self.coordinator.wait()   # the deletion of the version the last snapshot dropped
 
     def close(self):
         self.coordinator.wait()

@@ -10,7 +10,9 @@ cached copies. Elsewhere the pieces are read with buffered preadv straight into 
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import threading
 from concurrent.futures import wait
@@ -23,7 +25,7 @@ import torch
 from .errors import IntegrityError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .storage import SnapshotStore
-from .writer import aligned_buffers, byte_view, helper_pool
+from .writer import aligned_buffers, byte_view, helper_pool, libc_function
 
 
 @dataclass
@@ -150,7 +152,7 @@ class Snapshot:
         """Read a run of pieces (direct through the bounce buffer, else one preadv), then checksums."""
         first, last = batch[0][1], batch[-1][1]
         start, end = first.offset, last.offset + last.length
-        if direct_fd is None or not _read_direct(direct_fd, batch, start, end):
+        if direct_fd is None or _in_page_cache(fd, start, end) or not _read_direct(direct_fd, batch, start, end):
             self._read_buffered(fd, batch, start, end, names)
         for offset, piece, view, k in batch:
             if checksum(view) != piece.xxh3:
@@ -203,6 +205,32 @@ def _open_direct(fds: dict[int, int]) -> dict[int, int]:
     for fd in out.values():
         os.close(fd)
     return {}
+
+
+_mmap = libc_function("mmap", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_long], ctypes.c_void_p)
+_mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+_munmap = libc_function("munmap", [ctypes.c_void_p, ctypes.c_size_t])
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _in_page_cache(fd: int, start: int, end: int) -> bool:
+    """Whether every page of [start, end) of the file is in the page cache (mincore on a mapping that
+    is never touched: no I/O). Such a range is copied from the cache, not read from the disk again."""
+    if _mmap is None or _mincore is None or _munmap is None or end <= start:
+        return False
+    first = start - start % mmap.PAGESIZE
+    length = end - first
+    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, first)
+    if addr in (None, _MAP_FAILED):
+        return False
+    try:
+        pages = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+        if _mincore(addr, length, pages) != 0:
+            return False
+        return bool((np.frombuffer(pages, dtype=np.uint8) & 1).all())   # bit 0: resident
+    finally:
+        _munmap(addr, length)
 
 
 def _read_direct(fd: int, batch: list, start: int, end: int) -> bool:

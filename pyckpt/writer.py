@@ -92,21 +92,22 @@ def aligned_buffers(count: int, size: int) -> list[memoryview]:
     return [whole[i * size: (i + 1) * size] for i in range(count)]
 
 
-def _load_libc(name: str, argtypes: list):
+def libc_function(name: str, argtypes: list, restype=ctypes.c_int):
+    """A libc function through ctypes (errno kept), or None where there is none (not Linux/glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         fn = getattr(libc, name)
-    except (OSError, AttributeError):  # not Linux/glibc: the plain path does all the work
+    except (OSError, AttributeError):  # the callers then take their plain path
         return None
     fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
+    fn.restype = restype
     return fn
 
 
-_sync_file_range = _load_libc("sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint])
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint])
 # fallocate(2), not posix_fallocate: where the filesystem cannot allocate (older NFS) it fails with
 # EOPNOTSUPP instead of being emulated by writing every block twice.
-_fallocate = _load_libc("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong])
+_fallocate = libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong])
 
 
 def preallocate(fd: int, size: int) -> None:

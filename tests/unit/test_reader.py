@@ -45,7 +45,19 @@ def saved(snap_path):
     runtime.register("holder", _Holder(state))
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})) as c:
         c.snapshot(snap_path, runtime)
+    _evict(pyckpt.Snapshot.open(snap_path))
     return snap_path, state
+
+
+def _evict(snap) -> None:
+    """Drop the data files from the page cache (a cold read)."""
+    for index in range(len(snap.manifest.files)):
+        fd = os.open(snap.file_path(index), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _assert_exact(loaded: dict, state: dict) -> None:
@@ -71,6 +83,21 @@ def test_both_paths_read_the_exact_state(saved, monkeypatch, direct):
         assert results == []
     elif accepts_direct_io(os.path.dirname(path)):
         assert results and all(results)   # every read job went direct, none fell back
+
+
+def test_ranges_in_the_page_cache_are_copied_from_it(saved, monkeypatch):
+    """A warm file is not read from the disk again: direct reads only for what is not cached."""
+    path, state = saved
+    if not accepts_direct_io(os.path.dirname(path)):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    snap = pyckpt.Snapshot.open(path)
+    snap.replicated(direct=False)            # through the page cache: now it holds the files
+    results = _count_direct(monkeypatch)
+    _assert_exact(snap.replicated()["objects"]["holder"], state)
+    assert results == []
+    _evict(snap)
+    _assert_exact(snap.replicated()["objects"]["holder"], state)
+    assert results and all(results)
 
 
 def test_direct_reads_turned_down_fall_back_to_buffered(saved, monkeypatch):
