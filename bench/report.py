@@ -125,6 +125,10 @@ def table(data: dict) -> str:
         lines.append(f"async snapshots x{v['rss.snapshots']}: peak extra RSS {v['rss.extra_peak_bytes'] / 2**20:.0f} MiB "
                      f"({v['rss.extra_peak_ratio']:.2f}x state), growth {v['rss.growth_bytes'] / 2**20:.1f} MiB, "
                      f"median stall {v['rss.blocked_median']:.3f} s")
+    firsts = [f"{key.split('.')[0]} {key.split('.')[1]} {v[key]:.3f} s" for key in sorted(v)
+              if key.endswith(".async_blocked_first")]
+    if firsts:
+        lines.append("first async snapshot of a process (one-time set-up, not in the medians): " + ", ".join(firsts))
     lines.append("targets (issue 7):")
     for t in data["targets"]:
         lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']} (bound {t['bound']})")

@@ -285,11 +285,12 @@ def gc_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would be removed"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """Remove versions beyond --keep and stages of crashed writers; never the newest complete one.
+    """Remove versions beyond --keep, stages of crashed writers and spare data files kept for
+    reuse_files; never the newest complete one.
 
     Takes the writer's lock: exit 1 (nothing removed) while a snapshot is being written."""
     from .inspect import list_versions, snapshot_paths
-    from .storage import SnapshotStore
+    from .storage import SPARE_DIR, SnapshotStore
 
     report = []
     busy = False
@@ -301,9 +302,11 @@ def gc_cmd(
                                                                                     and r.version != "-")]
             entry["removed"] = sorted([r.version for r in listed[keep:]]
                                       + [r.version for r in rows if r.status in ("stage", "orphan")])
+            if os.path.isdir(os.path.join(SnapshotStore(snapshot_path).root, SPARE_DIR)):
+                entry["removed"].append(SPARE_DIR)
         else:
             try:
-                entry["removed"] = SnapshotStore(snapshot_path).gc(keep)
+                entry["removed"] = SnapshotStore(snapshot_path).gc(keep, spares=True)
             except SnapshotLockedError as exc:
                 entry.update(busy=True, error=str(exc))
                 busy = True

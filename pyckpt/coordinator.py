@@ -37,12 +37,11 @@ from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, ch
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot
 from .runtime import TrainingRuntime
-from .storage import SnapshotStore, _crash_point
+from .storage import SPARE_DIR, SnapshotStore, _crash_point
 from .writer import byte_view, helper_pool, write_file
 
 log = logging.getLogger("pyckpt")
 DEFAULT_KEEP_LAST = 2
-SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
 _DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
 
 

@@ -26,6 +26,7 @@ from .manifest import CommitRecord, Manifest, VersionRef, checksum
 from .writer import fsync_dir, write_bytes_durably
 
 MANIFEST = "manifest.json"
+SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
 _NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 _MAX_RECORD = 1 << 20
 _MAX_MANIFEST = 1 << 30
@@ -205,8 +206,9 @@ class SnapshotStore:
     def abort(self, stage: str) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
-    def gc(self, keep_last: int) -> list[str]:
-        """Trim history to keep_last versions and remove stages, unlisted versions and stale record tmps.
+    def gc(self, keep_last: int, spares: bool = False) -> list[str]:
+        """Trim history to keep_last versions and remove stages, unlisted versions and stale record tmps;
+        with spares=True also the spare data files kept for reuse_files (SPARE_DIR).
 
         Takes the path's lock (SnapshotLockedError while a snapshot is being written): never call it
         from inside `locked()`.
@@ -219,7 +221,12 @@ class SnapshotStore:
                 record = CommitRecord(record.versions[: max(1, keep_last)])
                 self._replace_record(record)
             self._drop_record_tmps()
-            return self._drop_unlisted(record)
+            removed = self._drop_unlisted(record)
+            spare_dir = os.path.join(self.root, SPARE_DIR)
+            if spares and os.path.isdir(spare_dir):
+                shutil.rmtree(spare_dir, ignore_errors=True)  # only names: committed versions keep their links
+                removed.append(SPARE_DIR)
+            return removed
 
     def _drop_unlisted(self, record: CommitRecord | None) -> list[str]:
         keep = {v.name for v in record.versions} if record else set()

@@ -64,6 +64,9 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
                 "rss.blocked_median"):
         assert _number(values[key]), (key, values.get(key))
     assert values["rss.snapshots"] == 3
+    for kind in ("large", "small"):   # the first async snapshot of each library, reported on its own
+        for lib in ASYNC:
+            assert _number(values[f"{kind}.{lib}.async_blocked_first"]), (kind, lib)
     # replicated state is split: each of 2 ranks writes about half of what 1 rank writes
     one = values["ranks1.pyckpt.bytes_per_rank"]
     two = values["ranks2.pyckpt.bytes_per_rank"]

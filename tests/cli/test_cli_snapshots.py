@@ -238,6 +238,24 @@ def test_gc_waits_for_no_live_writer(snapdir):
     assert not os.path.exists(stage)
 
 
+def test_gc_removes_the_spare_files_kept_for_reuse(tmp_path):
+    path = tmp_path / "checkpoint.bin"
+    runtime = pyckpt.TrainingRuntime(capture_rng=False)
+    runtime.register_model(torch.nn.Linear(64, 64))
+    with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, reuse_files=True) as c:
+        c.snapshot(path, runtime)
+        c.snapshot(path, runtime)
+    spare = tmp_path / "checkpoint.bin.pyckpt" / ".spare"
+    assert os.listdir(spare) == ["data-0.bin"]          # the dropped version's file, kept for reuse
+    dry = json.loads(cli("gc", path, "--keep", "1", "--dry-run", "--json").stdout)
+    assert dry["paths"][0]["removed"] == [".spare"] and spare.exists()
+    result = cli("gc", path, "--keep", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["paths"][0]["removed"] == [".spare"]
+    assert not spare.exists()
+    assert cli("verify", path).exit_code == 0           # the committed version kept its own links
+
+
 def test_gc_keep_must_be_positive(snapdir):
     assert cli("gc", snapdir, "--keep", "0").exit_code == 2
     assert runner.invoke(app, ["gc", str(snapdir)]).exit_code == 2  # --keep is required
