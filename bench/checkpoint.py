@@ -25,8 +25,8 @@ import torch
 
 from . import libs, report
 from . import state as st
-from .measure import (aligned_buffer, clear, drop_cache, fs_type, median, pack, read_limit, spread, timed,
-                      write_direct_limit, write_limit)
+from .measure import (aligned_buffer, clear, drop_cache, fs_type, median, pack, read_direct_limit, read_limit,
+                      spread, timed, write_direct_limit, write_limit)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -55,17 +55,20 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------------------
 
 def limits(res: Results, model, optimizer, workdir: str):
-    """Returns a function that measures every limit once: called at the start of every round of the
-    libraries, so each limit is measured next to what is compared with it (the disk is shared)."""
+    """Returns two functions: one measures every disk and allocation limit once (called at the start of
+    every round of the libraries, so each limit is measured next to what is compared with it: the
+    disk is shared), the other one copy of the state (called right before every async snapshot:
+    the memory bandwidth of this VM's host varies from one minute to the next, 0.04-0.16 s)."""
     tensors = st.state_tensors(model, optimizer)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     aligned = aligned_buffer(nbytes)           # touched: first touch is not part of "one copy"
     buffer = aligned[:nbytes]
     path = os.path.join(workdir, "limit.bin")
 
+    def copy() -> None:
+        res.add("limit.copy", timed(lambda: pack(tensors, buffer))[0])
+
     def once() -> None:
-        for _ in range(3):  # cheap, and its run-to-run spread here is up to 40%: more samples
-            res.add("limit.copy", timed(lambda: pack(tensors, buffer))[0])
         seconds, clones = timed(lambda: [t.clone() for t in tensors])
         del clones
         res.add("limit.clone", seconds)
@@ -79,12 +82,15 @@ def limits(res: Results, model, optimizer, workdir: str):
         res.values["cache_drop_method"] = drop_cache(path)
         res.add("limit.read_cold", timed(lambda: read_limit(path, buffer))[0])
         res.add("limit.read_warm", timed(lambda: read_limit(path, buffer))[0])
+        seconds, direct = timed(lambda: read_direct_limit(path, aligned))
+        if direct:
+            res.add("limit.read_direct", seconds)
         clear(path)
-    return once
+    return once, copy
 
 
 def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir: str, repeat: int,
-                 each_round=None) -> None:
+                 each_round=None, before_async=None) -> None:
     ref = st.fingerprint(model, optimizer)
     instances = [cls(model, optimizer) for cls in lib_classes]
     for lib in instances:
@@ -113,6 +119,8 @@ def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir
                 # In training, steps separate two snapshots: the stall is measured once the last
                 # save's background work is over, not competing with it for the 2 cores.
                 lib.settle()
+                if before_async is not None:
+                    before_async()
                 start = time.perf_counter()
                 wait = lib.async_save(path)
                 res.add(f"{key}.async_blocked", time.perf_counter() - start)
@@ -154,9 +162,9 @@ def run_single(args, workdir: str, res: Results) -> None:
             res.values[f"{kind}.tensors"] = len(st.state_tensors(model, optimizer))
             log(f"{kind} state: {res.values[f'{kind}.tensors']} tensors, "
                 f"{res.values[f'{kind}.state_bytes'] / MIB:.0f} MiB")
-            each_round = limits(res, model, optimizer, workdir) if kind == "large" else None
+            each_round, copy = limits(res, model, optimizer, workdir) if kind == "large" else (None, None)
             wanted = classes + ([libs.TorchSnapshot] if problem is None and kind == "large" else [])
-            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round)
+            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round, copy)
             log(f"{kind} libraries done")
             del model, optimizer
             gc.collect()

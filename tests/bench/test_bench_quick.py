@@ -37,7 +37,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
 
     expected = ["limit.copy", "limit.clone", "limit.write_fdatasync", "limit.read_cold", "limit.read_warm"]
     if accepts_direct_io(str(tmp_path)):
-        expected.append("limit.write_direct")
+        expected += ["limit.write_direct", "limit.read_direct"]
     for kind in ("large", "small"):
         for lib in LIBS:
             expected += [f"{kind}.{lib}.{m}" for m in ("save", "restore_cold", "restore_warm")]
