@@ -243,8 +243,9 @@ def _read_direct(fd: int, batch: list, start: int, end: int) -> bool:
     pos = start - start % _DIRECT_ALIGN
     todo = 0                                   # first piece not yet copied in full
     while pos < end:
+        want = min(_DIRECT_WINDOW, end - pos + -(end - pos) % _DIRECT_ALIGN)   # not past the run's last block
         try:
-            got = os.preadv(fd, [window], pos)
+            got = os.preadv(fd, [window[:want]], pos)
         except OSError as exc:
             if exc.errno == errno.EINVAL and todo == 0:
                 return False
