@@ -63,3 +63,17 @@ def final_digest(stdout: str) -> str:
 @pytest.fixture
 def snap_path(tmp_path: Path) -> str:
     return str(tmp_path / "snapshots" / "checkpoint.bin")
+
+
+class StateHolder:
+    """A registrable object whose state is a plain dict (runtime.register): a restore updates that
+    same dict, so a test keeps reading it."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, loaded: dict) -> None:
+        self.state.update(loaded)

@@ -12,20 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
-from tests.conftest import free_port
+from tests.conftest import StateHolder, free_port
 
 pytestmark = pytest.mark.multiproc
-
-
-class _Holder:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, loaded):
-        self.state.update(loaded)
 
 
 def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
@@ -34,7 +23,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
                             timeout=timedelta(seconds=60))
     state = {"w": torch.zeros(300_000), "b": torch.zeros(7)}  # the same on every rank (replicated)
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
-    runtime.register("holder", _Holder(state))
+    runtime.register("holder", StateHolder(state))
     inodes = []
     direct_reads = []
     real_read_direct = pyckpt.reader._read_direct

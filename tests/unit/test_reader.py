@@ -13,18 +13,7 @@ import torch
 
 import pyckpt
 from pyckpt import IntegrityError, reader
-from tests.conftest import accepts_direct_io
-
-
-class _Holder:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, loaded):
-        self.state.update(loaded)
+from tests.conftest import StateHolder, accepts_direct_io
 
 
 def _state() -> dict:
@@ -42,7 +31,7 @@ def _state() -> dict:
 def saved(snap_path):
     state = _state()
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
-    runtime.register("holder", _Holder(state))
+    runtime.register("holder", StateHolder(state))
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})) as c:
         c.snapshot(snap_path, runtime)
     _evict(pyckpt.Snapshot.open(snap_path))
