@@ -195,16 +195,14 @@ _bounce = threading.local()   # each helper thread's window buffer, kept for its
 def _open_direct(fds: dict[int, int]) -> dict[int, int]:
     """A second, O_DIRECT descriptor per data file; none where the filesystem refuses the flag."""
     out: dict[int, int] = {}
-    for file, fd in fds.items():
-        try:
-            out[file] = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)
-        except OSError:
-            break
-    else:
-        return out
-    for fd in out.values():
-        os.close(fd)
-    return {}
+    try:
+        for file, fd in fds.items():
+            out[file] = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)  # the same, size-checked file
+    except OSError:
+        for fd in out.values():
+            os.close(fd)
+        return {}
+    return out
 
 
 _mmap = libc_function("mmap", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,

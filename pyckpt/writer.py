@@ -76,8 +76,8 @@ def aligned_buffers(count: int, size: int) -> list[memoryview]:
 
     Why huge pages: a block device takes a limited number of memory segments per request (254 on
     this VM's virtio disk), so a 4 MiB transfer into scattered 4 KiB pages is cut into ~1 MiB
-    requests; measured 0.60-0.93 s for 1.5 GiB of direct reads into separate 4 MiB mappings against
-    0.39-0.43 s into huge pages (4 MiB requests). MAP_PRIVATE: a shared anonymous mapping is shmem,
+    requests; measured 0.60-0.94 s for 1.5 GiB of direct reads into separate 4 MiB mappings against
+    0.38-0.43 s into huge pages (4 MiB requests). MAP_PRIVATE: a shared anonymous mapping is shmem,
     which gets no transparent huge pages."""
     total = count * size
     region = mmap.mmap(-1, total + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
