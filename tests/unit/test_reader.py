@@ -81,12 +81,22 @@ def test_ranges_in_the_page_cache_are_copied_from_it(saved, monkeypatch):
         pytest.skip("this filesystem refuses O_DIRECT")
     snap = pyckpt.Snapshot.open(path)
     snap.replicated(direct=False)            # through the page cache: now it holds the files
+    cached = []                               # one verdict per read job
+    real_in_page_cache = reader._in_page_cache
+    monkeypatch.setattr(reader, "_in_page_cache",
+                        lambda *a: cached.append(real_in_page_cache(*a)) or cached[-1])
     results = _count_direct(monkeypatch)
     _assert_exact(snap.replicated()["objects"]["holder"], state)
-    assert results == []
+    # The kernel may reclaim some of those pages in between (memory pressure, DAMON reclaim):
+    # exactly the jobs found uncached go direct, and the just-read files are mostly still cached.
+    assert cached.count(True) > cached.count(False), cached
+    assert len(results) == cached.count(False) and all(results)
+    cached.clear()
+    results.clear()
     _evict(snap)
     _assert_exact(snap.replicated()["objects"]["holder"], state)
-    assert results and all(results)
+    assert cached and not any(cached)
+    assert len(results) == len(cached) and all(results)
 
 
 def test_direct_reads_turned_down_fall_back_to_buffered(saved, monkeypatch):
