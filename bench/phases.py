@@ -4,7 +4,8 @@
 
 Wraps pyckpt's internal steps with timers (capture = state_dict + encoding + planning; write = the
 data file: direct or buffered write, checksums, fsync; commit = manifest, publish, pruning; open = commit record + manifest
-validation; match = finding the live tensors to read in place; read = preadv + checksums; load =
+validation; match = finding the live tensors to read in place; plan = opening the data files and
+allocating buffers; read = reads + checksums; load =
 load_state_dict) and prints min and median over --repeat runs. Warm page cache for restores (the
 CPU side); `python -m bench.checkpoint` measures cold restores against the other libraries.
 """
@@ -48,7 +49,8 @@ def _timers(acc: dict) -> None:
     wrap(writer.os, "fsync", "save.write.fsync")
     wrap(reader.Snapshot, "open", "restore.open")
     wrap(coordinator, "_live_destinations", "restore.match")
-    wrap(reader.Snapshot, "read_tensors", "restore.read")
+    wrap(reader.TensorRead, "__init__", "restore.plan")   # files opened, buffers allocated
+    wrap(reader.TensorRead, "run", "restore.read")
     wrap(runtime.TrainingRuntime, "load_state", "restore.load")
 
 
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     order = ["save.total", "save.capture", "save.write", "save.write.direct", "save.write.buffered", "save.write.fsync",
              "save.commit",
              "async.stall", "async.stage_copy", "restore_warm.total", "restore.open", "restore.match",
-             "restore.read", "restore.load"]
+             "restore.plan", "restore.read", "restore.load"]
     for key in order + sorted(k for k in runs if k not in order):
         if runs.get(key):
             print(f"{key:28} {min(runs[key]):7.3f} {statistics.median(runs[key]):9.3f}")

@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import peers
 from .config import Config, load_config
 from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError)
 from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten
 from .planner import RankPlan, Slice, plan_private, plan_replicated
-from .reader import Snapshot
+from .reader import Snapshot, TreeRead
 from .runtime import TrainingRuntime
 from .storage import SPARE_DIR, SnapshotStore, _crash_point
 from .writer import byte_view, helper_pool, write_file
@@ -116,7 +117,8 @@ class DistributedCoordinator:
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plan_cache: tuple | None = None
         self._previous_sigterm: Any = None
-        self._direct_reads = True
+        self._machine_ranks = [0]   # the ranks on this rank's kernel (one machine or container host)
+        self._ranks_share_machines = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def initialize(self) -> "DistributedCoordinator":
@@ -136,10 +138,10 @@ class DistributedCoordinator:
             # and object collectives work even when the training backend is nccl.
             group = dist.new_group(backend="gloo")
             self._comm = _Comm(group, dist.get_rank(), dist.get_world_size())
-            # Ranks under one kernel share its page cache: every rank reading a file through it
-            # reads the disk once, so restores read direct only where a rank has its kernel alone.
+            # Ranks under one kernel split the reading of replicated state at restore (peers.py).
             kernels = self._comm.all_gather(_kernel_id())
-            self._direct_reads = kernels.count(kernels[self.rank]) == 1
+            self._machine_ranks = [r for r, kernel in enumerate(kernels) if kernel == kernels[self.rank]]
+            self._ranks_share_machines = len(set(kernels)) < len(kernels)
         if self._owns_group or self._comm.group is not None:
             atexit.register(self._release_groups)
         self._initialized = True
@@ -428,29 +430,46 @@ class DistributedCoordinator:
             self.initialize()
         self.wait()
         comm = self._comm
+        local = self._machine_ranks if comm.rank in self._machine_ranks else [comm.rank]
         error: PyckptError | None = None
         in_place: dict = {}
-        try:
-            with _gc_paused():
-                snap = Snapshot.open(path, version)
-                in_place = _live_destinations(snap.manifest, runtime)
-                replicated = snap.replicated(into=in_place, direct=self._direct_reads)
-                saved_world = snap.manifest.world_size
-                private = snap.private(comm.rank, direct=self._direct_reads) if comm.rank < saved_world else None
-            found = snap.ref.name
-        except SnapshotNotFoundError as exc:
-            error, found = exc, None
-        except IntegrityError as exc:
-            if in_place:  # tensors are read straight into the live objects: say they are now unusable
-                exc = IntegrityError(f"{exc}\nThe registered model/optimizer were being restored in place and may "
-                                     "be partly overwritten: restore another version (restore(path, version=...); "
-                                     "`pyckpt ls` lists them) before training on.", file=exc.file, tensor=exc.tensor)
-            error, found = exc, "error"
-        except PyckptError as exc:
-            error, found = exc, "error"
-        outcomes = comm.all_gather(found if error is None or isinstance(error, SnapshotNotFoundError)
-                                   else f"error: {error}")
-        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1:
+        offer = None
+        with ExitStack() as held:
+            if len(local) > 1:
+                held.enter_context(peers.readable_by_peers())
+            try:
+                with _gc_paused():
+                    snap = Snapshot.open(path, version)
+                    in_place = _live_destinations(snap.manifest, runtime)
+                    replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=in_place))
+                    if len(local) > 1:  # ranks on one machine each read a share of the replicated bytes
+                        mine = peers.share(replicated.job_sizes(), len(local), local.index(comm.rank))
+                        replicated.run(mine)
+                        offer = (os.getpid(), replicated.extents(mine))
+                    else:
+                        replicated.run()
+                    saved_world = snap.manifest.world_size
+                    private = snap.private(comm.rank) if comm.rank < saved_world else None
+                found = snap.ref.name
+            except SnapshotNotFoundError as exc:
+                error, found = exc, None
+            except PyckptError as exc:
+                error, found = exc, "error"
+            gathered = comm.all_gather((found if error is None or isinstance(error, SnapshotNotFoundError)
+                                        else f"error: {error}", offer))
+            outcomes = [outcome for outcome, _ in gathered]
+            if (self._ranks_share_machines and found is not None and len(set(outcomes)) == 1
+                    and not any(isinstance(o, str) and o.startswith("error") for o in outcomes)):
+                error = self._copy_shares(replicated, local, [offer for _, offer in gathered])
+                if error is not None:
+                    found = "error"
+        if isinstance(error, IntegrityError) and in_place:
+            # tensors are read straight into the live objects: say they are now unusable
+            error = IntegrityError(f"{error}\nThe registered model/optimizer were being restored in place and may "
+                                   "be partly overwritten: restore another version (restore(path, version=...); "
+                                   "`pyckpt ls` lists them) before training on.", file=error.file, tensor=error.tensor)
+        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1 \
+                or found == "error":
             if error is not None and not isinstance(error, SnapshotNotFoundError):
                 raise error
             raise IntegrityError(f"restore of {path} failed or disagreed across ranks: {outcomes}", file=str(path))
@@ -462,8 +481,32 @@ class DistributedCoordinator:
             warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                           "state are restored; per-rank RNG state only for ranks present in both", stacklevel=2)
         with _gc_paused():
-            runtime.load_state(replicated, private, strict=strict)
+            runtime.load_state(replicated.tree(), private, strict=strict)
         return True
+
+    def _copy_shares(self, replicated: TreeRead, local: list[int], offers: list) -> PyckptError | None:
+        """Copy the shares the other ranks on this machine read out of their memory (or, where the
+        kernel refuses, read them from the files), then wait until every rank is done copying: until
+        then a peer's tensors must stay as they are. Every rank of the job takes part (the wait is a
+        collective). Returns the error of this or any other rank."""
+        error: PyckptError | None = None
+        try:
+            sizes = replicated.job_sizes()
+            for part, peer in enumerate(local):
+                if peer == self.rank:
+                    continue
+                jobs = peers.share(sizes, len(local), part)
+                pid, extents = offers[peer]
+                if not peers.copy_from(pid, extents, replicated.extents(jobs)):
+                    log.info("pyckpt: rank %d cannot read rank %d's memory: reading its share from the files",
+                             self.rank, peer)
+                    replicated.run(jobs, direct=False)   # peers in the same spot share the page cache
+        except PyckptError as exc:
+            error = exc
+        failures = [e for e in self._comm.all_gather(None if error is None else str(error)) if e is not None]
+        if error is None and failures:
+            error = IntegrityError(f"restore failed on another rank of this machine: {failures[0]}")
+        return error
 
 
 def _kernel_id() -> str:

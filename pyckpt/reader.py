@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import wait
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,18 +61,21 @@ class Snapshot:
     def file_path(self, index: int) -> str:
         return os.path.join(self.directory, self.manifest.files[index].name)
 
-    def read_tree(self, tree: Any, indices: Iterable[int] | None = None,
-                  into: dict[int, torch.Tensor] | None = None, direct: bool = True) -> Any:
-        """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum.
+    def reading(self, tree: Any, into: dict[int, torch.Tensor] | None = None) -> "TreeRead":
+        """Plan the read of a state tree (files opened and size-checked, buffers allocated); run it
+        with .run(), whole or in parts, then take .tree(). Use as a context manager (closes the files).
 
         `into` maps tensor indices to existing contiguous CPU tensors of the same dtype and shape:
         those are read in place (no allocation, no copy later) and returned as those tensors."""
-        wanted = sorted(set(_referenced(tree))) if indices is None else sorted(set(indices))
-        tensors: list[Any] = [None] * len(self.manifest.tensors)
+        wanted = sorted(set(_referenced(tree)))
         out = [into.get(i) for i in wanted] if into else None
-        for index, value in zip(wanted, self.read_tensors(wanted, out, direct=direct)):
-            tensors[index] = value
-        return unflatten(tree, tensors, os.path.join(self.directory, "manifest.json"))
+        return TreeRead(self, tree, wanted, out)
+
+    def read_tree(self, tree: Any, into: dict[int, torch.Tensor] | None = None, direct: bool = True) -> Any:
+        """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum."""
+        with self.reading(tree, into) as read:
+            read.run(direct=direct)
+            return read.tree()
 
     def replicated(self, into: dict[int, torch.Tensor] | None = None, direct: bool = True) -> Any:
         return self.read_tree(self.manifest.replicated, into=into, direct=direct)
@@ -86,85 +89,108 @@ class Snapshot:
         contiguous CPU tensor of the record's dtype and shape, returned as is); every piece's checksum
         is verified before this returns. `direct`: read with O_DIRECT where the filesystem takes it
         (pass False when other processes on this host read the same files: they share the page cache)."""
-        where = os.path.join(self.directory, "manifest.json")
-        count = len(self.manifest.tensors)
+        with TensorRead(self, indices, out) as read:
+            read.run(direct=direct)
+            return read.values()
+
+
+class TensorRead:
+    """The read of some tensors of a snapshot, planned: data files open (their sizes checked before
+    any memory is allocated), buffers allocated, pieces grouped into read jobs (neighbouring pieces
+    of one file, up to 16 MiB). run() reads jobs on the helper threads and verifies every checksum;
+    ranks sharing a machine each run a share of the jobs and copy the rest from one another."""
+
+    def __init__(self, snap: Snapshot, indices: list[int], out: list[torch.Tensor | None] | None = None):
+        where = os.path.join(snap.directory, "manifest.json")
+        count = len(snap.manifest.tensors)
         if any(not 0 <= i < count for i in indices):
             raise IntegrityError(f"{where}: state tree references a tensor that does not exist", file=where)
-        records = [self.manifest.tensors[i] for i in indices]
-        fds = self._open_files()  # checks every file's real size before any memory is allocated
-        direct_fds: dict[int, int] = {}
+        self.snap, self.indices, self.out = snap, indices, out
+        self.records = [snap.manifest.tensors[i] for i in indices]
+        self._names = _LazyNames(snap.manifest, indices)
+        self._fds = _open_files(snap)
         try:
-            if direct:
-                direct_fds = _open_direct(fds)
-            buffers = [out[k] if out is not None and out[k] is not None else torch.empty(r.nbytes, dtype=torch.uint8)
-                       for k, r in enumerate(records)]
-            # Every piece, grouped by file in file order: neighbours are read with one preadv.
-            by_file: dict[int, list] = {}
-            for k, (rec, buf) in enumerate(zip(records, buffers)):
-                view = byte_view(buf) if rec.nbytes else memoryview(b"")
-                pieces = rec.pieces
-                if len(pieces) == 1:  # the common case: a tensor of at most 64 MiB in one file
-                    p = pieces[0]
-                    by_file.setdefault(p.file, []).append((p.offset, p, view, k))
-                    continue
-                for p, start in _piece_starts(rec):
-                    by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
-            jobs = []
-            for file, pieces in by_file.items():
-                pieces.sort(key=lambda item: item[0])   # linear when already in order
-                jobs.extend((fds[file], direct_fds.get(file), batch) for batch in _batches(pieces))
-            names = _LazyNames(self.manifest, indices)
-            futures = [helper_pool().submit(self._read_batch, fd, dfd, batch, names) for fd, dfd, batch in jobs]
+            self.buffers = [out[k] if out is not None and out[k] is not None
+                            else torch.empty(r.nbytes, dtype=torch.uint8) for k, r in enumerate(self.records)]
+        except BaseException:
+            self.close()
+            raise
+        # Every piece, grouped by file in file order: neighbours are read with one preadv.
+        by_file: dict[int, list] = {}
+        for k, (rec, buf) in enumerate(zip(self.records, self.buffers)):
+            view = byte_view(buf) if rec.nbytes else memoryview(b"")
+            pieces = rec.pieces
+            if len(pieces) == 1:  # the common case: a tensor of at most 64 MiB in one file
+                p = pieces[0]
+                by_file.setdefault(p.file, []).append((p.offset, p, view, k))
+                continue
+            for p, start in _piece_starts(rec):
+                by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
+        self.jobs: list[tuple[int, list]] = []
+        for file, pieces in by_file.items():
+            pieces.sort(key=lambda item: item[0])   # linear when already in order
+            self.jobs.extend((file, batch) for batch in _batches(pieces))
+
+    def __enter__(self) -> "TensorRead":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def job_sizes(self) -> list[int]:
+        return [sum(piece.length for _, piece, _, _ in batch) for _, batch in self.jobs]
+
+    def extents(self, jobs: list[int]) -> list[tuple[int, int]]:
+        """(address, length) in this process of every non-empty piece of those jobs, in job order."""
+        out = []
+        for j in jobs:
+            for _, piece, view, _ in self.jobs[j][1]:
+                if piece.length:
+                    out.append((np.frombuffer(view, dtype=np.uint8).ctypes.data, piece.length))
+        return out
+
+    def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
+        """Read those jobs (all by default) and verify their checksums; the first error is raised.
+        `direct`: read with O_DIRECT where the filesystem takes it (pass False when other processes on
+        this host read the same bytes: they share the page cache)."""
+        todo = [self.jobs[j] for j in jobs] if jobs is not None else self.jobs
+        direct_fds = _open_direct({f: self._fds[f] for f in {file for file, _ in todo}}) if direct else {}
+        try:
+            futures = [helper_pool().submit(self._read_batch, self._fds[file], direct_fds.get(file), batch)
+                       for file, batch in todo]
             wait(futures)                # every job is done with the fds before they are closed
             for future in futures:
                 future.result()          # the first error, if any
         finally:
-            for fd in [*fds.values(), *direct_fds.values()]:
+            for fd in direct_fds.values():
                 os.close(fd)
-        if out is None:
-            return [_as_value(rec, buf) for rec, buf in zip(records, buffers)]
-        return [buf if given is not None else _as_value(rec, buf) for rec, buf, given in zip(records, buffers, out)]
 
-    def _open_files(self) -> dict[int, int]:
-        fds: dict[int, int] = {}
-        try:
-            for index, record in enumerate(self.manifest.files):
-                path = self.file_path(index)
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                except FileNotFoundError:
-                    raise IntegrityError(f"{path}: data file missing", file=path) from None
-                except OSError as exc:
-                    raise IntegrityError(f"{path}: cannot open data file ({exc.strerror}); a symlink or "
-                                         "unreadable file is not allowed in a snapshot", file=path) from None
-                fds[index] = fd
-                size = os.fstat(fd).st_size
-                if size != record.size:
-                    raise IntegrityError(f"{path}: {size} bytes on disk, manifest says {record.size} "
-                                         "(truncated or replaced)", file=path)
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        return fds
+    def values(self) -> list[torch.Tensor | np.ndarray]:
+        if self.out is None:
+            return [_as_value(rec, buf) for rec, buf in zip(self.records, self.buffers)]
+        return [buf if given is not None else _as_value(rec, buf)
+                for rec, buf, given in zip(self.records, self.buffers, self.out)]
 
-    def _read_batch(self, fd: int, direct_fd: int | None, batch: list, names: "_LazyNames") -> None:
+    def _read_batch(self, fd: int, direct_fd: int | None, batch: list) -> None:
         """Read a run of pieces (direct through the bounce buffer, else one preadv), then checksums."""
         first, last = batch[0][1], batch[-1][1]
         start, end = first.offset, last.offset + last.length
         if direct_fd is None or _in_page_cache(fd, start, end) or not _read_direct(direct_fd, batch, start, end):
-            self._read_buffered(fd, batch, start, end, names)
+            self._read_buffered(fd, batch, start, end)
         for offset, piece, view, k in batch:
             if checksum(view) != piece.xxh3:
-                path = self.file_path(piece.file)
-                name = names[k]
+                path = self.snap.file_path(piece.file)
                 raise IntegrityError(
-                    f"{path}: checksum mismatch in tensor {name} (bytes {piece.offset}-{piece.offset + piece.length}); "
-                    "the snapshot is corrupted: restore an older version or take a new snapshot",
-                    file=path, tensor=name,
-                )
+                    f"{path}: checksum mismatch in tensor {self._names[k]} (bytes {piece.offset}-"
+                    f"{piece.offset + piece.length}); the snapshot is corrupted: restore an older version or take "
+                    "a new snapshot", file=path, tensor=self._names[k])
 
-    def _read_buffered(self, fd: int, batch: list, start: int, end: int, names: "_LazyNames") -> None:
+    def _read_buffered(self, fd: int, batch: list, start: int, end: int) -> None:
         """One preadv for the run (gaps between pieces land in a scratch buffer)."""
         iov: list[memoryview] = []
         pos = start
@@ -178,13 +204,49 @@ class Snapshot:
         while done < end - start:
             got = os.preadv(fd, iov, start + done)
             if got == 0:
-                piece = next(p for o, p, _, _ in batch if o + p.length > start + done)
-                k = next(k for o, p, _, k in batch if p is piece)
-                path = self.file_path(piece.file)
-                raise IntegrityError(f"{path}: ends early while reading tensor {names[k]}", file=path,
-                                     tensor=names[k])
+                offset, piece, _, k = next(item for item in batch if item[0] + item[1].length > start + done)
+                path, name = self.snap.file_path(piece.file), self._names[k]
+                raise IntegrityError(f"{path}: ends early while reading tensor {name}", file=path, tensor=name)
             done += got
             iov = _advance(iov, got)
+
+
+class TreeRead(TensorRead):
+    """A TensorRead of the tensors a state tree references; .tree() rebuilds the tree with them."""
+
+    def __init__(self, snap: Snapshot, tree: Any, indices: list[int], out: list[torch.Tensor | None] | None):
+        super().__init__(snap, indices, out)
+        self._tree = tree
+
+    def tree(self) -> Any:
+        tensors: list[Any] = [None] * len(self.snap.manifest.tensors)
+        for index, value in zip(self.indices, self.values()):
+            tensors[index] = value
+        return unflatten(self._tree, tensors, os.path.join(self.snap.directory, "manifest.json"))
+
+
+def _open_files(snap: Snapshot) -> dict[int, int]:
+    fds: dict[int, int] = {}
+    try:
+        for index, record in enumerate(snap.manifest.files):
+            path = snap.file_path(index)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                raise IntegrityError(f"{path}: data file missing", file=path) from None
+            except OSError as exc:
+                raise IntegrityError(f"{path}: cannot open data file ({exc.strerror}); a symlink or "
+                                     "unreadable file is not allowed in a snapshot", file=path) from None
+            fds[index] = fd
+            size = os.fstat(fd).st_size
+            if size != record.size:
+                raise IntegrityError(f"{path}: {size} bytes on disk, manifest says {record.size} "
+                                     "(truncated or replaced)", file=path)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
 
 
 _DIRECT_WINDOW = 4 << 20     # one O_DIRECT read: a common max request size of block devices

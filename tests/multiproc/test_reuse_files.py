@@ -1,6 +1,7 @@
 """reuse_files=True with 2 real ranks (gloo on 127.0.0.1): every rank overwrites its own spare data
-file, and every snapshot still restores exactly; two ranks on one kernel restore through its page
-cache (not O_DIRECT: each would read the disk); shutdown() releases the coordinator's own group."""
+file, and every snapshot still restores exactly; two ranks on one kernel each read half of the
+replicated bytes from the disk and copy the other half from each other's memory; shutdown() releases
+the coordinator's own group."""
 from __future__ import annotations
 
 import os
@@ -25,9 +26,13 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", StateHolder(state))
     inodes = []
-    direct_reads = []
-    real_read_direct = pyckpt.reader._read_direct
-    pyckpt.reader._read_direct = lambda *args: direct_reads.append(1) or real_read_direct(*args)
+    read_from_files, copied = [], []
+    real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from
+    pyckpt.reader.TensorRead._read_batch = (
+        lambda self, fd, dfd, batch: read_from_files.extend(f"{p.file}:{p.offset}" for _, p, _, _ in batch if p.length)
+        or real_read_batch(self, fd, dfd, batch))
+    pyckpt.peers.copy_from = lambda pid, remote, local: copied.extend(n for _, n in local) or real_copy_from(
+        pid, remote, local)
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, reuse_files=True) as c:
         for step in range(1, 5):
             state["w"].fill_(float(step))
@@ -39,10 +44,14 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
             inodes.append(os.stat(os.path.join(path + ".pyckpt", info.version, f"data-{rank}.bin")).st_ino)
             dist.barrier()
         state["w"].zero_()
+        del read_from_files[:]
         c.restore(path, runtime)
         assert runtime.step == 4 and torch.equal(state["w"], torch.full((300_000,), 4.0))
         assert torch.equal(state["b"], torch.full((7,), -4.0))
-        assert direct_reads == [], "ranks sharing a page cache read the snapshot with O_DIRECT"
+        # each rank read some pieces itself and copied the others' (the other rank read those)
+        assert read_from_files and sum(copied) > 0, (read_from_files, copied)
+        with open(f"{out}.read.{rank}", "w") as f:
+            f.write(" ".join(map(str, read_from_files)))
         own_group = c._comm.group
     # shutdown destroyed the coordinator's own gloo group (left alive, it can abort the exit) and
     # left the script's default group alone
@@ -66,6 +75,8 @@ def test_two_ranks_overwrite_their_own_spares(tmp_path):
         inodes = [int(x) for x in open(f"{out}.{rank}").read().split()]
         # snapshot 3 overwrote snapshot 1's file, snapshot 4 snapshot 2's (keep_last=1: one spare)
         assert inodes[2] == inodes[0] and inodes[3] == inodes[1] and inodes[0] != inodes[1], inodes
+    read = [set(open(f"{out}.read.{rank}").read().split()) for rank in (0, 1)]
+    assert not read[0] & read[1], "a piece was read from the files by both ranks of one machine"
     loaded = pyckpt.load(path)
     assert loaded["progress"]["step"] == 4
     assert torch.equal(loaded["objects"]["holder"]["w"], torch.full((300_000,), 4.0))

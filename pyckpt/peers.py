@@ -1,0 +1,78 @@
+"""Ranks on one machine read a replicated state once between them.
+
+Each rank reads a share of the read jobs from the files (O_DIRECT, so every byte comes off the disk
+once) and copies the other shares straight out of the peer's memory with process_vm_readv (cross
+memory attach, as MPI libraries do on one node): one memory copy into the destination tensors, no
+staging buffer and no page cache in between. Where the kernel refuses it (ptrace rules, seccomp),
+copy_from says so and the caller reads those jobs itself.
+"""
+from __future__ import annotations
+
+import ctypes
+from contextlib import contextmanager
+from typing import Iterator
+
+from .writer import libc_function
+
+
+def share(sizes: list[int], parts: int, part: int) -> list[int]:
+    """The jobs (indices into `sizes`, bytes per job in file order) that reader `part` of `parts`
+    reads: consecutive jobs of about equal bytes, so each reader reads a contiguous stretch."""
+    total = sum(sizes) or 1
+    out, before = [], 0
+    for j, size in enumerate(sizes):
+        if min(before * parts // total, parts - 1) == part:
+            out.append(j)
+        before += size
+    return out
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_IOV_MAX = 1024       # iovecs per process_vm_readv call (Linux UIO_MAXIOV)
+_process_vm_readv = libc_function(
+    "process_vm_readv", [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.POINTER(_IoVec),
+                         ctypes.c_ulong, ctypes.c_ulong], ctypes.c_ssize_t)
+
+
+def copy_from(pid: int, remote: list[tuple[int, int]], local: list[tuple[int, int]]) -> bool:
+    """Copy the (address, length) extents of process `pid` into ours, extent by extent. False if the
+    two lists do not match or the kernel turns the copy down (nothing is half-trusted: the caller
+    then reads those bytes from the files)."""
+    if _process_vm_readv is None or [n for _, n in remote] != [n for _, n in local]:
+        return False
+    for first in range(0, len(local), _IOV_MAX):
+        chunk = range(first, min(first + _IOV_MAX, len(local)))
+        mine = (_IoVec * len(chunk))(*[_IoVec(*local[i]) for i in chunk])
+        theirs = (_IoVec * len(chunk))(*[_IoVec(*remote[i]) for i in chunk])
+        want = sum(local[i][1] for i in chunk)
+        # Partial copies happen only at extent boundaries (EFAULT/EPERM on one): treat as refused.
+        if _process_vm_readv(pid, mine, len(chunk), theirs, len(chunk), 0) != want:
+            return False
+    return True
+
+
+_PR_SET_PTRACER = 0x59616D61
+_PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
+_prctl = libc_function("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
+
+
+@contextmanager
+def readable_by_peers() -> Iterator[None]:
+    """Let processes of our user read this one's memory for the block. Only needed under Yama
+    ptrace_scope 1 (Ubuntu's default), where a process may otherwise read only its descendants'
+    memory; the permission is withdrawn again on the way out. Scopes 2 and 3 forbid it outright
+    (copy_from then fails and the ranks read from the files)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = "0"
+    relaxed = scope == "1" and _prctl is not None and _prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        if relaxed:
+            _prctl(_PR_SET_PTRACER, 0, 0, 0, 0)
