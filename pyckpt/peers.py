@@ -21,7 +21,7 @@ def share(sizes: list[int], parts: int, part: int) -> list[int]:
     total = sum(sizes) or 1
     out, before = [], 0
     for j, size in enumerate(sizes):
-        if min(before * parts // total, parts - 1) == part:
+        if min((2 * before + size) * parts // (2 * total), parts - 1) == part:   # where the job's middle falls
             out.append(j)
         before += size
     return out

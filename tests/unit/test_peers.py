@@ -1,0 +1,100 @@
+"""pyckpt.peers: how ranks of one machine split the read jobs, and the cross-memory copy between two
+real processes (process_vm_readv on a child process holding the bytes)."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyckpt import peers
+
+CHILD = """
+import ctypes, sys
+data = bytearray(range(256)) * (8 << 12)           # 8 MiB, byte i = i % 256
+address = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+print(address, len(data), flush=True)
+sys.stdin.read()                                    # hold the bytes until the test is done
+"""
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
+def test_shares_cover_every_job_once_in_contiguous_balanced_stretches(parts):
+    rng = random.Random(parts)
+    sizes = [rng.choice([0, 4096, 1 << 20, 16 << 20]) for _ in range(200)]
+    shares = [peers.share(sizes, parts, part) for part in range(parts)]
+    assert sorted(j for s in shares for j in s) == list(range(len(sizes)))
+    for s in shares:
+        assert s == list(range(s[0], s[-1] + 1)) if s else True   # one stretch of consecutive jobs
+    total = sum(sizes)
+    for s in shares:   # each within one job's size (16 MiB) of an equal share
+        assert abs(sum(sizes[j] for j in s) - total / parts) <= 16 << 20
+
+
+def test_more_readers_than_jobs_and_empty_jobs():
+    assert sorted(peers.share([5], 3, p) for p in range(3)) == [[], [], [0]]
+    assert [peers.share([0, 0], 2, p) for p in range(2)] == [[0, 1], []]
+    assert peers.share([], 2, 1) == []
+
+
+@pytest.fixture
+def child():
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    address, length = map(int, proc.stdout.readline().split())
+    yield proc.pid, address, length
+    proc.communicate("", timeout=30)
+
+
+def _local(nbytes: int):
+    buf = np.zeros(nbytes, dtype=np.uint8)
+    return buf, buf.ctypes.data
+
+
+def test_copies_extents_out_of_another_process(child):
+    pid, address, length = child
+    # 3000 extents (more than one call's 1024 iovecs) of odd sizes at odd places
+    rng = random.Random(1)
+    remote, local, expect = [], [], []
+    buf, base = _local(length)
+    pos = 0
+    for _ in range(3000):
+        size = rng.randrange(1, 2000)
+        start = rng.randrange(0, length - size)
+        remote.append((address + start, size))
+        local.append((base + pos, size))
+        expect.append((np.arange(start, start + size) % 256).astype(np.uint8))
+        pos += size
+    assert peers.copy_from(pid, remote, local)
+    assert np.array_equal(buf[:pos], np.concatenate(expect))
+
+
+def test_refuses_mismatched_extents_and_missing_processes(child):
+    pid, address, length = child
+    buf, base = _local(4096)
+    assert not peers.copy_from(pid, [(address, 4096)], [(base, 2048)])          # lengths differ
+    assert not peers.copy_from(pid, [(address, 10)], [(base, 10), (base + 10, 10)])
+    assert not buf.any()                                                        # nothing copied
+    assert not peers.copy_from(pid, [(address, 8), (4096, 8)], [(base, 8), (base + 8, 8)])  # not mapped there
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    assert not peers.copy_from(gone.pid, [(address, 8)], [(base, 8)])              # process has exited
+
+
+def test_readable_by_peers_withdraws_the_permission_it_granted(monkeypatch, tmp_path):
+    """Under Yama scope 1 it allows any tracer for the block and resets it after (prctl recorded: this
+    kernel may have no Yama, so the real call cannot be observed here)."""
+    calls = []
+    scope = tmp_path / "ptrace_scope"
+    real_open = open
+    monkeypatch.setattr(peers, "_prctl", lambda *args: calls.append(args[:2]) or 0)
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        scope if path == "/proc/sys/kernel/yama/ptrace_scope" else path, *a, **k))
+    for value, expect in (("1\n", [(peers._PR_SET_PTRACER, peers._PR_SET_PTRACER_ANY), (peers._PR_SET_PTRACER, 0)]),
+                          ("0\n", []), ("2\n", [])):
+        scope.write_text(value)
+        calls.clear()
+        with peers.readable_by_peers():
+            pass
+        assert calls == expect, value
