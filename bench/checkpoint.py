@@ -296,10 +296,13 @@ def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdi
 
 
 def restore_strategies(rank: int, world: int, path: str, repeat: int, step, cold) -> None:
-    """The two ways N ranks can get the same replicated bytes, on pyckpt's data files (raw, no parsing):
-    every rank reads every file, or rank r reads file r once and broadcasts it over gloo."""
+    """Three ways N ranks of one machine can get the same replicated bytes, on pyckpt's data files (raw:
+    buffered reads, no parsing, no checksums): every rank reads every file; rank r reads file r once
+    and broadcasts it over gloo; rank r reads file r and copies the others out of their processes'
+    memory (process_vm_readv: what pyckpt's restore does, with O_DIRECT reads and checksums)."""
     import glob
     import torch.distributed as dist
+    from pyckpt import peers
     files = sorted(glob.glob(os.path.join(path + ".pyckpt", "v*", "data-*.bin")),
                    key=lambda f: int(f.rsplit("-", 1)[1].split(".")[0]))
     if len(files) != world:
@@ -317,11 +320,25 @@ def restore_strategies(rank: int, world: int, path: str, repeat: int, step, cold
         for owner, buf in enumerate(buffers):
             dist.broadcast(buf, src=owner)
 
+    def split_cross_memory():
+        read_limit(files[rank], buffers[rank])
+        offers: list = [None] * world
+        dist.all_gather_object(offers, (os.getpid(), buffers[rank].data_ptr(), buffers[rank].nbytes))
+        for owner, buf in enumerate(buffers):
+            if owner != rank:
+                pid, address, nbytes = offers[owner]
+                if not peers.copy_from(pid, [(address, nbytes)], [(buf.data_ptr(), buf.nbytes)]):
+                    raise RuntimeError(f"rank {rank} cannot read rank {owner}'s memory (process_vm_readv refused)")
+        dist.barrier()                             # until then a peer may still be copying from us
+
     for _ in range(repeat):
         cold(path + ".pyckpt")
         step("strategy.every_rank_reads_all", read_all)
         cold(path + ".pyckpt")
         step("strategy.split_read_broadcast", split_broadcast)
+        cold(path + ".pyckpt")
+        with peers.readable_by_peers():
+            step("strategy.split_read_cross_memory", split_cross_memory)
 
 
 def run_ranks(args, workdir: str, res: Results) -> None:

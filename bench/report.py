@@ -37,7 +37,7 @@ def rows(data: dict) -> list[dict]:
                     row = _row(data, key, "large", LIMIT_OF[metric], other)
                     row["bytes_per_rank"] = data["values"].get(f"ranks{world}.{lib}.bytes_per_rank")
                     out.append(row)
-        for strategy in ("every_rank_reads_all", "split_read_broadcast"):
+        for strategy in ("every_rank_reads_all", "split_read_broadcast", "split_read_cross_memory"):
             key = f"ranks{world}.strategy.{strategy}"
             if key in data["figures"]:
                 out.append(_row(data, key, "large", "limit.read_cold", None))

@@ -46,6 +46,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     for world in (1, 2):
         for lib in ("pyckpt", "dcp"):
             expected += [f"ranks{world}.{lib}.{m}" for m in ("save", "restore_cold", "restore_warm")]
+    expected += [f"ranks2.strategy.{s}" for s in ("every_rank_reads_all", "split_read_broadcast",
+                                                  "split_read_cross_memory")]
     if values["torchsnapshot"] == "ran":
         expected += [f"large.torchsnapshot.{m}" for m in
                      ("save", "async_blocked", "async_durable", "restore_cold", "restore_warm")]
