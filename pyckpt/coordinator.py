@@ -117,7 +117,7 @@ class DistributedCoordinator:
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plan_cache: tuple | None = None
         self._previous_sigterm: Any = None
-        self._machine_ranks = [0]   # the ranks on this rank's kernel (one machine or container host)
+        self._machine_ranks = [0]   # the ranks whose memory this rank can read (one machine, one pid namespace)
         self._ranks_share_machines = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -138,10 +138,11 @@ class DistributedCoordinator:
             # and object collectives work even when the training backend is nccl.
             group = dist.new_group(backend="gloo")
             self._comm = _Comm(group, dist.get_rank(), dist.get_world_size())
-            # Ranks under one kernel split the reading of replicated state at restore (peers.py).
-            kernels = self._comm.all_gather(_kernel_id())
-            self._machine_ranks = [r for r, kernel in enumerate(kernels) if kernel == kernels[self.rank]]
-            self._ranks_share_machines = len(set(kernels)) < len(kernels)
+            # Ranks that can read each other's memory split the reading of replicated state at
+            # restore (peers.py).
+            spaces = self._comm.all_gather(_process_space())
+            self._machine_ranks = [r for r, space in enumerate(spaces) if space == spaces[self.rank]]
+            self._ranks_share_machines = len(set(spaces)) < len(spaces)
         if self._owns_group or self._comm.group is not None:
             atexit.register(self._release_groups)
         self._initialized = True
@@ -497,9 +498,10 @@ class DistributedCoordinator:
                     continue
                 jobs = peers.share(sizes, len(local), part)
                 pid, extents = offers[peer]
-                if not peers.copy_from(pid, extents, replicated.extents(jobs)):
-                    log.info("pyckpt: rank %d cannot read rank %d's memory: reading its share from the files",
-                             self.rank, peer)
+                # The copy is checked like a read (a wrong peer or address must never pass as data).
+                if not (peers.copy_from(pid, extents, replicated.extents(jobs)) and replicated.intact(jobs)):
+                    log.info("pyckpt: rank %d could not copy rank %d's share from its memory: reading it from "
+                             "the files", self.rank, peer)
                     replicated.run(jobs, direct=False)   # peers in the same spot share the page cache
         except PyckptError as exc:
             error = exc
@@ -509,14 +511,20 @@ class DistributedCoordinator:
         return error
 
 
-def _kernel_id() -> str:
-    """Which running kernel (and so which page cache) this process is on: containers on one machine
-    share it, so the boot id rather than the host name."""
+def _process_space() -> str:
+    """Which processes can read each other's memory by pid: those on one running kernel (the boot id,
+    not the host name: containers share the host's kernel) and in one pid namespace (a pid means
+    another process, or none, in another container)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
     except OSError:
-        return socket.gethostname()
+        boot = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = f"host {socket.gethostname()}"   # unknown: do not share with anyone on another host
+    return f"{boot} {namespace}"
 
 
 def _copy_workers() -> int:

@@ -170,6 +170,13 @@ class TensorRead:
             for fd in direct_fds.values():
                 os.close(fd)
 
+    def intact(self, jobs: list[int]) -> bool:
+        """Whether every piece of those jobs (filled some other way: copied from a peer) matches its
+        checksum; computed on the helper threads."""
+        futures = [helper_pool().submit(lambda batch: all(_intact(p, view) for _, p, view, _ in batch), self.jobs[j][1])
+                   for j in jobs]
+        return all([future.result() for future in futures])
+
     def values(self) -> list[torch.Tensor | np.ndarray]:
         if self.out is None:
             return [_as_value(rec, buf) for rec, buf in zip(self.records, self.buffers)]
@@ -183,7 +190,7 @@ class TensorRead:
         if direct_fd is None or _in_page_cache(fd, start, end) or not _read_direct(direct_fd, batch, start, end):
             self._read_buffered(fd, batch, start, end)
         for offset, piece, view, k in batch:
-            if checksum(view) != piece.xxh3:
+            if not _intact(piece, view):
                 path = self.snap.file_path(piece.file)
                 raise IntegrityError(
                     f"{path}: checksum mismatch in tensor {self._names[k]} (bytes {piece.offset}-"
@@ -223,6 +230,10 @@ class TreeRead(TensorRead):
         for index, value in zip(self.indices, self.values()):
             tensors[index] = value
         return unflatten(self._tree, tensors, os.path.join(self.snap.directory, "manifest.json"))
+
+
+def _intact(piece, view: memoryview) -> bool:
+    return checksum(view) == piece.xxh3
 
 
 def _open_files(snap: Snapshot) -> dict[int, int]:

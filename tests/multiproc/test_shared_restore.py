@@ -2,7 +2,8 @@
 the rest out of each other's memory (real ranks: gloo on 127.0.0.1, real process_vm_readv).
 
 Checked: 3 ranks of uneven shares restore exactly and each piece comes off the files once; where the
-kernel refuses the cross-memory copy every rank reads the missing shares itself; a flipped byte in
+kernel refuses the cross-memory copy, or the copy brings other bytes (checked against the checksums),
+every rank reads the missing shares itself; a flipped byte in
 one rank's share fails the restore on every rank, naming the file."""
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, mode: str) ->
         copied.append(sum(n for _, n in local)) or real_copy_from(pid, remote, local))
     if mode == "refused":
         pyckpt.peers._process_vm_readv = None     # as under ptrace_scope 2 or a seccomp filter
+    if mode == "wrong bytes":   # a copy that reports success but brought other bytes (here: none at all)
+        pyckpt.peers.copy_from = lambda pid, remote, local: copied.append(0) or True
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1) as c:
         c.snapshot(path, runtime)
         if mode == "corrupt" and rank == 0:
@@ -95,8 +98,9 @@ def test_three_ranks_read_each_piece_once_and_copy_the_rest(tmp_path):
     assert all(0 < r[2] < state_bytes for r in results)   # each copied what the others read
 
 
-def test_where_the_kernel_refuses_the_copy_every_rank_reads_the_rest_itself(tmp_path):
-    results = _run(tmp_path, 2, "refused")
+@pytest.mark.parametrize("mode", ["refused", "wrong bytes"])
+def test_where_the_copy_is_refused_or_wrong_every_rank_reads_the_rest_itself(tmp_path, mode):
+    results = _run(tmp_path, 2, mode)
     assert [r[0] for r in results] == ["ok"] * 2
     assert all(r[1] == _all_pieces(tmp_path) for r in results)
 
