@@ -433,8 +433,9 @@ class DistributedCoordinator:
         comm = self._comm
         local = self._machine_ranks if comm.rank in self._machine_ranks else [comm.rank]
         error: PyckptError | None = None
+        found: str | None = "error"
         in_place: dict = {}
-        offer = None
+        replicated: TreeRead | None = None
         with ExitStack() as held:
             if len(local) > 1:
                 held.enter_context(peers.readable_by_peers())
@@ -443,34 +444,32 @@ class DistributedCoordinator:
                     snap = Snapshot.open(path, version)
                     in_place = _live_destinations(snap.manifest, runtime)
                     replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=in_place))
-                    if len(local) > 1:  # ranks on one machine each read a share of the replicated bytes
-                        mine = peers.share(replicated.job_sizes(), len(local), local.index(comm.rank))
-                        replicated.run(mine)
-                        offer = (os.getpid(), replicated.extents(mine))
-                    else:
-                        replicated.run()
-                    saved_world = snap.manifest.world_size
-                    private = snap.private(comm.rank) if comm.rank < saved_world else None
-                found = snap.ref.name
             except SnapshotNotFoundError as exc:
                 error, found = exc, None
             except PyckptError as exc:
-                error, found = exc, "error"
-            gathered = comm.all_gather((found if error is None or isinstance(error, SnapshotNotFoundError)
-                                        else f"error: {error}", offer))
-            outcomes = [outcome for outcome, _ in gathered]
-            if (self._ranks_share_machines and found is not None and len(set(outcomes)) == 1
-                    and not any(isinstance(o, str) and o.startswith("error") for o in outcomes)):
-                error = self._copy_shares(replicated, local, [offer for _, offer in gathered])
-                if error is not None:
-                    found = "error"
+                error = exc
+            offers = self._exchange_offers(replicated, snap.ref.name if replicated is not None else None, local)
+            if error is None:
+                try:
+                    with _gc_paused():
+                        if offers:  # ranks on one machine each read a share and copy the rest
+                            peers.read_shared(replicated, offers, local.index(comm.rank))
+                        else:
+                            replicated.run()
+                        saved_world = snap.manifest.world_size
+                        private = snap.private(comm.rank) if comm.rank < saved_world else None
+                    found = snap.ref.name
+                except PyckptError as exc:
+                    error = exc
+            # Also the point before which no rank returns: peers may be copying from its tensors.
+            outcomes = comm.all_gather(found if error is None or isinstance(error, SnapshotNotFoundError)
+                                       else f"error: {error}")
         if isinstance(error, IntegrityError) and in_place:
             # tensors are read straight into the live objects: say they are now unusable
             error = IntegrityError(f"{error}\nThe registered model/optimizer were being restored in place and may "
                                    "be partly overwritten: restore another version (restore(path, version=...); "
                                    "`pyckpt ls` lists them) before training on.", file=error.file, tensor=error.tensor)
-        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1 \
-                or found == "error":
+        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1:
             if error is not None and not isinstance(error, SnapshotNotFoundError):
                 raise error
             raise IntegrityError(f"restore of {path} failed or disagreed across ranks: {outcomes}", file=str(path))
@@ -485,30 +484,20 @@ class DistributedCoordinator:
             runtime.load_state(replicated.tree(), private, strict=strict)
         return True
 
-    def _copy_shares(self, replicated: TreeRead, local: list[int], offers: list) -> PyckptError | None:
-        """Copy the shares the other ranks on this machine read out of their memory (or, where the
-        kernel refuses, read them from the files), then wait until every rank is done copying: until
-        then a peer's tensors must stay as they are. Every rank of the job takes part (the wait is a
-        collective). Returns the error of this or any other rank."""
-        error: PyckptError | None = None
-        try:
-            sizes = replicated.job_sizes()
-            for part, peer in enumerate(local):
-                if peer == self.rank:
-                    continue
-                jobs = peers.share(sizes, len(local), part)
-                pid, extents = offers[peer]
-                # The copy is checked like a read (a wrong peer or address must never pass as data).
-                if not (peers.copy_from(pid, extents, replicated.extents(jobs)) and replicated.intact(jobs)):
-                    log.info("pyckpt: rank %d could not copy rank %d's share from its memory: reading it from "
-                             "the files", self.rank, peer)
-                    replicated.run(jobs, direct=False)   # peers in the same spot share the page cache
-        except PyckptError as exc:
-            error = exc
-        failures = [e for e in self._comm.all_gather(None if error is None else str(error)) if e is not None]
-        if error is None and failures:
-            error = IntegrityError(f"restore failed on another rank of this machine: {failures[0]}")
-        return error
+    def _exchange_offers(self, replicated: TreeRead | None, version: str | None,
+                         local: list[int]) -> list[peers.Offer] | None:
+        """Where each rank on this machine will read its share into (peers.offer), for every rank of
+        the job (a collective, when any ranks share a machine). None when this rank reads alone: no
+        peers, or a peer that could not open the same version."""
+        if not self._ranks_share_machines:
+            return None
+        mine = (peers.offer(replicated, len(local), local.index(self.rank))
+                if replicated is not None and len(local) > 1 else None)
+        gathered = self._comm.all_gather((version, mine))
+        offers = [gathered[r][1] for r in local]
+        if len(local) < 2 or None in offers or len({gathered[r][0] for r in local}) != 1:
+            return None
+        return offers
 
 
 def _process_space() -> str:

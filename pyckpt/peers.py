@@ -1,18 +1,68 @@
 """Ranks on one machine read a replicated state once between them.
 
 Each rank reads a share of the read jobs from the files (O_DIRECT, so every byte comes off the disk
-once) and copies the other shares straight out of the peer's memory with process_vm_readv (cross
-memory attach, as MPI libraries do on one node): one memory copy into the destination tensors, no
-staging buffer and no page cache in between. Where the kernel refuses it (ptrace rules, seccomp),
-copy_from says so and the caller reads those jobs itself.
+once) and, while it does, copies the jobs its peers have finished straight out of their memory with
+process_vm_readv (cross-memory attach, as MPI libraries do inside a node): one memory copy into the
+destination tensors, no staging buffer and no page cache in between. Every copied piece is checked
+against its checksum. A job that cannot be copied (the kernel refuses: ptrace rules, seccomp; the
+peer failed to read it; a checksum does not match) is read from the files instead.
 """
 from __future__ import annotations
 
 import ctypes
+import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from .reader import DONE, TensorRead
 from .writer import libc_function
+
+Offer = tuple[int, int, dict[int, list[tuple[int, int]]]]   # pid, address of progress bytes, extents per job
+
+
+def offer(read: TensorRead, parts: int, part: int) -> Offer:
+    """What the peers need to copy this rank's share: its pid, where its progress bytes are, and
+    where each piece of its jobs lives in its memory."""
+    return os.getpid(), read.progress_address, {j: read.extents([j]) for j in share(read.job_sizes(), parts, part)}
+
+
+def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
+    """Read share `part` of the jobs from the files and copy the others from the peers that read
+    them (offers[i]: peer i's), as each finishes; raises the first error of this rank's own reads."""
+    running = read.start(share(read.job_sizes(), len(offers), part))
+    waiting = {i: list(peer[2]) for i, peer in enumerate(offers) if i != part}
+    from_files: list[int] = []
+    try:
+        while waiting:
+            copied_any = False
+            for i in list(waiting):
+                pid, progress_address, extents = offers[i]
+                progress = bytearray(len(read.jobs))
+                if not copy_from(pid, [(progress_address, len(progress))], [(_address(progress), len(progress))]):
+                    from_files += waiting.pop(i)        # cannot see the peer: read the rest ourselves
+                    continue
+                ready = [j for j in waiting[i] if progress[j]]
+                waiting[i] = [j for j in waiting[i] if not progress[j]]
+                if not waiting[i]:
+                    del waiting[i]
+                done = [j for j in ready if progress[j] == DONE]
+                from_files += [j for j in ready if progress[j] != DONE]
+                if done and copy_from(pid, [e for j in done for e in extents[j]], read.extents(done)):
+                    from_files += [j for j in done if not read.intact([j])]   # a copy is checked like a read
+                else:
+                    from_files += done
+                copied_any = copied_any or bool(ready)
+            if waiting and not copied_any:
+                time.sleep(0.001)
+    finally:
+        running.wait()                                   # our own reads (their first error is raised)
+    if from_files:
+        read.run(sorted(from_files), direct=False)       # peers in the same spot share the page cache
+
+
+def _address(buffer: bytearray) -> int:
+    return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
 
 
 def share(sizes: list[int], parts: int, part: int) -> list[int]:

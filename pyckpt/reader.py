@@ -130,6 +130,10 @@ class TensorRead:
         for file, pieces in by_file.items():
             pieces.sort(key=lambda item: item[0])   # linear when already in order
             self.jobs.extend((file, batch) for batch in _batches(pieces))
+        # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
+        self.progress = bytearray(len(self.jobs))
+        self.progress_address = ctypes.addressof((ctypes.c_char * max(1, len(self.jobs))).from_buffer(
+            self.progress)) if self.jobs else 0
 
     def __enter__(self) -> "TensorRead":
         return self
@@ -158,24 +162,30 @@ class TensorRead:
         """Read those jobs (all by default) and verify their checksums; the first error is raised.
         `direct`: read with O_DIRECT where the filesystem takes it (pass False when other processes on
         this host read the same bytes: they share the page cache)."""
-        todo = [self.jobs[j] for j in jobs] if jobs is not None else self.jobs
-        direct_fds = _open_direct({f: self._fds[f] for f in {file for file, _ in todo}}) if direct else {}
+        self.start(jobs, direct=direct).wait()
+
+    def start(self, jobs: list[int] | None = None, *, direct: bool = True) -> "_Running":
+        """run() without waiting: the jobs are read on the helper threads, and progress[j] turns to
+        DONE (read and verified) or FAILED as each finishes; .wait() on the result ends it."""
+        jobs = list(range(len(self.jobs))) if jobs is None else jobs
+        files = {self.jobs[j][0] for j in jobs}
+        direct_fds = _open_direct({f: self._fds[f] for f in files}) if direct else {}
+        futures = [helper_pool().submit(self._read_job, j, direct_fds.get(self.jobs[j][0])) for j in jobs]
+        return _Running(futures, direct_fds)
+
+    def _read_job(self, j: int, direct_fd: int | None) -> None:
+        file, batch = self.jobs[j]
         try:
-            futures = [helper_pool().submit(self._read_batch, self._fds[file], direct_fds.get(file), batch)
-                       for file, batch in todo]
-            wait(futures)                # every job is done with the fds before they are closed
-            for future in futures:
-                future.result()          # the first error, if any
-        finally:
-            for fd in direct_fds.values():
-                os.close(fd)
+            self._read_batch(self._fds[file], direct_fd, batch)
+        except BaseException:
+            self.progress[j] = FAILED
+            raise
+        self.progress[j] = DONE
 
     def intact(self, jobs: list[int]) -> bool:
         """Whether every piece of those jobs (filled some other way: copied from a peer) matches its
-        checksum; computed on the helper threads."""
-        futures = [helper_pool().submit(lambda batch: all(_intact(p, view) for _, p, view, _ in batch), self.jobs[j][1])
-                   for j in jobs]
-        return all([future.result() for future in futures])
+        checksum."""
+        return all(_intact(piece, view) for j in jobs for _, piece, view, _ in self.jobs[j][1])
 
     def values(self) -> list[torch.Tensor | np.ndarray]:
         if self.out is None:
@@ -230,6 +240,26 @@ class TreeRead(TensorRead):
         for index, value in zip(self.indices, self.values()):
             tensors[index] = value
         return unflatten(self._tree, tensors, os.path.join(self.snap.directory, "manifest.json"))
+
+
+DONE, FAILED = 1, 2
+
+
+class _Running:
+    """Read jobs under way on the helper threads."""
+
+    def __init__(self, futures: list, direct_fds: dict[int, int]):
+        self.futures, self.direct_fds = futures, direct_fds
+
+    def wait(self) -> None:
+        """Until every job is done (they use the descriptors, closed here); the first error is raised."""
+        try:
+            wait(self.futures)
+            for future in self.futures:
+                future.result()
+        finally:
+            for fd in self.direct_fds.values():
+                os.close(fd)
 
 
 def _intact(piece, view: memoryview) -> bool:

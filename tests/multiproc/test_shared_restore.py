@@ -7,6 +7,7 @@ every rank reads the missing shares itself; a flipped byte in
 one rank's share fails the restore on every rank, naming the file."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from datetime import timedelta
@@ -46,8 +47,14 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, mode: str) ->
         copied.append(sum(n for _, n in local)) or real_copy_from(pid, remote, local))
     if mode == "refused":
         pyckpt.peers._process_vm_readv = None     # as under ptrace_scope 2 or a seccomp filter
-    if mode == "wrong bytes":   # a copy that reports success but brought other bytes (here: none at all)
-        pyckpt.peers.copy_from = lambda pid, remote, local: copied.append(0) or True
+    if mode == "wrong bytes":   # copies that report success but bring other bytes
+        def corrupting(pid, remote, local):
+            ok = real_copy_from(pid, remote, local)
+            for address, n in local:
+                if n >= 1024:       # a tensor piece (not the peer's progress bytes: one per read job)
+                    ctypes.c_uint8.from_address(address + n // 2).value ^= 1
+            return ok
+        pyckpt.peers.copy_from = corrupting
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1) as c:
         c.snapshot(path, runtime)
         if mode == "corrupt" and rank == 0:
