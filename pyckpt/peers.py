@@ -21,6 +21,18 @@ from .writer import libc_function
 Offer = tuple[int, int, dict[int, list[tuple[int, int]]]]   # pid, address of progress bytes, extents per job
 
 
+def share(sizes: list[int], parts: int, part: int) -> list[int]:
+    """The jobs (indices into `sizes`, bytes per job in file order) that reader `part` of `parts`
+    reads: consecutive jobs of about equal bytes, so each reader reads a contiguous stretch."""
+    total = sum(sizes) or 1
+    out, before = [], 0
+    for j, size in enumerate(sizes):
+        if min((2 * before + size) * parts // (2 * total), parts - 1) == part:   # where the job's middle falls
+            out.append(j)
+        before += size
+    return out
+
+
 def offer(read: TensorRead, parts: int, part: int) -> Offer:
     """What the peers need to copy this rank's share: its pid, where its progress bytes are, and
     where each piece of its jobs lives in its memory."""
@@ -33,13 +45,14 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
     running = read.start(share(read.job_sizes(), len(offers), part))
     waiting = {i: list(peer[2]) for i, peer in enumerate(offers) if i != part}
     from_files: list[int] = []
+    progress = bytearray(len(read.jobs))               # a peer's progress bytes, fetched on each pass
+    progress_extent = [(ctypes.addressof((ctypes.c_char * len(progress)).from_buffer(progress)), len(progress))]
     try:
         while waiting:
             copied_any = False
             for i in list(waiting):
                 pid, progress_address, extents = offers[i]
-                progress = bytearray(len(read.jobs))
-                if not copy_from(pid, [(progress_address, len(progress))], [(_address(progress), len(progress))]):
+                if not copy_from(pid, [(progress_address, len(progress))], progress_extent):
                     from_files += waiting.pop(i)        # cannot see the peer: read the rest ourselves
                     continue
                 ready = [j for j in waiting[i] if progress[j]]
@@ -59,22 +72,6 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
         running.wait()                                   # our own reads (their first error is raised)
     if from_files:
         read.run(sorted(from_files), direct=False)       # peers in the same spot share the page cache
-
-
-def _address(buffer: bytearray) -> int:
-    return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-
-
-def share(sizes: list[int], parts: int, part: int) -> list[int]:
-    """The jobs (indices into `sizes`, bytes per job in file order) that reader `part` of `parts`
-    reads: consecutive jobs of about equal bytes, so each reader reads a contiguous stretch."""
-    total = sum(sizes) or 1
-    out, before = [], 0
-    for j, size in enumerate(sizes):
-        if min((2 * before + size) * parts // (2 * total), parts - 1) == part:   # where the job's middle falls
-            out.append(j)
-        before += size
-    return out
 
 
 class _IoVec(ctypes.Structure):

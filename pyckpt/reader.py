@@ -132,8 +132,7 @@ class TensorRead:
             self.jobs.extend((file, batch) for batch in _batches(pieces))
         # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
         self.progress = bytearray(len(self.jobs))
-        self.progress_address = ctypes.addressof((ctypes.c_char * max(1, len(self.jobs))).from_buffer(
-            self.progress)) if self.jobs else 0
+        self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
 
     def __enter__(self) -> "TensorRead":
         return self
