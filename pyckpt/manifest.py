@@ -19,7 +19,9 @@ from .errors import IntegrityError
 
 FORMAT_VERSION = 1
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
-MAX_PIECE = 64 << 20            # a tensor is checksummed (and read) in pieces of at most 64 MiB
+# A tensor is checksummed (and read) in pieces of at most 16 MiB: fine enough for ranks that split a
+# restore to copy each other's pieces while the next ones are still being read (peers.py).
+MAX_PIECE = 16 << 20
 MAX_DEPTH = 64                  # nesting limit of a state tree read from disk
 MAX_DIM_PRODUCT = 1 << 48       # no shape may claim more elements than this
 DATA_FILE = re.compile(r"^data-(0|[1-9][0-9]{0,5})\.bin$")

@@ -120,7 +120,7 @@ class TensorRead:
         for k, (rec, buf) in enumerate(zip(self.records, self.buffers)):
             view = byte_view(buf) if rec.nbytes else memoryview(b"")
             pieces = rec.pieces
-            if len(pieces) == 1:  # the common case: a tensor of at most 64 MiB in one file
+            if len(pieces) == 1:  # the common case: a tensor of at most 16 MiB in one file
                 p = pieces[0]
                 by_file.setdefault(p.file, []).append((p.offset, p, view, k))
                 continue

@@ -24,8 +24,7 @@ pytestmark = pytest.mark.multiproc
 
 
 def _state() -> dict:
-    # 19 tensors of odd sizes (one larger than a 64 MiB piece would be at 16 Mi floats: kept small
-    # here), several read jobs per file, so shares split between and inside files
+    # 19 tensors of odd sizes, several read jobs per file, so shares split between and inside files
     gen = torch.Generator().manual_seed(7)
     return {f"t{i}": torch.randn(1000 + 37_000 * i, generator=gen) for i in range(19)}
 

@@ -17,7 +17,7 @@ from tests.conftest import StateHolder, accepts_direct_io
 
 
 def _state() -> dict:
-    """Sizes chosen around the 4 MiB read window and the 64 MiB piece limit, several dtypes."""
+    """Sizes chosen around the 4 MiB read window and the 16 MiB piece limit, several dtypes."""
     g = torch.Generator().manual_seed(3)
     sizes = {"empty": 0, "one": 1, "odd": 4099, "under_window": (4 << 20) - 3, "over_window": (4 << 20) + 5,
              "straddles": 9 << 20, "tiny": 17, "several_pieces": (70 << 20) + 11}
@@ -142,7 +142,7 @@ def test_flipped_byte_is_caught_on_both_paths(saved, direct):
     snap = pyckpt.Snapshot.open(path)
     names = snap.manifest.tensor_names()
     index = next(i for i, name in names.items() if name.endswith("several_pieces"))
-    piece = snap.manifest.tensors[index].pieces[1]           # inside the second 64 MiB piece
+    piece = snap.manifest.tensors[index].pieces[1]           # inside the second 16 MiB piece
     with open(snap.file_path(piece.file), "r+b") as f:
         f.seek(piece.offset + 5_000_000)
         byte = f.read(1)
@@ -152,3 +152,19 @@ def test_flipped_byte_is_caught_on_both_paths(saved, direct):
     with pytest.raises(IntegrityError, match="checksum mismatch in tensor .*several_pieces") as err:
         snap.replicated(direct=direct)
     assert err.value.file == snap.file_path(piece.file)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_snapshots_with_64_mib_pieces_still_read(snap_path, monkeypatch, direct):
+    """Pieces were up to 64 MiB before they were cut to 16 MiB: the reader takes any piece size."""
+    monkeypatch.setattr(pyckpt.planner, "MAX_PIECE", 64 << 20)
+    g = torch.Generator().manual_seed(5)
+    state = {"big": torch.randint(0, 256, ((70 << 20) + 11,), dtype=torch.uint8, generator=g)}
+    runtime = pyckpt.TrainingRuntime(capture_rng=False)
+    runtime.register("holder", StateHolder(state))
+    with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})) as c:
+        c.snapshot(snap_path, runtime)
+    snap = pyckpt.Snapshot.open(snap_path)
+    assert [p.length for p in snap.manifest.tensors[0].pieces] == [64 << 20, (6 << 20) + 11]
+    _evict(snap)
+    _assert_exact(snap.replicated(direct=direct)["objects"]["holder"], state)
