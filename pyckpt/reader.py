@@ -1,12 +1,13 @@
 """Read a committed snapshot back: validated manifest, data read into fresh or live tensors, every
 byte verified.
 
-Data files are read with O_DIRECT where the filesystem allows it (and the caller does not expect
-other processes on this host to read the same files, which share the page cache): each read job
-reads its file range in 4 MiB aligned windows into a per-thread huge-page buffer and copies the
-pieces out. That keeps a cold restore at the device's speed instead of the speed at which the VM
-hands out fresh page-cache memory (docs/PERFORMANCE.md), and checks the bytes on disk rather than
-cached copies. Elsewhere the pieces are read with buffered preadv straight into their tensors.
+Data files are read with O_DIRECT where the filesystem allows it: each read job reads its file range
+in 4 MiB aligned windows into a per-thread huge-page buffer and copies the pieces out. That keeps a
+cold restore at the device's speed instead of the speed at which the VM hands out fresh page-cache
+memory (docs/PERFORMANCE.md), and checks the bytes on disk rather than cached copies. Elsewhere the
+pieces are read with buffered preadv straight into their tensors. A read is planned first
+(TensorRead) and can be run in parts: ranks on one machine each run a share of the jobs and copy
+the others from each other (peers.py).
 """
 from __future__ import annotations
 
