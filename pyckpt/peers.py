@@ -41,8 +41,9 @@ def offer(read: TensorRead, parts: int, part: int) -> Offer:
 
 def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
     """Read share `part` of the jobs from the files and copy the others from the peers that read
-    them (offers[i]: peer i's), as each finishes; raises the first error of this rank's own reads."""
-    running = read.start(share(read.job_sizes(), len(offers), part))
+    them (offers[i]: peer i's, from offer()), as each finishes; raises the first error of this rank's
+    own reads."""
+    running = read.start(list(offers[part][2]))           # our own offer lists the jobs of our share
     waiting = {i: list(peer[2]) for i, peer in enumerate(offers) if i != part}
     from_files: list[int] = []
     progress = bytearray(len(read.jobs))               # a peer's progress bytes, fetched on each pass

@@ -28,6 +28,27 @@ def accepts_direct_io(directory: str) -> bool:
     return True
 
 
+def record_reads_and_copies() -> tuple[list[str], list[int]]:
+    """In a rank process: record each piece read from the files ("file:offset") and the bytes of each
+    cross-memory copy (pyckpt.peers.copy_from), while both still do their work."""
+    import pyckpt
+    read: list[str] = []
+    copied: list[int] = []
+    real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from
+
+    def read_batch(self, fd, direct_fd, batch):
+        read.extend(f"{piece.file}:{piece.offset}" for _, piece, _, _ in batch if piece.length)
+        return real_read_batch(self, fd, direct_fd, batch)
+
+    def copy_from(pid, remote, local):
+        copied.append(sum(n for _, n in local))
+        return real_copy_from(pid, remote, local)
+
+    pyckpt.reader.TensorRead._read_batch = read_batch
+    pyckpt.peers.copy_from = copy_from
+    return read, copied
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment minus any torch.distributed/pyckpt settings, plus `extra`."""
     drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",

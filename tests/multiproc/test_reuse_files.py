@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
-from tests.conftest import StateHolder, free_port
+from tests.conftest import StateHolder, free_port, record_reads_and_copies
 
 pytestmark = pytest.mark.multiproc
 
@@ -26,13 +26,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", StateHolder(state))
     inodes = []
-    read_from_files, copied = [], []
-    real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from
-    pyckpt.reader.TensorRead._read_batch = (
-        lambda self, fd, dfd, batch: read_from_files.extend(f"{p.file}:{p.offset}" for _, p, _, _ in batch if p.length)
-        or real_read_batch(self, fd, dfd, batch))
-    pyckpt.peers.copy_from = lambda pid, remote, local: copied.extend(n for _, n in local) or real_copy_from(
-        pid, remote, local)
+    read_from_files, copied = record_reads_and_copies()
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1, reuse_files=True) as c:
         for step in range(1, 5):
             state["w"].fill_(float(step))

@@ -3,8 +3,8 @@ the rest out of each other's memory (real ranks: gloo on 127.0.0.1, real process
 
 Checked: 3 ranks of uneven shares restore exactly and each piece comes off the files once; where the
 kernel refuses the cross-memory copy, or the copy brings other bytes (checked against the checksums),
-every rank reads the missing shares itself; a flipped byte in
-one rank's share fails the restore on every rank, naming the file."""
+every rank reads the missing shares itself; a flipped byte in one rank's share fails the restore on
+every rank, naming the file."""
 from __future__ import annotations
 
 import ctypes
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
-from tests.conftest import StateHolder, free_port
+from tests.conftest import StateHolder, free_port, record_reads_and_copies
 
 pytestmark = pytest.mark.multiproc
 
@@ -37,13 +37,8 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, mode: str) ->
     expected = {k: v.clone() for k, v in state.items()}
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", StateHolder(state))
-    read, copied = [], []
-    real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from
-    pyckpt.reader.TensorRead._read_batch = (
-        lambda self, fd, dfd, batch: read.extend(f"{p.file}:{p.offset}" for _, p, _, _ in batch if p.length)
-        or real_read_batch(self, fd, dfd, batch))
-    pyckpt.peers.copy_from = lambda pid, remote, local: (
-        copied.append(sum(n for _, n in local)) or real_copy_from(pid, remote, local))
+    real_copy_from = pyckpt.peers.copy_from
+    read, copied = record_reads_and_copies()
     if mode == "refused":
         pyckpt.peers._process_vm_readv = None     # as under ptrace_scope 2 or a seccomp filter
     if mode == "wrong bytes":   # copies that report success but bring other bytes

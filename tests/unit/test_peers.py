@@ -26,8 +26,8 @@ def test_shares_cover_every_job_once_in_contiguous_balanced_stretches(parts):
     sizes = [rng.choice([0, 4096, 1 << 20, 16 << 20]) for _ in range(200)]
     shares = [peers.share(sizes, parts, part) for part in range(parts)]
     assert sorted(j for s in shares for j in s) == list(range(len(sizes)))
-    for s in shares:
-        assert s == list(range(s[0], s[-1] + 1)) if s else True   # one stretch of consecutive jobs
+    for s in filter(None, shares):
+        assert s == list(range(s[0], s[-1] + 1))   # one stretch of consecutive jobs
     total = sum(sizes)
     for s in shares:   # each within one job's size (16 MiB) of an equal share
         assert abs(sum(sizes[j] for j in s) - total / parts) <= 16 << 20
