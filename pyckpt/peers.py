@@ -5,11 +5,13 @@ once) and, while it does, copies the jobs its peers have finished straight out o
 process_vm_readv (cross-memory attach, as MPI libraries do inside a node): one memory copy into the
 destination tensors, no staging buffer and no page cache in between. Every copied piece is checked
 against its checksum. A job that cannot be copied (the kernel refuses: ptrace rules, seccomp; the
-peer failed to read it; a checksum does not match) is read from the files instead.
+peer failed to read it; a checksum does not match; the peer makes no progress) is read from the
+files instead.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -19,6 +21,14 @@ from .reader import DONE, TensorRead
 from .writer import libc_function
 
 Offer = tuple[int, int, dict[int, list[tuple[int, int]]]]   # pid, address of progress bytes, extents per job
+
+log = logging.getLogger("pyckpt")
+
+# Once its own share is read, a rank waits this long (or as long as its own share took, if longer)
+# for the next peer job to finish, then reads what is still missing itself: a peer stuck in a read
+# (a hung NFS server, a stopped process) must not hang its peers where the collective that follows
+# would end with the process group's timeout error.
+PEER_PATIENCE = 2.0
 
 
 def share(sizes: list[int], parts: int, part: int) -> list[int]:
@@ -41,13 +51,16 @@ def offer(read: TensorRead, parts: int, part: int) -> Offer:
 
 def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
     """Read share `part` of the jobs from the files and copy the others from the peers that read
-    them (offers[i]: peer i's, from offer()), as each finishes; raises the first error of this rank's
-    own reads."""
+    them (offers[i]: peer i's, from offer()), as each finishes; what peers still have not read
+    PEER_PATIENCE s after our own share (and their last finished job) is read from the files. Raises
+    the first error of this rank's own reads."""
     running = read.start(list(offers[part][2]))           # our own offer lists the jobs of our share
     waiting = {i: list(peer[2]) for i, peer in enumerate(offers) if i != part}
     from_files: list[int] = []
     progress = bytearray(len(read.jobs))               # a peer's progress bytes, fetched on each pass
     progress_extent = [(ctypes.addressof((ctypes.c_char * len(progress)).from_buffer(progress)), len(progress))]
+    started = last_ready = time.monotonic()
+    own_done_at = None                                 # when our own share was read
     try:
         while waiting:
             copied_any = False
@@ -67,6 +80,19 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
                 else:
                     from_files += done
                 copied_any = copied_any or bool(ready)
+            now = time.monotonic()
+            if copied_any:
+                last_ready = now
+            if own_done_at is None and running.done():
+                own_done_at = now
+            if waiting and own_done_at is not None and \
+                    now - max(last_ready, own_done_at) > max(PEER_PATIENCE, own_done_at - started):
+                stuck = [j for jobs in waiting.values() for j in jobs]
+                log.warning("pyckpt: peer processes %s on this machine finished no read job for %.1f s; reading "
+                            "their %d remaining jobs (%.0f MiB) from the files", sorted(offers[i][0] for i in waiting),
+                            now - last_ready, len(stuck), sum(read.job_sizes()[j] for j in stuck) / (1 << 20))
+                from_files += stuck
+                waiting.clear()
             if waiting and not copied_any:
                 time.sleep(0.001)
     finally:

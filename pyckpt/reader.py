@@ -251,6 +251,9 @@ class _Running:
     def __init__(self, futures: list, direct_fds: dict[int, int]):
         self.futures, self.direct_fds = futures, direct_fds
 
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures)
+
     def wait(self) -> None:
         """Until every job is done (they use the descriptors, closed here); the first error is raised."""
         try:

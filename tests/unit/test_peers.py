@@ -113,3 +113,58 @@ def test_processes_in_another_pid_namespace_are_not_peers():
     assert theirs != mine
     same = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert same.stdout.strip() == mine
+
+
+STUCK_PEER = """
+import ctypes, sys
+progress = bytearray(int(sys.argv[1]))              # never set: every job of its share stays "not read"
+print(ctypes.addressof((ctypes.c_char * len(progress)).from_buffer(progress)), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_jobs_of_a_peer_that_never_finishes_are_read_from_the_files(snap_path, monkeypatch, caplog):
+    """A peer that is alive but stuck (a hung NFS read, a stopped process: here a real process whose
+    progress bytes never change) must not hang the restore: once this rank's own share is read and
+    the patience is over, it reads the peer's share itself, and the state comes back exact."""
+    import threading
+
+    import torch
+
+    import pyckpt
+    from tests.conftest import StateHolder
+    gen = torch.Generator().manual_seed(3)
+    state = {f"t{i}": torch.randn(600_000 + 9_000 * i, generator=gen) for i in range(12)}   # 3 read jobs
+    runtime = pyckpt.TrainingRuntime(capture_rng=False)
+    runtime.register("holder", StateHolder(state))
+    with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})) as c:
+        c.snapshot(snap_path, runtime)
+    monkeypatch.setattr(peers, "PEER_PATIENCE", 0.3)
+    snap = pyckpt.Snapshot.open(snap_path)
+    with snap.reading(snap.manifest.replicated) as read:
+        assert len(read.jobs) >= 2
+        proc = subprocess.Popen([sys.executable, "-c", STUCK_PEER, str(len(read.jobs))],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            stuck_progress = int(proc.stdout.readline())
+            offers = [peers.offer(read, 2, 0), (proc.pid, stuck_progress, peers.offer(read, 2, 1)[2])]
+            assert offers[0][2] and offers[1][2]            # both have a share
+            errors: list = []
+            worker = threading.Thread(target=lambda: _capture(errors, peers.read_shared, read, offers, 0))
+            worker.start()
+            worker.join(timeout=30)
+            assert not worker.is_alive(), "read_shared still waits for a peer that never finishes"
+            assert errors == []
+        finally:
+            proc.communicate("", timeout=30)
+        loaded = read.tree()["objects"]["holder"]
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert f"peer processes [{proc.pid}] on this machine finished no read job" in caplog.text
+
+
+def _capture(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:   # handed to the test's thread
+        errors.append(exc)
