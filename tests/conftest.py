@@ -31,7 +31,8 @@ def accepts_direct_io(directory: str) -> bool:
 def record_reads_and_copies() -> tuple[list[str], list[int]]:
     """In a rank process: record each piece read from the files ("file:offset") and the bytes of each
     cross-memory copy (pyckpt.peers.copy_from), while both still do their work."""
-    import pyckpt
+    import pyckpt.peers
+    import pyckpt.reader
     read: list[str] = []
     copied: list[int] = []
     real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from

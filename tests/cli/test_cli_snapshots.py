@@ -392,6 +392,18 @@ def test_config_validate_keeps_its_contract(tmp_path):
     assert done.returncode == 1 and "MASTER_PORT" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_config_validate_does_not_import_torch(tmp_path):
+    """Ansible runs it on every node: importing torch would add over a second to each call."""
+    good = tmp_path / "distributed.single.env"
+    good.write_text("DISTRIBUTED_MODE=single\nWORLD_SIZE=1\nBACKEND=gloo\n")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pyckpt.cli", "config", "validate", "--file",
+                           str(good)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "pyckpt.config" in imported
+    assert "torch" not in imported
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_copies(tmp_path):
     yield

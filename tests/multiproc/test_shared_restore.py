@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
+import pyckpt.peers
 from tests.conftest import StateHolder, free_port, record_reads_and_copies
 
 pytestmark = pytest.mark.multiproc
