@@ -26,8 +26,8 @@ log = logging.getLogger("pyckpt")
 
 # Once its own share is read, a rank waits this long (or as long as its own share took, if longer)
 # for the next peer job to finish, then reads what is still missing itself: a peer stuck in a read
-# (a hung NFS server, a stopped process) must not hang its peers where the collective that follows
-# would end with the process group's timeout error.
+# (a hung NFS server, a stopped process) must not hang its peers forever; they go on to the
+# collective that ends the restore, which fails with the process group's timeout if it never comes.
 PEER_PATIENCE = 2.0
 
 
@@ -88,7 +88,7 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
             if waiting and own_done_at is not None and \
                     now - max(last_ready, own_done_at) > max(PEER_PATIENCE, own_done_at - started):
                 stuck = [j for jobs in waiting.values() for j in jobs]
-                log.warning("pyckpt: peer processes %s on this machine finished no read job for %.1f s; reading "
+                log.warning("peer processes %s on this machine finished no read job for %.1f s; reading "
                             "their %d remaining jobs (%.0f MiB) from the files", sorted(offers[i][0] for i in waiting),
                             now - last_ready, len(stuck), sum(read.job_sizes()[j] for j in stuck) / (1 << 20))
                 from_files += stuck

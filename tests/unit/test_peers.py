@@ -1,15 +1,20 @@
-"""pyckpt.peers: how ranks of one machine split the read jobs, and the cross-memory copy between two
-real processes (process_vm_readv on a child process holding the bytes)."""
+"""pyckpt.peers: how ranks of one machine split the read jobs, the cross-memory copy between two
+real processes (process_vm_readv on a child process holding the bytes), and a rank that goes on
+without a peer that never finishes its share."""
 from __future__ import annotations
 
 import random
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+import torch
 
+import pyckpt
 from pyckpt import peers
+from tests.conftest import StateHolder
 
 CHILD = """
 import ctypes, sys
@@ -127,12 +132,6 @@ def test_jobs_of_a_peer_that_never_finishes_are_read_from_the_files(snap_path, m
     """A peer that is alive but stuck (a hung NFS read, a stopped process: here a real process whose
     progress bytes never change) must not hang the restore: once this rank's own share is read and
     the patience is over, it reads the peer's share itself, and the state comes back exact."""
-    import threading
-
-    import torch
-
-    import pyckpt
-    from tests.conftest import StateHolder
     gen = torch.Generator().manual_seed(3)
     state = {f"t{i}": torch.randn(600_000 + 9_000 * i, generator=gen) for i in range(12)}   # 3 read jobs
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
