@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -29,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from xxhash import xxh3_64_intdigest
 
-from . import peers
+from . import messages, peers
 from .config import Config, load_config
 from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError)
-from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten
+from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten, tensor_paths
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot, TreeRead
 from .runtime import TrainingRuntime
@@ -83,9 +85,27 @@ class _Comm:
         return out
 
 
+class _SnapshotFuture(Future):
+    """The Future of a background snapshot; remembers whether the script has looked at its outcome,
+    so that an error it already handled is not raised again by the next snapshot() or at exit."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.seen = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.seen = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.seen = True
+        return super().exception(timeout)
+
+
 @dataclass
 class _Captured:
-    """What one rank contributes to one snapshot: its plan and the bytes to write."""
+    """What one rank contributes to one snapshot: its plan and the bytes to write (or why it has none)."""
 
     replicated_tree: Any
     private_tree: Any
@@ -95,6 +115,13 @@ class _Captured:
     share: RankPlan
     private_plan: RankPlan
     meta: dict
+    samples: bytes = b""                 # divergence fingerprints of the replicated tensors
+    error: Exception | None = None
+
+    @classmethod
+    def failed(cls, error: Exception) -> "_Captured":
+        empty = RankPlan([], 0)
+        return cls(None, None, [], [], [], empty, empty, {}, error=error)
 
 
 class DistributedCoordinator:
@@ -112,7 +139,8 @@ class DistributedCoordinator:
         self._comm = _Comm()
         self._owns_group = False
         self._initialized = False
-        self._pending: Future | None = None
+        self._pending: _SnapshotFuture | None = None
+        self._exit_hooked = False
         self._pruning: threading.Thread | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plan_cache: tuple | None = None
@@ -222,12 +250,19 @@ class DistributedCoordinator:
         keep = keep_last or self.keep_last
         start = time.perf_counter()
         with _gc_paused():
-            captured = self._capture(runtime)
+            try:
+                captured = self._capture(runtime)
+                if not blocking:
+                    self._stage(captured)
+            except Exception as exc:
+                if self.world_size == 1:
+                    raise
+                captured = _Captured.failed(exc)  # the other ranks learn of it in the protocol, not by a hang
             if blocking:
                 return self._write(str(path), captured, keep, start)
-            self._stage(captured)
         self._install_sigterm_guard()
-        future: Future = Future()
+        self._finish_at_exit_once()
+        future = _SnapshotFuture(str(path))
         self._pending = future
 
         def run() -> None:
@@ -241,7 +276,7 @@ class DistributedCoordinator:
 
     def wait(self) -> SnapshotInfo | None:
         """Block until the snapshot in flight (if any) is committed and the versions it dropped are
-        deleted; re-raise its error."""
+        deleted; re-raise its error unless the caller already got it through the snapshot's future."""
         try:
             return self._wait_pending()
         finally:
@@ -249,12 +284,48 @@ class DistributedCoordinator:
 
     def _wait_pending(self) -> SnapshotInfo | None:
         future, self._pending = self._pending, None
-        return None if future is None else future.result()
+        if future is None:
+            return None
+        already_seen = future.seen
+        try:
+            return future.result()
+        except BaseException:
+            if already_seen:
+                return None  # the script got this error from the future and handled it: do not raise it twice
+            raise
 
     def _wait_pruning(self) -> None:
         pruning, self._pruning = self._pruning, None
         if pruning is not None:
             pruning.join()
+
+    def _finish_at_exit_once(self) -> None:
+        """Make the interpreter finish the snapshot in flight when the script ends (normally, by sys.exit,
+        an uncaught exception or Ctrl-C) before concurrent.futures stops its threads at exit.
+        threading runs its exit hooks newest first, so this one runs before that of concurrent.futures."""
+        if self._exit_hooked:
+            return
+        try:
+            threading._register_atexit(self._finish_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):
+            return  # already exiting: the snapshot thread is joined anyway and the pool runs work inline
+        self._exit_hooked = True
+
+    def _finish_at_exit(self) -> None:
+        future = self._pending
+        if future is None or (future.done() and future.seen):
+            return
+        if not future.done():
+            log.warning("the script is exiting: finishing the snapshot to %s first", future.path)
+        try:
+            future.result()
+        except BaseException as exc:
+            message = messages.describe(exc)
+            sys.stderr.write(f"pyckpt: ERROR: the background snapshot to {future.path} was not committed: {message}\n"
+                             "pyckpt: the previous snapshot (if any) is still the newest; exiting with status 1\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
 
     def _capture(self, runtime: TrainingRuntime) -> _Captured:
         rep_tensors: list = []
@@ -269,8 +340,9 @@ class DistributedCoordinator:
         segments += [(s, priv_views[s.tensor]) for s in private_plan.slices]
         meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
                 "world_size": self.world_size, "torch": torch.__version__, "host": socket.gethostname()}
+        samples = _divergence_samples(views) if self.world_size > 1 else b""
         return _Captured(rep_tree, priv_tree, [_record(t) for t in rep_tensors], [_record(t) for t in priv_tensors],
-                         segments, share, private_plan, meta)
+                         segments, share, private_plan, meta, samples)
 
     def _plan(self, sizes: list[int], world_size: int) -> list[RankPlan]:
         """plan_replicated, cached while the tensor sizes stay the same (every snapshot of a run)."""
@@ -303,57 +375,73 @@ class DistributedCoordinator:
                              for p, _ in captured.segments]
 
     def _write(self, path: str, cap: _Captured, keep_last: int, start: float) -> SnapshotInfo:
+        """The commit protocol (module docstring). Every rank reaches every collective whatever fails
+        where, so a failure on one rank is raised on all of them, naming that rank."""
         self._wait_pruning()  # the disk never holds more versions than during one write
         comm = self._comm
         store = SnapshotStore(path)
-        lock = store.locked() if comm.rank == 0 else None
-        try:
-            begun: Any = None
-            if lock is not None:
-                try:
-                    lock.__enter__()
-                    begun = store.begin()
-                except (PyckptError, OSError) as exc:
-                    lock.__exit__(None, None, None)
-                    lock = None
-                    begun = f"{type(exc).__name__}: {exc}"
-            begun = comm.broadcast(begun)
-            if isinstance(begun, str):
-                kind = SnapshotLockedError if begun.startswith("SnapshotLockedError") else SnapshotError
-                raise kind(f"snapshot to {path} could not start: {begun}")
-            name, stage = begun
-            size = cap.share.size + cap.private_plan.size
-            try:
-                data_name = f"data-{comm.rank}.bin"
-                spare = os.path.join(store.root, SPARE_DIR, data_name) if self.reuse_files else None
-                digests = write_file(os.path.join(stage, data_name), cap.segments, size, reuse=spare)
-                # Only several ranks need to compare their replicated structure (and it costs ~50 ms at 20k tensors).
-                structure = checksum(repr(cap.replicated_tree).encode() +
-                                     repr([(r.dtype, r.shape) for r in cap.records]).encode()) \
-                    if comm.world_size > 1 else ""
-                report: Any = {"ok": True, "digests": digests, "size": size, "structure": structure,
-                               "private_tree": cap.private_tree,
-                               "private_records": [(r.dtype, r.shape, r.nbytes) for r in cap.private_records]}
-            except OSError as exc:
-                report = {"ok": False, "error": f"rank {comm.rank}: {exc}"}
+        with ExitStack() as held:
+            begun = comm.broadcast(self._begin(store, cap, held) if comm.rank == 0 else None)
+            if begun.error is not None:
+                raise self._failure(begun.error, f"snapshot to {path} could not start", cap)
+            report = self._write_share(store, begun.stage, cap)
             reports = comm.gather(report)
-            failure: str | None = None
+            failure: messages.RankError | None = None
             if comm.rank == 0:
                 try:
-                    self._commit(store, name, stage, cap, reports, keep_last)
-                except (PyckptError, OSError) as exc:
-                    store.abort(stage)
-                    failure = f"{exc}"
+                    self._commit(store, begun.name, begun.stage, cap, reports, keep_last)
+                except Exception as exc:  # nothing half-made stays behind, whatever went wrong
+                    store.abort(begun.stage)
+                    failure = next((r.error for r in reports if r.error is not None), None) \
+                        or messages.RankError.of(0, exc)
             failure = comm.broadcast(failure)
             if failure is not None:
-                raise SnapshotError(f"snapshot to {path} failed, the previous snapshot is intact: {failure}")
-            info = SnapshotInfo(path, name, cap.meta["step"], size, time.perf_counter() - start)
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
+                raise self._failure(failure, f"snapshot to {path} failed, the previous snapshot is intact", cap)
         if comm.rank == 0:
             self._prune_in_background(store, keep_last)
-        return info
+        return SnapshotInfo(path, begun.name, cap.meta["step"], report.size, time.perf_counter() - start)
+
+    def _begin(self, store: SnapshotStore, cap: _Captured, held: ExitStack) -> messages.Begun:
+        """Leader: take the path's lock (held until `held` closes) and create the stage."""
+        if cap.error is not None:
+            return messages.Begun(error=messages.RankError.of(0, cap.error))
+        try:
+            held.enter_context(store.locked())
+            name, stage = store.begin()
+        except Exception as exc:
+            held.close()
+            return messages.Begun(error=messages.RankError.of(0, exc))
+        return messages.Begun(name, stage)
+
+    def _write_share(self, store: SnapshotStore, stage: str, cap: _Captured) -> messages.RankReport:
+        """Write this rank's data file into the stage; the report says what the leader needs to commit."""
+        rank = self.rank
+        if cap.error is not None:
+            return messages.RankReport(rank, messages.RankError.of(rank, cap.error))
+        size = cap.share.size + cap.private_plan.size
+        try:
+            data_name = f"data-{rank}.bin"
+            spare = os.path.join(store.root, SPARE_DIR, data_name) if self.reuse_files else None
+            digests = write_file(os.path.join(stage, data_name), cap.segments, size, reuse=spare)
+            # Only several ranks need to compare their replicated structure (and it costs ~50 ms at 20k tensors).
+            structure = checksum(repr(cap.replicated_tree).encode() +
+                                 repr([(r.dtype, r.shape) for r in cap.records]).encode()) \
+                if self.world_size > 1 else ""
+        except Exception as exc:
+            return messages.RankReport(rank, messages.RankError.of(rank, exc))
+        return messages.RankReport(rank, None, size, digests, structure, cap.samples, cap.private_tree,
+                                   [(r.dtype, r.shape, r.nbytes) for r in cap.private_records])
+
+    def _failure(self, error: messages.RankError, what: str, cap: _Captured) -> Exception:
+        """The exception this rank raises for a failed snapshot: the original one on the rank where it
+        happened (single process: exactly what the script caused), the same pyckpt error elsewhere."""
+        if cap.error is not None and (self.world_size == 1 or error.rank == self.rank):
+            if self.world_size == 1:
+                return cap.error
+            exc = error.error(what)
+            exc.__cause__ = cap.error
+            return exc
+        return error.error(what)
 
     def _prune_in_background(self, store: SnapshotStore, keep_last: int) -> None:
         """Delete the versions the new record dropped on a helper thread, after the snapshot is
@@ -373,12 +461,14 @@ class DistributedCoordinator:
 
     def _commit(self, store: SnapshotStore, name: str, stage: str, cap: _Captured, reports: list,
                 keep_last: int) -> None:
-        failed = [r["error"] for r in reports if not r["ok"]]
+        failed = [r.error for r in reports if r.error is not None]
         if failed:
-            raise SnapshotError("; ".join(failed))
-        if len({r["structure"] for r in reports}) != 1:
+            raise SnapshotError("; ".join(f.message for f in failed))
+        if len({r.structure for r in reports}) != 1:
             raise SnapshotError("ranks hold different replicated state (different models/optimizers per rank); "
-                                "pyckpt stores replicated (DDP) state once and needs it identical on every rank")
+                                "pyckpt stores replicated (DDP) state once and needs it identical on every rank; "
+                                "register state that differs per rank with per_rank=True")
+        _check_same_bytes(reports, cap.replicated_tree)
         # Replicated pieces: every rank planned the same layout, so the leader recomputes it and
         # fills in each rank's checksums in plan order.
         sizes = [r.nbytes for r in cap.records]
@@ -386,16 +476,16 @@ class DistributedCoordinator:
         tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, []) for r in cap.records]
         per_rank_trees = []
         for rank, (plan, report) in enumerate(zip(plans, reports)):
-            digests = iter(report["digests"])
+            digests = iter(report.digests)
             for s in plan.slices:
                 tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
             base = len(tensors)
-            tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report["private_records"])
-            private_sizes = [n for _, _, n in report["private_records"]]
+            tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
+            private_sizes = [n for _, _, n in report.private_records]
             for s in plan_private(private_sizes, plan.size).slices:
                 tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
-            per_rank_trees.append(_shift(report["private_tree"], base))
-        manifest = Manifest(len(reports), [FileRecord(f"data-{r}.bin", rep["size"]) for r, rep in enumerate(reports)],
+            per_rank_trees.append(_shift(report.private_tree, base))
+        manifest = Manifest(len(reports), [FileRecord(f"data-{r}.bin", rep.size) for r, rep in enumerate(reports)],
                             tensors, cap.replicated_tree, per_rank_trees, cap.meta)
         _keep_spares(store, keep_last if self.reuse_files else None)
         store.publish(stage, name, manifest.to_json(), cap.meta, keep_last)
@@ -591,6 +681,42 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:
+    """Refuse "replicated" tensors whose sampled bytes differ between ranks, naming the first one."""
+    first = np.frombuffer(reports[0].samples, dtype=np.uint64)
+    for report in reports[1:]:
+        differ = np.flatnonzero(np.frombuffer(report.samples, dtype=np.uint64) != first)
+        if len(differ):
+            names = tensor_paths(tree)
+            keys = ", ".join(repr(names.get(int(i), f"tensor {i}")) for i in differ[:5])
+            raise SnapshotError(
+                f"replicated state differs between rank 0 and rank {report.rank} in {len(differ)} tensor(s): {keys}. "
+                "pyckpt writes replicated state once, from the ranks' shares, so it must be identical on every "
+                "rank. If this state is meant to differ per rank (a per-rank generator, a pipeline stage), "
+                "register it with per_rank=True; if it should be identical (DDP), the ranks have diverged")
+
+
+_SAMPLE = 512   # bytes hashed at the start, middle and end of each replicated tensor
+
+
+def _divergence_samples(views: list[memoryview]) -> bytes:
+    """One xxh3-64 per replicated tensor over its first, middle and last _SAMPLE bytes (all of it when
+    small). Ranks compare these at commit: state that differs between ranks (a per-rank generator,
+    pipeline stages, ranks that diverged) is caught wherever it differs throughout, at a cost that does
+    not grow with tensor size (docs/PERFORMANCE.md). Bytes differing only outside the samples are not."""
+    out = np.empty(len(views), dtype=np.uint64)
+    for i, view in enumerate(views):
+        n = len(view)
+        if n <= 3 * _SAMPLE:
+            out[i] = xxh3_64_intdigest(view)
+        else:
+            mid = (n - _SAMPLE) // 2
+            seed = xxh3_64_intdigest(view[:_SAMPLE])
+            seed = xxh3_64_intdigest(view[mid: mid + _SAMPLE], seed)
+            out[i] = xxh3_64_intdigest(view[n - _SAMPLE:], seed)
+    return out.tobytes()
 
 
 def _record(tensor) -> TensorRecord:

@@ -37,3 +37,7 @@ class IntegrityError(PyckptError):
 
 class StateMismatchError(PyckptError, ValueError):
     """The snapshot does not fit the registered model/optimizer/objects."""
+
+
+class SnapshotReadError(PyckptError, OSError):
+    """Reading a snapshot failed on a rank (an I/O error, a stale NFS handle, a permission)."""

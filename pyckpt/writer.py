@@ -20,7 +20,7 @@ import mmap
 import os
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -37,6 +37,23 @@ _DIRECT_CHUNK = 4 << 20       # one O_DIRECT write: a common max request size of
 _DIRECT_RING = 8              # buffers: one being filled, the rest queued or being written
 _DIRECT_ALIGN = 4096          # the file's tail is written padded to this, then truncated
 
+class _HelperPool(ThreadPoolExecutor):
+    """A thread pool that still takes work while the interpreter exits: concurrent.futures refuses new
+    work once its exit hook ran ("cannot schedule new futures after interpreter shutdown"), which would
+    fail a snapshot finishing at exit or taken from an atexit handler. The work then runs inline."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # delivered through the future, as the pool would
+                future.set_exception(exc)
+            return future
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
@@ -49,7 +66,7 @@ def helper_pool() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(4, thread_name_prefix="pyckpt-io")
+            _pool = _HelperPool(4, thread_name_prefix="pyckpt-io")
             _pool_pid = os.getpid()
         return _pool
 
@@ -140,6 +157,8 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
     t = obj.detach() if obj.requires_grad else obj
     if not t.is_cpu:
         t = t.cpu()
+    if t.is_conj() or t.is_neg():  # lazy views: their memory holds the bytes before conjugation/negation
+        t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     if t.nbytes == 0:
