@@ -34,8 +34,8 @@ from xxhash import xxh3_64_intdigest
 
 from . import messages, peers
 from .config import Config, load_config
-from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
-                     SnapshotNotFoundError)
+from .errors import (DistributedInitError, IntegrityError, SnapshotError, SnapshotLockedError,
+                     SnapshotNotFoundError, StateMismatchError)
 from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten, tensor_paths
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot, TreeRead
@@ -520,10 +520,13 @@ class DistributedCoordinator:
         if not self._initialized and self.config is not None:
             self.initialize()
         self.wait()
+        path = str(path)
         comm = self._comm
-        local = self._machine_ranks if comm.rank in self._machine_ranks else [comm.rank]
-        error: PyckptError | None = None
-        found: str | None = "error"
+        rank = comm.rank
+        local = self._machine_ranks if rank in self._machine_ranks else [rank]
+        error: Exception | None = None
+        outcome: messages.RestoreOutcome | None = None
+        snap: Snapshot | None = None
         in_place: dict = {}
         replicated: TreeRead | None = None
         with ExitStack() as held:
@@ -535,44 +538,58 @@ class DistributedCoordinator:
                     in_place = _live_destinations(snap.manifest, runtime)
                     replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=in_place))
             except SnapshotNotFoundError as exc:
-                error, found = exc, None
-            except PyckptError as exc:
-                error = exc
+                error, outcome = exc, messages.RestoreOutcome(missing=True)
+            except Exception as exc:
+                error = messages.as_read_error(exc, path, rank)
+                outcome = messages.RestoreOutcome(error=messages.RankError.of(rank, error))
             offers = self._exchange_offers(replicated, snap.ref.name if replicated is not None else None, local)
-            if error is None:
+            if outcome is None:
                 try:
                     with _gc_paused():
                         if offers:  # ranks on one machine each read a share and copy the rest
-                            peers.read_shared(replicated, offers, local.index(comm.rank))
+                            peers.read_shared(replicated, offers, local.index(rank))
                         else:
                             replicated.run()
-                        saved_world = snap.manifest.world_size
-                        private = snap.private(comm.rank) if comm.rank < saved_world else None
-                    found = snap.ref.name
-                except PyckptError as exc:
-                    error = exc
+                        private = snap.private(rank) if rank < snap.manifest.world_size else None
+                    outcome = messages.RestoreOutcome(version=snap.ref.name)
+                except Exception as exc:
+                    error = messages.as_read_error(exc, path, rank)
+                    outcome = messages.RestoreOutcome(error=messages.RankError.of(rank, error))
             # Also the point before which no rank returns: peers may be copying from its tensors.
-            outcomes = comm.all_gather(found if error is None or isinstance(error, SnapshotNotFoundError)
-                                       else f"error: {error}")
+            outcomes = comm.all_gather(outcome)
         if isinstance(error, IntegrityError) and in_place:
             # tensors are read straight into the live objects: say they are now unusable
             error = IntegrityError(f"{error}\nThe registered model/optimizer were being restored in place and may "
                                    "be partly overwritten: restore another version (restore(path, version=...); "
                                    "`pyckpt ls` lists them) before training on.", file=error.file, tensor=error.tensor)
-        if any(isinstance(o, str) and o.startswith("error") for o in outcomes) or len(set(outcomes)) != 1:
-            if error is not None and not isinstance(error, SnapshotNotFoundError):
-                raise error
-            raise IntegrityError(f"restore of {path} failed or disagreed across ranks: {outcomes}", file=str(path))
-        if found is None:
+        if not _restore_agreed(outcomes, path, error):
             if missing_ok:
                 return False
             raise error
+        saved_world = snap.manifest.world_size
         if comm.world_size != saved_world:
             warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                           "state are restored; per-rank RNG state only for ranks present in both", stacklevel=2)
-        with _gc_paused():
-            runtime.load_state(replicated.tree(), private, strict=strict)
+        self._load_everywhere(path, runtime, replicated.tree(), private, strict)
         return True
+
+    def _load_everywhere(self, path: str, runtime: TrainingRuntime, replicated: Any, private: Any,
+                         strict: bool) -> None:
+        """Put the read state into the runtime; a rank where that fails makes every rank raise."""
+        failure: messages.RankError | None = None
+        try:
+            with _gc_paused():
+                runtime.load_state(replicated, private, strict=strict)
+        except Exception as exc:
+            if self.world_size == 1:
+                raise
+            failure = messages.RankError.of(self.rank, exc, StateMismatchError)
+            error = exc
+        failures = [f for f in self._comm.all_gather(failure) if f is not None]
+        if failure is not None:
+            raise error
+        if failures:
+            raise failures[0].error(f"restore of {path} failed")
 
     def _exchange_offers(self, replicated: TreeRead | None, version: str | None,
                          local: list[int]) -> list[peers.Offer] | None:
@@ -588,6 +605,23 @@ class DistributedCoordinator:
         if len(local) < 2 or None in offers or len({gathered[r][0] for r in local}) != 1:
             return None
         return offers
+
+
+def _restore_agreed(outcomes: list[messages.RestoreOutcome], path: str, error: Exception | None) -> bool:
+    """After every rank read: True if all read the same version, False if none found a snapshot;
+    otherwise raise, on every rank, this rank's error or the first rank's that failed."""
+    failures = [o.error for o in outcomes if o.error is not None]
+    if failures:
+        if error is not None and not isinstance(error, SnapshotNotFoundError):
+            raise error
+        raise failures[0].error(f"restore of {path} failed")
+    if all(o.missing for o in outcomes):
+        return False
+    if any(o.missing for o in outcomes) or len({o.version for o in outcomes}) != 1:
+        seen = "; ".join(f"rank {r}: {o.version or 'no snapshot'}" for r, o in enumerate(outcomes))
+        raise IntegrityError(f"restore of {path}: the ranks found different snapshots ({seen}); every rank must "
+                             "see the same shared filesystem at the same path (check the mounts)", file=path)
+    return True
 
 
 def _process_space() -> str:
