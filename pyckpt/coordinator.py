@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from xxhash import xxh3_64_intdigest
 
-from . import messages, peers
+from . import fitting, messages, peers
 from .config import Config, load_config
 from .errors import (DistributedInitError, IntegrityError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError, StateMismatchError)
@@ -535,7 +535,7 @@ class DistributedCoordinator:
             try:
                 with _gc_paused():
                     snap = Snapshot.open(path, version)
-                    in_place = _live_destinations(snap.manifest, runtime)
+                    in_place = fitting.live_destinations(snap.manifest, runtime)
                     replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=in_place))
             except SnapshotNotFoundError as exc:
                 error, outcome = exc, messages.RestoreOutcome(missing=True)
@@ -771,64 +771,3 @@ def _shift(node: Any, base: int) -> Any:
             return {kind: [_shift(v, base) for v in value]}
     return node
 
-
-def _live_destinations(manifest: Manifest, runtime: TrainingRuntime) -> dict[int, torch.Tensor]:
-    """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
-
-    Only for objects whose saved state has exactly the structure of their live state (same keys, and
-    every tensor with the same dtype and shape, contiguous, on the CPU): loading them then cannot fail
-    on a mismatch, and load_state_dict's copy becomes a no-op (copy_ of a tensor onto itself). Other
-    objects (a fresh optimizer without state, a changed model) are read into new buffers as before.
-    A checksum error while reading in place leaves those objects partially overwritten: the restore
-    raises IntegrityError and the caller must restore another version before training on.
-    """
-    live_tensors: list = []
-    try:
-        live_tree = flatten({"objects": {name: obj.state_dict() for name, obj in runtime.objects.items()}},
-                            live_tensors, "live")
-    except (TypeError, KeyError):
-        return {}
-    saved_objects = _dict_items(_dict_items(manifest.replicated).get("objects"))
-    live_objects = _dict_items(_dict_items(live_tree).get("objects"))
-    out: dict[int, torch.Tensor] = {}
-    for name, live in live_objects.items():
-        pairs: list[tuple[int, int]] = []
-        if name not in saved_objects or not _same_structure(saved_objects[name], live, pairs):
-            continue
-        views = {}
-        records = manifest.tensors
-        for saved_index, live_index in pairs:
-            t, rec = live_tensors[live_index], records[saved_index]
-            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
-                    and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
-                    and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
-                break
-            views[saved_index] = t.detach() if t.requires_grad else t
-        else:
-            out.update(views)
-    return out
-
-
-def _dict_items(node: Any) -> dict:
-    if isinstance(node, dict) and isinstance(node.get("D"), list):
-        return {item[0]: item[1] for item in node["D"] if isinstance(item, list) and len(item) == 2}
-    return {}
-
-
-def _same_structure(saved: Any, live: Any, pairs: list[tuple[int, int]]) -> bool:
-    """Do two state trees have the same keys and tensor positions (plain values may differ)?"""
-    if not (isinstance(saved, dict) and isinstance(live, dict) and len(saved) == 1 and len(live) == 1):
-        return False
-    (kind, value), = saved.items()
-    (live_kind, live_value), = live.items()
-    if kind != live_kind:
-        return False
-    if kind in ("T", "N"):
-        pairs.append((value, live_value))
-        return kind == "T"
-    if kind == "D":
-        return (len(value) == len(live_value)
-                and all(a[0] == b[0] and _same_structure(a[1], b[1], pairs) for a, b in zip(value, live_value)))
-    if kind in ("L", "U"):
-        return len(value) == len(live_value) and all(_same_structure(a, b, pairs) for a, b in zip(value, live_value))
-    return True

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import StateMismatchError
+from .fitting import fit_state, mismatch_error
 
 try:  # numpy's global RNG is captured when numpy is installed
     import numpy as np
@@ -24,48 +25,67 @@ class TrainingRuntime:
     """Holds the objects of a training job and its progress (epoch, step, loss).
 
     Replicated state (models, optimizers, schedulers, anything registered) is the same on every
-    rank of a DDP job and is stored once. The RNG states are per rank and stored per rank.
+    rank of a DDP job and is stored once. The RNG states are per rank and stored per rank, and so is
+    every object registered with per_rank=True (a per-rank generator, a pipeline stage's model).
     """
 
     def __init__(self, *, capture_rng: bool = True):
         self._objects: dict[str, Stateful] = {}
         self._kinds: dict[str, str] = {}
+        self._per_rank: set[str] = set()
         self._epoch = 0
         self._step = 0
         self._loss: float | None = None
         self.capture_rng = capture_rng
 
     # -- registration ----------------------------------------------------------------------
-    def register_model(self, model: torch.nn.Module, name: str = "model") -> None:
+    # per_rank=True: the object differs between ranks (a generator seeded by rank, a pipeline stage's
+    # model): each rank stores and restores its own copy. Otherwise it is replicated (the same on every
+    # rank, stored once).
+    def register_model(self, model: torch.nn.Module, name: str = "model", *, per_rank: bool = False) -> None:
         """Register a model (pass a DDP model's `.module`)."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # its state_dict keys would carry a "module." prefix otherwise
-        self._add(name, model, "model")
+        self._add(name, model, "model", per_rank)
 
-    def register_optimizer(self, optimizer: torch.optim.Optimizer, name: str | None = None) -> None:
+    def register_optimizer(self, optimizer: torch.optim.Optimizer, name: str | None = None, *,
+                           per_rank: bool = False) -> None:
         """Register an optimizer; several are allowed (named optimizer, optimizer_1, ... by default)."""
         if name is None:
             count = sum(1 for kind in self._kinds.values() if kind == "optimizer")
             name = "optimizer" if count == 0 else f"optimizer_{count}"
-        self._add(name, optimizer, "optimizer")
+        self._add(name, optimizer, "optimizer", per_rank)
 
-    def register(self, name: str, obj: Stateful) -> None:
+    def register(self, name: str, obj: Stateful, *, per_rank: bool = False) -> None:
         """Register anything with state_dict()/load_state_dict(): LR schedulers, grad scalers, samplers..."""
         if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
             raise TypeError(f"cannot register {name!r}: a {type(obj).__name__} has no state_dict/load_state_dict")
-        self._add(name, obj, "object")
+        self._add(name, obj, "object", per_rank)
 
-    def _add(self, name: str, obj: Stateful, kind: str) -> None:
+    def _add(self, name: str, obj: Stateful, kind: str, per_rank: bool) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"register: name must be a non-empty string, got {name!r}")
         if name in self._objects and self._objects[name] is not obj:
             raise ValueError(f"register: name {name!r} is already taken by a {self._kinds[name]}; pick another")
         self._objects[name] = obj
         self._kinds[name] = kind
+        if per_rank:
+            self._per_rank.add(name)
+        else:
+            self._per_rank.discard(name)
 
     @property
     def objects(self) -> dict[str, Stateful]:
         return dict(self._objects)
+
+    @property
+    def per_rank_names(self) -> frozenset[str]:
+        """Names of the objects registered with per_rank=True."""
+        return frozenset(self._per_rank)
+
+    def kind(self, name: str) -> str:
+        """How `name` was registered: "model", "optimizer" or "object"."""
+        return self._kinds[name]
 
     # -- progress --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -93,8 +113,8 @@ class TrainingRuntime:
     def replicated_state(self) -> dict:
         return {
             "progress": {"epoch": self._epoch, "step": self._step},
-            "kinds": dict(self._kinds),
-            "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
+            "kinds": {name: kind for name, kind in self._kinds.items() if name not in self._per_rank},
+            "objects": {name: obj.state_dict() for name, obj in self._objects.items() if name not in self._per_rank},
         }
 
     def private_state(self) -> dict:
@@ -102,47 +122,45 @@ class TrainingRuntime:
         state: dict[str, Any] = {"loss": self._loss}
         if self.capture_rng:
             state["rng"] = rng_state()
+        if self._per_rank:  # only then: snapshots without per-rank objects keep their earlier form
+            state["objects"] = {name: obj.state_dict() for name, obj in self._objects.items()
+                                if name in self._per_rank}
         return state
 
     def load_state(self, replicated: dict, private: dict | None, *, strict: bool = True) -> None:
-        """Put a snapshot's state back into the registered objects (checks everything first)."""
-        saved = replicated.get("objects", {})
-        missing = [n for n in self._objects if n not in saved]
-        unexpected = [n for n in saved if n not in self._objects]
-        problems = []
-        if missing:
-            problems.append(f"registered but not in the snapshot: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"in the snapshot but not registered: {', '.join(unexpected)}")
-        for name, obj in self._objects.items():
-            if name in saved and self._kinds[name] == "model":
-                problems.extend(_model_mismatch(name, obj, saved[name], strict))
-        if problems and strict:
-            raise StateMismatchError(
-                "snapshot does not fit this runtime:\n  - " + "\n  - ".join(problems)
-                + "\nfix the model/optimizer definition, or restore with strict=False to load what fits"
-            )
-        for problem in problems:
-            warnings.warn(f"restore (strict=False): {problem}", stacklevel=3)
-        for name, obj in self._objects.items():
-            if name not in saved:
-                continue
-            state = saved[name]
+        """Put a snapshot's state back into the registered objects (`private`: this rank's per-rank
+        state, None when the snapshot has none for it).
+
+        Everything is checked first (fitting.fit_state): with strict=True any mismatch raises
+        StateMismatchError before anything is changed; with strict=False what does not fit is left
+        out, with a warning naming it, and the rest is loaded."""
+        fit = fit_state(self, replicated, private)
+        if fit.problems and strict:
+            raise mismatch_error(fit.problems)
+        for problem in fit.problems:
+            warnings.warn(f"restore (strict=False): {problem} (left out)", stacklevel=3)
+        if fit.absent:
+            warnings.warn(f"the snapshot has no per-rank state for this rank (taken on fewer ranks): "
+                          f"{', '.join(fit.absent)} keep their current state", stacklevel=3)
+        restored: list[str] = []
+        for name, state in fit.objects.items():
+            obj = self._objects[name]
             try:
-                if self._kinds[name] == "model":
-                    obj.load_state_dict(_fitting(obj, state), strict=strict)
+                if isinstance(obj, torch.nn.Module):
+                    obj.load_state_dict(state, strict=strict)
                 elif isinstance(obj, torch.optim.Optimizer):
                     obj.load_state_dict(_fast_membership(state))
                 else:
                     obj.load_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise StateMismatchError(f"restoring {self._kinds[name]} {name!r} failed: {exc}") from exc
-        progress = replicated.get("progress", {})
-        self._epoch = int(progress.get("epoch") or 0)
-        self._step = int(progress.get("step") or 0)
-        self._loss = (private or {}).get("loss")
-        if private and "rng" in private and self.capture_rng:
-            set_rng_state(private["rng"])
+            except Exception as exc:  # the object's own load_state_dict: nothing could check it beforehand
+                done = f"; already restored: {', '.join(restored)}" if restored else "; nothing else was changed"
+                raise StateMismatchError(f"restoring {self._kinds[name]} {name!r} failed: {exc}{done}") from exc
+            restored.append(name)
+        self._epoch = fit.progress.get("epoch", self._epoch)
+        self._step = fit.progress.get("step", self._step)
+        self._loss = fit.progress.get("loss", self._loss)
+        if fit.rng is not None:
+            set_rng_state(fit.rng)
 
 
 class _IdList(list):
@@ -173,29 +191,6 @@ def _fast_membership(state: Any) -> Any:
     state["param_groups"] = [dict(g, params=_IdList(g["params"]))
                              if isinstance(g, dict) and type(g.get("params")) is list else g for g in groups]
     return state
-
-
-def _model_mismatch(name: str, model: torch.nn.Module, saved: dict, strict: bool) -> list[str]:
-    current = model.state_dict()
-    problems = []
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    shapes = [f"{k}: snapshot {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in current.items()
-              if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
-    if missing:
-        problems.append(f"model {name!r} missing keys: {', '.join(missing[:20])}")
-    if unexpected:
-        problems.append(f"model {name!r} unexpected keys: {', '.join(unexpected[:20])}")
-    if shapes:
-        problems.append(f"model {name!r} shape mismatches: {'; '.join(shapes[:20])}")
-    return problems
-
-
-def _fitting(model: torch.nn.Module, saved: dict) -> dict:
-    current = model.state_dict()
-    return {k: v for k, v in saved.items()
-            if k not in current or not isinstance(v, torch.Tensor) or v.shape == current[k].shape}
 
 
 def rng_state() -> dict:

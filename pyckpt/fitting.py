@@ -1,0 +1,424 @@
+"""Decides, before anything is read, whether a snapshot fits the live runtime, and which live tensors it
+can be read into in place.
+
+One checker, fit_state, serves both ends of a restore: check_fits runs it on a skeleton of the saved
+state built from the manifest alone (SavedTensor leaves: dtype and shape, no data), so that a mismatch
+is refused before a byte is read into the live objects; TrainingRuntime.load_state runs it again on the
+real tensors (pyckpt.load users call load_state directly) before it changes anything. With strict=False
+what does not fit is left out, never loaded wrong-shaped.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .errors import StateMismatchError
+from .manifest import DTYPE_NAMES, Manifest, flatten, unflatten
+
+if TYPE_CHECKING:
+    from .runtime import TrainingRuntime
+
+_LISTED = 20          # keys or parameters named in one problem; the rest are counted
+_MT_WORDS = 624       # numpy's MT19937 key length (its pos must lie in [0, 624])
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """A saved tensor as the manifest records it: what a check needs, without its data."""
+
+    dtype: str                  # a torch dtype name, or "numpy:<dtype.str>"
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Fit:
+    """What of a saved state fits the registered objects, decided before any of it is loaded."""
+
+    problems: list[str] = field(default_factory=list)     # what does not fit, one line each
+    objects: dict[str, Any] = field(default_factory=dict)  # name -> the saved state to load, misfits left out
+    progress: dict[str, Any] = field(default_factory=dict)  # "epoch", "step", "loss": those that fit
+    rng: dict | None = None     # the RNG state to set (None: none saved, not captured, or it does not fit)
+    absent: list[str] = field(default_factory=list)        # per-rank objects this rank has no saved state for
+
+
+def check_fits(manifest: Manifest, runtime: "TrainingRuntime", rank: int | None, strict: bool, *,
+               private: Any = None) -> list[str]:
+    """Check, before any data is read, that the snapshot fits the runtime (fit_state on a skeleton).
+
+    rank: whose per-rank state to check (None, or a rank the snapshot does not have: none). private:
+    that rank's state tree if the caller has already read it (a few KiB): its values are then checked
+    too (torch's RNG bytes), not only their form. strict=True raises StateMismatchError listing every
+    problem; strict=False returns them (what load_state will leave out, with a warning)."""
+    if private is None and rank is not None and 0 <= rank < manifest.world_size:
+        private = skeleton(manifest, manifest.per_rank[rank])
+    problems = fit_state(runtime, skeleton(manifest, manifest.replicated), private).problems
+    if strict and problems:
+        raise mismatch_error(problems)
+    return problems
+
+
+def skeleton(manifest: Manifest, tree: Any) -> Any:
+    """A state tree of the manifest with a SavedTensor in place of each tensor."""
+    records = [SavedTensor(r.dtype, tuple(r.shape)) for r in manifest.tensors]
+    return unflatten(tree, records, "manifest.json")
+
+
+def mismatch_error(problems: list[str]) -> StateMismatchError:
+    return StateMismatchError(
+        "snapshot does not fit this runtime, nothing was changed:\n  - " + "\n  - ".join(problems)
+        + "\nfix the model/optimizer definition or the registrations, or restore with strict=False to load "
+        "what fits (the rest is left out, with a warning)")
+
+
+def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any) -> Fit:
+    """Which parts of a saved state (a skeleton or real tensors) fit the runtime: registered vs saved
+    objects (replicated, or per rank in `private`), model keys and shapes, optimizer parameter groups and
+    per-parameter state, progress, loss and RNG state. `private` None: this rank has no saved state."""
+    fit = Fit()
+    saved = _objects(replicated, "replicated", fit)
+    saved_private = _objects(private, "per-rank", fit) if private is not None else {}
+    registered = runtime.objects
+    params = _saved_param_shapes(runtime, saved, saved_private)
+    missing = []
+    for name, obj in registered.items():
+        per_rank = name in runtime.per_rank_names
+        home, elsewhere = (saved_private, saved) if per_rank else (saved, saved_private)
+        label = f"{runtime.kind(name)} {name!r}"
+        if per_rank and private is None:
+            fit.absent.append(name)
+        elif name in home:
+            state = _fit_object(label, obj, home[name], params, fit.problems)
+            if state is not None:
+                fit.objects[name] = state
+        elif name in elsewhere:
+            fit.problems.append(
+                f"{label} is registered with per_rank=True but the snapshot holds it as replicated state"
+                if per_rank else f"{label} is saved per rank: register it with per_rank=True")
+        else:
+            missing.append(name)
+    unexpected = [n for n in chain(saved, saved_private) if n not in registered]
+    if missing:
+        fit.problems.append(f"registered but not in the snapshot: {', '.join(missing)}")
+    if unexpected:
+        fit.problems.append(f"in the snapshot but not registered: {', '.join(unexpected)}")
+    _fit_progress(replicated, private, fit)
+    if runtime.capture_rng and isinstance(private, dict) and "rng" in private:
+        problems = _rng_problems(private["rng"])
+        fit.problems.extend(problems)
+        fit.rng = None if problems else private["rng"]
+    return fit
+
+
+def _objects(tree: Any, where: str, fit: Fit) -> dict:
+    objects = tree.get("objects", {}) if isinstance(tree, dict) else None
+    if not isinstance(objects, dict):
+        fit.problems.append(f"the {where} state has no objects mapping (a {type(objects).__name__})")
+        return {}
+    return objects
+
+
+def _fit_object(label: str, obj: Any, saved: Any, params: dict, problems: list[str]) -> Any:
+    """The saved state to load into one object (misfits left out), or None when none of it fits."""
+    if isinstance(obj, torch.nn.Module):
+        return _fit_module(label, obj, saved, problems)
+    if isinstance(obj, torch.optim.Optimizer):
+        return _fit_optimizer(label, obj, saved, params, problems)
+    return saved  # anything else: its own load_state_dict decides
+
+
+def _fit_module(label: str, module: torch.nn.Module, saved: Any, problems: list[str]) -> dict | None:
+    if not isinstance(saved, dict):
+        problems.append(f"{label}: the snapshot holds a {type(saved).__name__}, not a state dict")
+        return None
+    current = module.state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    wrong = [k for k, v in current.items()
+             if k in saved and isinstance(v, torch.Tensor) and _torch_shape(saved[k]) != tuple(v.shape)]
+    if missing:
+        problems.append(f"{label} missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{label} unexpected keys: {_listing(unexpected)}")
+    if not wrong:
+        return saved
+    problems.append(f"{label} shape mismatches: " + _listing(
+        [f"{k}: snapshot {_torch_shape(saved[k]) or _describe(saved[k])} vs model {tuple(current[k].shape)}"
+         for k in wrong], "; "))
+    left_out = set(wrong)
+    return {k: v for k, v in saved.items() if k not in left_out}
+
+
+def _saved_param_shapes(runtime: "TrainingRuntime", saved: dict, saved_private: dict) -> dict:
+    """id(parameter) -> (its name, its shape in the snapshot or None), for the parameters of every
+    registered module: tells an optimizer's state whether its parameter changed shape since the save."""
+    out: dict[int, tuple[str, tuple | None]] = {}
+    for name, obj in runtime.objects.items():
+        if isinstance(obj, torch.nn.Module):
+            state = (saved_private if name in runtime.per_rank_names else saved).get(name)
+            state = state if isinstance(state, dict) else {}
+            for key, param in obj.named_parameters(remove_duplicate=False):
+                out[id(param)] = (f"{name}.{key}", _torch_shape(state.get(key)))
+    return out
+
+
+def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, params: dict,
+                   problems: list[str]) -> dict | None:
+    """torch's Optimizer.load_state_dict checks (group count and sizes), made before it runs, plus the
+    per-parameter state: a parameter's state is left out when the parameter changed shape."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not (isinstance(state, dict) and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    and all(type(i) is int for i in g["params"]) for g in groups)):
+        problems.append(f"{label}: the snapshot does not hold an optimizer state_dict "
+                        "('state', and 'param_groups' with lists of parameter ids)")
+        return None
+    sizes = [len(g["params"]) for g in groups]
+    live = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != live:
+        problems.append(f"{label}: parameter groups of sizes {sizes} in the snapshot, {live} in the optimizer")
+        return None
+    live_params = [p for g in optimizer.param_groups for p in g["params"]]
+    by_id = dict(zip((i for g in groups for i in g["params"]), live_params))
+    flat = sum(p.numel() for p in live_params)
+    misfits = {}
+    for pid, entry in state.items():
+        param = by_id.get(pid)
+        if param is not None and isinstance(entry, dict):
+            misfit = _param_state_misfit(entry, param, params.get(id(param)), flat)
+            if misfit:
+                misfits[pid] = misfit
+    if not misfits:
+        return saved
+    problems.append(f"{label}: state of parameters that changed shape: {_listing(list(misfits.values()), '; ')}")
+    return dict(saved, state={k: v for k, v in state.items() if k not in misfits})
+
+
+def _param_state_misfit(entry: dict, param: torch.Tensor, known: tuple | None, flat: int) -> str | None:
+    """Why one parameter's saved optimizer state does not fit it, or None.
+
+    Exact when the parameter belongs to a registered module: its shape in the snapshot's module state
+    must be its shape now. Otherwise each state tensor must have a form torch's optimizers keep: a
+    scalar (step), the parameter's shape (momentum, Adam's moments), that shape with one of its last
+    two sizes 1 (Adafactor's factored variances), or one flat vector over all the optimizer's
+    parameters (LBFGS)."""
+    name, saved_shape = known if known is not None else (None, None)
+    shape = tuple(param.shape)
+    if saved_shape is not None:
+        return None if saved_shape == shape else f"{name}: {saved_shape} in the snapshot, now {shape}"
+    factored = [shape[:-1] + (1,), shape[:-2] + (1,) + shape[-1:]] if len(shape) >= 2 else []
+    for key, value in entry.items():
+        s = _torch_shape(value)
+        if s is not None and s not in ((), shape, (flat,), *factored):
+            return f"{name or 'a parameter'} of shape {shape}: state {key!r} is {s}"
+    return None
+
+
+def _fit_progress(replicated: Any, private: Any, fit: Fit) -> None:
+    progress = replicated.get("progress", {}) if isinstance(replicated, dict) else {}
+    if not isinstance(progress, dict):
+        fit.problems.append(f"progress is a {type(progress).__name__}, not a dict")
+        progress = {"epoch": None, "step": None}
+    for key in ("epoch", "step"):
+        value = progress.get(key, 0)
+        if type(value) is int:
+            fit.progress[key] = value
+        else:
+            fit.problems.append(f"progress {key} {str(value)[:40]!r} is not an integer")
+    loss = private.get("loss") if isinstance(private, dict) else None
+    if loss is None or type(loss) in (int, float):
+        fit.progress["loss"] = loss
+    else:
+        fit.problems.append(f"loss {str(loss)[:40]!r} is not a number")
+
+
+def _rng_problems(rng: Any) -> list[str]:
+    """Why a saved RNG state (of TrainingRuntime.rng_state's form) cannot be set, one line per part;
+    checked on throwaway generators, so nothing global changes. Parts not set on this machine (CUDA
+    without GPUs, or another GPU count) are only checked for their form."""
+    if not isinstance(rng, dict):
+        return [f"RNG state is a {type(rng).__name__}, not a dict"]
+    problems = []
+    if "python" in rng:
+        try:
+            version, internal, gauss = rng["python"]
+            random.Random().setstate((version, tuple(internal), gauss))
+        except (TypeError, ValueError, OverflowError) as exc:
+            problems.append(f"RNG state 'python' is not random.getstate()'s form ({exc})")
+    if "torch" in rng:
+        problems.extend(_generator_problems("torch", [rng["torch"]], "cpu"))
+    if "numpy" in rng:
+        problems.extend(_numpy_problems(rng["numpy"]))
+    if "cuda" in rng:
+        states = rng["cuda"]
+        if not isinstance(states, (list, tuple)) or not all(_torch_shape(s) is not None for s in states):
+            problems.append("RNG state 'cuda' is not a list of tensors")
+        elif torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+            problems.extend(_generator_problems("cuda", states, "cuda"))
+    return problems
+
+
+def _generator_problems(part: str, states: list, device: str) -> list[str]:
+    """A saved generator state must have the form of a fresh generator's; real bytes must also be
+    taken by one (torch checks the Mersenne Twister's fields)."""
+    problems = []
+    for index, state in enumerate(states):
+        where = f"RNG state {part!r}" + (f"[{index}]" if device != "cpu" else "")
+        fresh = torch.Generator(device=f"{device}:{index}" if device != "cpu" else "cpu")
+        expected = ("uint8", tuple(fresh.get_state().shape))
+        if _dtype_name(state) != expected[0] or _torch_shape(state) != expected[1]:
+            problems.append(f"{where} is {_describe(state)}, this torch keeps uint8 {expected[1]}")
+        elif isinstance(state, torch.Tensor):
+            try:
+                fresh.set_state(state)
+            except RuntimeError as exc:
+                problems.append(f"{where} is refused by torch ({str(exc).strip()[:200]})")
+    return problems
+
+
+def _numpy_problems(state: Any) -> list[str]:
+    """numpy's legacy get_state() tuple. numpy does not check the position (an out-of-range one
+    crashes the next draw), so it is checked here; numpy checks the rest on a throwaway generator."""
+    if not (isinstance(state, (list, tuple)) and len(state) == 5):
+        return [f"RNG state 'numpy' is a {type(state).__name__}, not numpy.random.get_state()'s 5-tuple"]
+    algorithm, key, pos, has_gauss, gauss = state
+    if _dtype_name(key) != "numpy:uint32" or _numpy_shape(key) != (_MT_WORDS,):
+        return [f"RNG state 'numpy' key is {_describe(key)}, not uint32 ({_MT_WORDS},)"]
+    if type(pos) is not int or not 0 <= pos <= _MT_WORDS:
+        return [f"RNG state 'numpy' position {str(pos)[:40]!r} is not an integer in [0, {_MT_WORDS}]"]
+    try:
+        np.random.RandomState().set_state((algorithm, np.zeros(_MT_WORDS, np.uint32), pos, has_gauss, gauss))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return [f"RNG state 'numpy' is refused by numpy ({exc})"]
+    return []
+
+
+def _torch_shape(value: Any) -> tuple | None:
+    """The shape of a saved torch tensor (real or SavedTensor), None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, SavedTensor) and not value.dtype.startswith("numpy:"):
+        return value.shape
+    return None
+
+
+def _numpy_shape(value: Any) -> tuple | None:
+    if isinstance(value, np.ndarray):
+        return value.shape
+    if isinstance(value, SavedTensor) and value.dtype.startswith("numpy:"):
+        return value.shape
+    return None
+
+
+def _dtype_name(value: Any) -> str | None:
+    """A saved tensor's dtype as "float32" (torch) or "numpy:uint32" (numpy), None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return DTYPE_NAMES.get(value.dtype, str(value.dtype))
+    if isinstance(value, np.ndarray):
+        return f"numpy:{value.dtype.name}"
+    if isinstance(value, SavedTensor):
+        return f"numpy:{np.dtype(value.dtype[len('numpy:'):]).name}" if value.dtype.startswith("numpy:") \
+            else value.dtype
+    return None
+
+
+def _describe(value: Any) -> str:
+    dtype = _dtype_name(value)
+    if dtype is None:
+        return f"a {type(value).__name__}"
+    return f"{dtype} {_torch_shape(value) or _numpy_shape(value) or ()}"
+
+
+def _listing(items: list[str], sep: str = ", ") -> str:
+    more = f"{sep}... ({len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+    return sep.join(items[:_LISTED]) + more
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place destinations
+# ---------------------------------------------------------------------------------------------
+
+def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[int, torch.Tensor]:
+    """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
+
+    Only for replicated objects whose saved state has exactly the structure of their live state (same
+    keys, and every tensor with the same dtype and shape, contiguous, on the CPU): loading them then
+    cannot fail on a mismatch, and load_state_dict's copy becomes a no-op (copy_ of a tensor onto
+    itself). Other objects (a fresh optimizer without state, a changed model) are read into new buffers
+    as before. No two destinations share memory (tied weights: see _apart). A checksum error while
+    reading in place leaves those objects partially overwritten: the restore raises IntegrityError and
+    the caller must restore another version before training on.
+    """
+    live_tensors: list = []
+    try:
+        live_tree = flatten({"objects": {name: obj.state_dict() for name, obj in runtime.objects.items()
+                                         if name not in runtime.per_rank_names}}, live_tensors, "live")
+    except (TypeError, KeyError):
+        return {}
+    saved_objects = _dict_items(_dict_items(manifest.replicated).get("objects"))
+    live_objects = _dict_items(_dict_items(live_tree).get("objects"))
+    out: dict[int, torch.Tensor] = {}
+    for name, live in live_objects.items():
+        pairs: list[tuple[int, int]] = []
+        if name not in saved_objects or not _same_structure(saved_objects[name], live, pairs):
+            continue
+        views = {}
+        records = manifest.tensors
+        for saved_index, live_index in pairs:
+            t, rec = live_tensors[live_index], records[saved_index]
+            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
+                    and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
+                    and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
+                break
+            views[saved_index] = t.detach() if t.requires_grad else t
+        else:
+            out.update(views)
+    return _apart(out)
+
+
+def _apart(destinations: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The destinations without any that share memory with another (kept: the lowest saved index).
+
+    Two saved tensors read into the same memory (a tied model restored from an untied save, or any
+    two views of one storage) would overwrite each other while their checksums are checked. The
+    dropped ones are read into new buffers and copied by load_state_dict, as torch would load them."""
+    kept_end = 0
+    out = {}
+    for start, index in sorted((t.data_ptr(), i) for i, t in destinations.items()):
+        tensor = destinations[index]
+        if tensor.nbytes == 0:
+            out[index] = tensor
+        elif start >= kept_end:
+            out[index] = tensor
+            kept_end = start + tensor.nbytes
+    return out
+
+
+def _dict_items(node: Any) -> dict:
+    if isinstance(node, dict) and isinstance(node.get("D"), list):
+        return {item[0]: item[1] for item in node["D"] if isinstance(item, list) and len(item) == 2}
+    return {}
+
+
+def _same_structure(saved: Any, live: Any, pairs: list[tuple[int, int]]) -> bool:
+    """Do two state trees have the same keys and tensor positions (plain values may differ)?"""
+    if not (isinstance(saved, dict) and isinstance(live, dict) and len(saved) == 1 and len(live) == 1):
+        return False
+    (kind, value), = saved.items()
+    (live_kind, live_value), = live.items()
+    if kind != live_kind:
+        return False
+    if kind in ("T", "N"):
+        pairs.append((value, live_value))
+        return kind == "T"
+    if kind == "D":
+        return (len(value) == len(live_value)
+                and all(a[0] == b[0] and _same_structure(a[1], b[1], pairs) for a, b in zip(value, live_value)))
+    if kind in ("L", "U"):
+        return len(value) == len(live_value) and all(_same_structure(a, b, pairs) for a, b in zip(value, live_value))
+    return True
