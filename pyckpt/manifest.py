@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from operator import itemgetter
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import xxhash
 
-from .errors import IntegrityError
+from .errors import IntegrityError, SnapshotError
 
 FORMAT_VERSION = 1
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
@@ -24,9 +25,18 @@ ALIGN = 64                      # every tensor starts on a 64-byte boundary in i
 MAX_PIECE = 16 << 20
 MAX_DEPTH = 64                  # nesting limit of a state tree read from disk
 MAX_DIM_PRODUCT = 1 << 48       # no shape may claim more elements than this
+MAX_MANIFEST = 1 << 30          # bytes; a commit record naming a larger manifest is refused
+# Decoding JSON costs up to ~30x its bytes in memory for dense empty containers ('{"L":[]}' padding);
+# pyckpt's own encoding has at least BYTES_PER_NODE bytes per '{' or '[' (dicts of plain values:
+# '[0,{"V":0}],' is 12 bytes for 2), so a manifest may hold no more than that, which keeps the
+# memory of loading it at about 25x its size.
+BYTES_PER_NODE = 6
+MAX_TIME = 253_402_300_799      # 9999-12-31 23:59:59 UTC: the latest time a snapshot may claim
+MAX_INT_BITS = 14_000           # Python reads no int of more than 4,300 digits (~14,284 bits) from JSON
 DATA_FILE = re.compile(r"^data-(0|[1-9][0-9]{0,5})\.bin$")
 VERSION_NAME = re.compile(r"^v[0-9]{8}$")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+_END = object()                 # end of a level in _Validator.tree
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -51,22 +61,39 @@ def align(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _check_node_budget(data: bytes, where: str) -> None:
+    """Refuse JSON with more '{'/'[' than BYTES_PER_NODE allows, before decoding it (numpy counts
+    3 MB in ~1 ms; brackets inside strings count too, which only makes the check stricter)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    nodes = int(np.count_nonzero(raw == ord("{"))) + int(np.count_nonzero(raw == ord("[")))
+    if nodes > len(data) // BYTES_PER_NODE + 64:
+        raise IntegrityError(f"{where}: {nodes} JSON objects/lists in {len(data)} bytes, more than pyckpt writes "
+                             f"(one per {BYTES_PER_NODE} bytes); the manifest is padded or corrupted", file=where)
+
+
 # ---------------------------------------------------------------------------------------------
 # State trees: nested dicts/lists/tuples of tensors, arrays and plain values <-> JSON nodes.
 # ---------------------------------------------------------------------------------------------
 
-def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
+def flatten(obj: Any, tensors: list, path: Any = "state", depth: int = 0) -> Any:
     """Encode `obj` as a JSON node; tensors/arrays are appended to `tensors` and referenced by index.
 
+    Refuses (TypeError naming the key) anything the reader would refuse: the same checks at snapshot
+    time as at load time, so a snapshot that was written can always be read back.
     `path` (for error messages) is a string or a (parent, key, is_index) chain, formatted only when
     an error needs it: formatting it for every node cost more than the encoding at 20k tensors."""
+    if depth > MAX_DEPTH:
+        raise TypeError(f"cannot snapshot {_path(path)}: state nested deeper than {MAX_DEPTH} levels")
     # Most common kinds first (state dicts are mostly dicts, tensors and plain numbers).
     if isinstance(obj, dict):
         items = []
         for key, value in obj.items():
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
-            items.append([key, flatten(value, tensors, (path, key, False))])
+            if isinstance(key, int) and key.bit_length() > MAX_INT_BITS:
+                raise TypeError(f"cannot snapshot {_path(path)}: an int key of {key.bit_length()} bits is too large "
+                                f"(at most {MAX_INT_BITS}); store it as a string")
+            items.append([key, flatten(value, tensors, (path, key, False), depth + 1)])
         return {"D": items}
     if isinstance(obj, torch.Tensor):
         if obj.layout != torch.strided:
@@ -75,7 +102,12 @@ def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
             raise TypeError(f"cannot snapshot {_path(path)}: dtype {obj.dtype} is not supported")
         tensors.append(obj)
         return {"T": len(tensors) - 1}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if obj is None or isinstance(obj, (bool, float, str)):
+        return {"V": obj}
+    if isinstance(obj, int):
+        if obj.bit_length() > MAX_INT_BITS:  # JSON could not be read back (Python's 4,300-digit limit)
+            raise TypeError(f"cannot snapshot {_path(path)}: an int of {obj.bit_length()} bits is too large "
+                            f"(at most {MAX_INT_BITS}); store it as a string or a tensor")
         return {"V": obj}
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in NUMPY_KINDS or obj.dtype.hasobject:
@@ -83,12 +115,18 @@ def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
         tensors.append(obj)
         return {"N": len(tensors) - 1}
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return {"V": obj.item()}
+        value = obj.item()
+        if type(value) not in (bool, int, float):  # e.g. np.longdouble has no Python equivalent
+            raise TypeError(f"cannot snapshot {_path(path)}: numpy {obj.dtype} scalars are not supported; "
+                            "convert to float")
+        return {"V": value}
     if isinstance(obj, torch.dtype):
+        if obj not in DTYPE_NAMES:
+            raise TypeError(f"cannot snapshot {_path(path)}: dtype {obj} is not supported")
         return {"dtype": DTYPE_NAMES[obj]}
     if isinstance(obj, (list, tuple)):
         kind = "L" if isinstance(obj, list) else "U"
-        return {kind: [flatten(v, tensors, (path, i, True)) for i, v in enumerate(obj)]}
+        return {kind: [flatten(v, tensors, (path, i, True), depth + 1) for i, v in enumerate(obj)]}
     raise TypeError(
         f"cannot snapshot {_path(path)}: a {type(obj).__name__} is not supported; state_dicts may hold tensors, "
         "numpy arrays, numbers, strings, None, and dicts/lists/tuples of them"
@@ -97,11 +135,11 @@ def flatten(obj: Any, tensors: list, path: Any = "state") -> Any:
 
 def _path(path: Any) -> str:
     """state['objects']['model'][0] from flatten's (parent, key, is_index) chain."""
-    keys = []
+    chain = []
     while isinstance(path, tuple):
         path, key, is_index = path
-        keys.append(f"[{key}]" if is_index else f"[{key!r}]")
-    return str(path) + "".join(reversed(keys))
+        chain.append((key, is_index))
+    return str(path) + subscripts(tuple(reversed(chain)))
 
 
 def unflatten(node: Any, tensors: list, where: str, depth: int = 0) -> Any:
@@ -120,7 +158,7 @@ def unflatten(node: Any, tensors: list, where: str, depth: int = 0) -> Any:
             raise IntegrityError(f"{where}: value {str(value)[:80]!r} is not a plain value", file=where)
         return value
     if kind == "dtype":
-        if value not in TORCH_DTYPES:
+        if type(value) is not str or value not in TORCH_DTYPES:
             raise IntegrityError(f"{where}: unknown dtype {value!r}", file=where)
         return TORCH_DTYPES[value]
     if kind == "D":
@@ -141,22 +179,40 @@ def unflatten(node: Any, tensors: list, where: str, depth: int = 0) -> Any:
     raise IntegrityError(f"{where}: unknown state tree node kind {kind!r}", file=where)
 
 
-def tensor_paths(node: Any, path: str = "") -> dict[int, str]:
-    """Map tensor index -> a readable key path (for error messages)."""
-    out: dict[int, str] = {}
+def tensor_paths(node: Any) -> dict[int, str]:
+    """Map tensor index -> a readable key path, model.layers[0].weight (for messages and exports)."""
+    return {index: dotted(chain) for index, chain in tensor_chains(node).items()}
+
+
+def tensor_chains(node: Any, chain: tuple = ()) -> dict[int, tuple]:
+    """Map tensor index -> its keys from the root: (key, is_index) pairs, is_index for list positions."""
+    out: dict[int, tuple] = {}
     if not isinstance(node, dict) or len(node) != 1:
         return out
     (kind, value), = node.items()
     if kind in ("T", "N") and isinstance(value, int):
-        out[value] = path or "<root>"
+        out[value] = chain
     elif kind == "D" and isinstance(value, list):
         for item in value:
             if isinstance(item, list) and len(item) == 2:
-                out.update(tensor_paths(item[1], f"{path}.{item[0]}" if path else str(item[0])))
+                out.update(tensor_chains(item[1], chain + ((item[0], False),)))
     elif kind in ("L", "U") and isinstance(value, list):
         for i, v in enumerate(value):
-            out.update(tensor_paths(v, f"{path}[{i}]"))
+            out.update(tensor_chains(v, chain + ((i, True),)))
     return out
+
+
+def dotted(chain: tuple) -> str:
+    """Keys joined with dots, list positions as [i]: two chains can give one name ('a.b' and a -> b)."""
+    text = ""
+    for key, is_index in chain:
+        text += f"[{key}]" if is_index else f"{'.' if text else ''}{key}"
+    return text or "<root>"
+
+
+def subscripts(chain: tuple) -> str:
+    """Keys as Python subscripts, ['a.b'] vs ['a']['b']: unambiguous, for messages."""
+    return "".join(f"[{key}]" if is_index else f"[{key!r}]" for key, is_index in chain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +256,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
+        """The manifest's bytes; SnapshotError if the reader would refuse them (too large, or too many
+        JSON nodes for its size: see _check_node_budget)."""
         # Built by hand: dataclasses.asdict deep-copies every field and takes seconds at 20k tensors.
         body = {"format": "pyckpt-manifest", "world_size": self.world_size,
                 "files": [{"name": f.name, "size": f.size} for f in self.files],
@@ -208,7 +266,16 @@ class Manifest:
                                         for p in t.pieces]} for t in self.tensors],
                 "replicated": self.replicated, "per_rank": self.per_rank, "meta": self.meta,
                 "format_version": self.format_version}
-        return json.dumps(body, separators=(",", ":"), check_circular=False).encode()
+        data = json.dumps(body, separators=(",", ":"), check_circular=False).encode()
+        if len(data) > MAX_MANIFEST:
+            raise SnapshotError(f"the manifest would be {len(data)} bytes, more than {MAX_MANIFEST}: the state "
+                                "holds too many or too long plain values; store large data as tensors")
+        try:
+            _check_node_budget(data, "the manifest")
+        except IntegrityError as exc:
+            raise SnapshotError(f"{exc}; the state is mostly empty lists/dicts: store such data as tensors "
+                                "or strings") from None
+        return data
 
     @property
     def total_bytes(self) -> int:
@@ -222,6 +289,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "Manifest":
+        _check_node_budget(data, where)
         try:
             body = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -229,8 +297,9 @@ class Manifest:
         v = _Validator(where)
         v.check(isinstance(body, dict) and body.get("format") == "pyckpt-manifest", "not a pyckpt manifest")
         version = body.get("format_version")
-        v.check(version == FORMAT_VERSION, f"format_version {version!r} is not supported (this pyckpt reads "
-                                           f"{FORMAT_VERSION}); upgrade pyckpt")
+        v.check(type(version) is int and version == FORMAT_VERSION,
+                f"format_version {str(version)[:40]!r} is not supported (this pyckpt reads {FORMAT_VERSION}); "
+                "upgrade pyckpt")
         world = v.int(body.get("world_size"), "world_size", 1, 1 << 20)
         files = [FileRecord(v.file_name(f.get("name") if isinstance(f, dict) else None),
                             v.int(f.get("size"), "file size", 0, 1 << 62))
@@ -248,10 +317,10 @@ class Manifest:
         v.check(claimed <= total, f"tensors claim {claimed} bytes but the data files hold {total}")
         per_rank = v.list(body.get("per_rank"), "per_rank")
         v.check(len(per_rank) == world, "per_rank must have one tree per rank")
+        kinds = "".join("N" if t.is_numpy else "T" for t in tensors)
         for tree in [body.get("replicated")] + per_rank:
-            v.tree(tree, len(tensors))
-        meta = body.get("meta")
-        v.check(isinstance(meta, dict), "meta must be an object")
+            v.tree(tree, kinds)
+        meta = v.meta(body.get("meta"))
         return cls(world, files, tensors, body.get("replicated"), per_rank, meta, version)
 
 
@@ -271,40 +340,77 @@ class _Validator:
                    f"{what} {str(value)[:40]!r} is not an integer in [{low}, {high}]")
         return value
 
+    def time(self, value: Any, what: str) -> float | None:
+        """A Unix time: None, or a finite number in [0, MAX_TIME] (time.localtime shows any of them)."""
+        if value is not None:
+            self.check(type(value) in (int, float) and 0 <= value <= MAX_TIME,
+                       f"{what} {str(value)[:40]!r} is not a time (seconds since 1970, at most year 9999)")
+        return value
+
+    def meta(self, meta: Any) -> dict:
+        """The informational fields the commands show: a value of the wrong type is refused, not shown."""
+        self.check(type(meta) is dict, "meta must be an object")
+        for key in ("step", "epoch", "world_size"):
+            self.check(meta.get(key) is None or type(meta[key]) is int,
+                       f"meta {key} {str(meta.get(key))[:40]!r} is not an integer")
+        self.check(meta.get("loss") is None or type(meta["loss"]) in (int, float),  # NaN/inf: a diverged run
+                   f"meta loss {str(meta.get('loss'))[:40]!r} is not a number")
+        self.time(meta.get("created"), "meta created")
+        for key in ("host", "torch"):
+            self.check(meta.get(key) is None or (type(meta[key]) is str and len(meta[key]) <= 1000),
+                       f"meta {key} {str(meta.get(key))[:40]!r} is not a string of at most 1000 characters")
+        return meta
+
     def list(self, value: Any, what: str) -> list:
         self.check(isinstance(value, list), f"{what} must be a list")
         return value
 
-    def tree(self, root: Any, tensor_count: int) -> None:
-        """Shape of a state tree (iteratively: no recursion on hostile depth): nodes, depth, references.
+    def tree(self, root: Any, kinds: str) -> None:
+        """Shape of a state tree: nodes, plain values, dtypes, depth, references (kinds[i] is "T" or "N",
+        what tensor i may be referenced as). Iterative, one iterator per level: no recursion on a
+        hostile depth, and memory bounded by the depth, not by the number of nodes.
 
         Messages are only formatted on failure: at 20k tensors, building them for every node cost
         more than the checks (str() of a node is the text of its whole subtree)."""
-        todo = [(root, 0)]
-        pop, push, extend = todo.pop, todo.append, todo.extend
-        while todo:
-            node, depth = pop()
-            if depth > MAX_DEPTH:
-                raise self.fail(f"state tree nested deeper than {MAX_DEPTH}")
+        levels = [iter((root,))]
+        count = len(kinds)
+        second = itemgetter(1)
+        while levels:
+            node = next(levels[-1], _END)
+            if node is _END:
+                levels.pop()
+                continue
             if type(node) is not dict or len(node) != 1:
                 raise self.fail(f"malformed state tree node {str(node)[:80]!r}")
             (kind, value), = node.items()
             if kind == "T" or kind == "N":
-                if type(value) is not int or not 0 <= value < tensor_count:
-                    raise self.fail(f"tensor reference {str(value)[:40]!r} out of range")
+                if type(value) is not int or not 0 <= value < count or kinds[value] != kind:
+                    raise self.fail(f"tensor reference {kind} {str(value)[:40]!r} is out of range or of the "
+                                    "wrong kind")
+            elif kind == "V":
+                if type(value) is list or type(value) is dict:
+                    raise self.fail(f"value {str(value)[:80]!r} is not a plain value")
             elif kind == "D":
                 if type(value) is not list:
                     raise self.fail("malformed dict node")
                 for item in value:
                     if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
                         raise self.fail(f"malformed dict item {str(item)[:80]!r}")
-                    push((item[1], depth + 1))
+                self._descend(levels, value, map(second, value))
             elif kind == "L" or kind == "U":
                 if type(value) is not list:
                     raise self.fail("malformed sequence node")
-                extend([(item, depth + 1) for item in value])
-            elif kind != "V" and kind != "dtype":
+                self._descend(levels, value, iter(value))
+            elif kind == "dtype":
+                if type(value) is not str or value not in TORCH_DTYPES:
+                    raise self.fail(f"unknown dtype {str(value)[:40]!r}")
+            else:
                 raise self.fail(f"unknown state tree node kind {str(kind)[:40]!r}")
+
+    def _descend(self, levels: list, children: list, walk: Iterator) -> None:
+        if children and len(levels) > MAX_DEPTH:
+            raise self.fail(f"state tree nested deeper than {MAX_DEPTH}")
+        levels.append(walk)
 
     def file_name(self, name: Any) -> str:
         self.check(isinstance(name, str) and DATA_FILE.match(name) is not None,
@@ -421,13 +527,11 @@ class CommitRecord:
                     and VERSION_NAME.match(ref["name"]) is not None, f"bad version entry {str(ref)[:80]!r}")
             v.check(isinstance(ref.get("manifest_xxh3"), str) and re.fullmatch(r"[0-9a-f]{16}", ref["manifest_xxh3"])
                     is not None, "bad manifest checksum")
-            v.int(ref.get("manifest_size"), "manifest size", 1, 1 << 30)
+            v.int(ref.get("manifest_size"), "manifest size", 1, MAX_MANIFEST)
             for key in ("step", "epoch"):
                 v.check(ref.get(key) is None or (isinstance(ref[key], int) and not isinstance(ref[key], bool)),
                         f"version {key} {str(ref.get(key))[:40]!r} is not an integer")
-            v.check(ref.get("created") is None or (isinstance(ref["created"], (int, float))
-                                                   and not isinstance(ref["created"], bool)),
-                    "version created time is not a number")
+            v.time(ref.get("created"), f"version {ref['name']} created")
             versions.append(VersionRef(**{k: ref.get(k) for k in VersionRef.__dataclass_fields__}))
         v.check(len(versions) >= 1, "commit record names no version")
         v.check(len({r.name for r in versions}) == len(versions), "commit record names a version twice")
