@@ -146,6 +146,17 @@ def _disk_bytes(path: str) -> int:
     return sum(os.path.getsize(f) for p in paths if os.path.exists(p) for f in files_under(p))
 
 
+def divergence_check_cost(res: Results, kind: str, model, optimizer, repeat: int) -> None:
+    """What pyckpt adds to every snapshot of a job of several ranks, on the training thread, to catch
+    "replicated" state that differs between ranks (checksums of samples of every tensor): measured here
+    on the same state, as it does not depend on the number of ranks (off with one rank)."""
+    from pyckpt.coordinator import _divergence_samples
+    from pyckpt.writer import byte_view
+    views = [byte_view(t) for t in st.state_tensors(model, optimizer)]
+    for _ in range(repeat):
+        res.add(f"{kind}.pyckpt.divergence_check", timed(lambda: _divergence_samples(views))[0])
+
+
 def run_single(args, workdir: str, res: Results) -> None:
     size = int(args.size_gib * GIB)
     import torch.distributed as dist
@@ -165,6 +176,7 @@ def run_single(args, workdir: str, res: Results) -> None:
             each_round, copy = limits(res, model, optimizer, workdir) if kind == "large" else (None, None)
             wanted = classes + ([libs.TorchSnapshot] if problem is None and kind == "large" else [])
             measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round, copy)
+            divergence_check_cost(res, kind, model, optimizer, args.repeat)
             log(f"{kind} libraries done")
             del model, optimizer
             gc.collect()

@@ -128,6 +128,10 @@ def table(data: dict) -> str:
         lines.append(f"async snapshots x{v['rss.snapshots']}: peak extra RSS {v['rss.extra_peak_bytes'] / 2**20:.0f} MiB "
                      f"({v['rss.extra_peak_ratio']:.2f}x state), growth {v['rss.growth_bytes'] / 2**20:.1f} MiB, "
                      f"median stall {v['rss.blocked_median']:.3f} s")
+    checks = [f"{kind} {_m(data, f'{kind}.pyckpt.divergence_check'):.4f} s" for kind in ("large", "small")
+              if _m(data, f"{kind}.pyckpt.divergence_check") is not None]
+    if checks:
+        lines.append("pyckpt divergence check (2+ ranks, per snapshot, blocking): " + ", ".join(checks))
     firsts = [f"{key.split('.')[0]} {key.split('.')[1]} {v[key]:.3f} s" for key in sorted(v)
               if key.endswith(".async_blocked_first")]
     if firsts:
