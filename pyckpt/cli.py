@@ -288,28 +288,20 @@ def gc_cmd(
     """Remove versions beyond --keep, stages of crashed writers and spare data files kept for
     reuse_files; never the newest complete one.
 
-    Takes the writer's lock: exit 1 (nothing removed) while a snapshot is being written."""
-    from .inspect import list_versions, snapshot_paths
-    from .storage import SPARE_DIR, SnapshotStore
+    Takes the writer's lock: exit 1 (nothing removed) while a snapshot is being written. Exit 1 also
+    when a path cannot be cleaned (its error is shown; the other paths are still cleaned)."""
+    from .inspect import snapshot_paths
+    from .storage import SnapshotStore
 
     report = []
-    busy = False
     for snapshot_path in snapshot_paths(path):
-        entry = {"path": snapshot_path, "removed": [], "busy": False}
-        if dry_run:
-            rows = list_versions(snapshot_path)
-            listed = [r for r in rows if r.status in ("current", "committed") or (r.status == "broken"
-                                                                                    and r.version != "-")]
-            entry["removed"] = sorted([r.version for r in listed[keep:]]
-                                      + [r.version for r in rows if r.status in ("stage", "orphan")])
-            if os.path.isdir(os.path.join(SnapshotStore(snapshot_path).root, SPARE_DIR)):
-                entry["removed"].append(SPARE_DIR)
-        else:
-            try:
-                entry["removed"] = SnapshotStore(snapshot_path).gc(keep, spares=True)
-            except SnapshotLockedError as exc:
-                entry.update(busy=True, error=str(exc))
-                busy = True
+        entry = {"path": snapshot_path, "removed": [], "busy": False, "error": None}
+        try:
+            entry["removed"] = SnapshotStore(snapshot_path).gc(keep, spares=True, dry_run=dry_run)
+        except SnapshotLockedError as exc:
+            entry.update(busy=True, error=str(exc))
+        except PyckptError as exc:
+            entry["error"] = str(exc)
         report.append(entry)
     if as_json:
         typer.echo(json.dumps({"dry_run": dry_run, "keep": keep, "paths": report}, indent=2))
@@ -318,11 +310,13 @@ def gc_cmd(
         verb = "would remove" if dry_run else "removed"
         for entry in report:
             if entry["busy"]:
-                console.print(f"[yellow]busy[/] {_esc(entry['path'])}: a snapshot is being written; nothing removed, "
-                              "run gc again later")
+                console.print(f"[yellow]busy[/] {_esc(entry['path'])}: nothing removed, run gc again later "
+                              f"({_esc(entry['error'])})")
+            elif entry["error"]:
+                console.print(f"[red]error[/] {_esc(entry['path'])}: {_esc(entry['error'])}")
             else:
                 console.print(f"{_esc(entry['path'])}: {verb} {', '.join(entry['removed']) or 'nothing'}")
-    if busy:
+    if any(entry["error"] for entry in report):
         raise typer.Exit(EXIT_FAILED)
 
 

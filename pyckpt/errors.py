@@ -35,6 +35,14 @@ class IntegrityError(PyckptError):
         self.tensor = tensor
 
 
+class SnapshotPathError(PyckptError, ValueError):
+    """The path given cannot name a snapshot (empty, the root, ending in a separator)."""
+
+
+class SnapshotAccessError(PyckptError, PermissionError):
+    """This user may not read or write a snapshot's files (permissions or owner)."""
+
+
 class StateMismatchError(PyckptError, ValueError):
     """The snapshot does not fit the registered model/optimizer/objects."""
 

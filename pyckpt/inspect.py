@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import PyckptError, SnapshotNotFoundError
+from . import safe_fs
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord
 from .reader import Snapshot
 from .storage import MANIFEST, SnapshotStore
@@ -23,6 +25,7 @@ from .storage import MANIFEST, SnapshotStore
 SUFFIX = ".pyckpt"
 _ENTRY = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 BATCH_BYTES = 64 << 20   # verify/export read this much at a time: memory stays bounded
+_LEFTOVER_MANIFEST = 64 << 20   # ls shows step/epoch of a stage from its manifest only up to this size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,42 +55,44 @@ class VersionRow:
 def snapshot_paths(path: str | os.PathLike) -> list[str]:
     """PATH itself if it is a snapshot path, else every snapshot path directly inside directory PATH."""
     path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path) or path.endswith(SUFFIX):
-        if path.endswith(SUFFIX) and os.path.isdir(path):
-            return [path[: -len(SUFFIX)]]
-        if not os.path.exists(path) and not os.path.isdir(path + SUFFIX):
+    if path.endswith(SUFFIX) and _is_root(path):
+        return [path[: -len(SUFFIX)]]
+    if not os.path.isdir(path):
+        if not (os.path.lexists(path) or os.path.lexists(path + SUFFIX)):
             raise SnapshotNotFoundError(f"{path}: no such snapshot path or directory")
         return [path]
-    found = set()
-    for entry in os.listdir(path):
-        full = os.path.join(path, entry)
-        if entry.endswith(SUFFIX) and os.path.isdir(full):
-            found.add(full[: -len(SUFFIX)])
-        elif os.path.isfile(full) and os.path.isdir(full + SUFFIX):
-            found.add(full)
-    return sorted(found)
+    return sorted(os.path.join(path, entry[: -len(SUFFIX)]) for entry in safe_fs.list_dir(path, user_dir=True)
+                  if entry.endswith(SUFFIX) and entry != SUFFIX and _is_root(os.path.join(path, entry)))
+
+
+def _is_root(path: str) -> bool:
+    """Whether path is a P.pyckpt directory, or a link in its place (listed so that the commands refuse
+    it by name instead of skipping it)."""
+    info = safe_fs.lstat(path)
+    return info is not None and (stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode))
 
 
 def _dir_bytes(directory: str) -> int:
+    """Bytes of the regular files in a real directory (links are not followed)."""
     total = 0
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_size
+    for entry in safe_fs.list_dir(directory):
+        info = safe_fs.lstat(os.path.join(directory, entry))
+        if info is not None and stat.S_ISREG(info.st_mode):
+            total += info.st_size
     return total
 
 
 def list_versions(path: str) -> list[VersionRow]:
-    """Every version directory of one snapshot path, newest first; committed ones validated."""
+    """Every version directory of one snapshot path, newest first; committed ones validated. What
+    cannot be read (a damaged record, a link or an unreadable directory) is a "broken" row."""
     store = SnapshotStore(path)
     rows: list[VersionRow] = []
     listed: set[str] = set()
-    record_error = None
     try:
         record = store.read_commit() if store.exists() else None
     except PyckptError as exc:
-        record, record_error = None, str(exc)
-    if record_error:
-        rows.append(VersionRow(store.path, "-", "broken", False, error=record_error))
+        record = None
+        rows.append(VersionRow(store.path, "-", "broken", False, error=str(exc)))
     for position, ref in enumerate(record.versions if record else []):
         listed.add(ref.name)
         row = VersionRow(store.path, ref.name, "current" if position == 0 else "committed", True,
@@ -98,18 +103,43 @@ def list_versions(path: str) -> list[VersionRow]:
         except PyckptError as exc:
             row.status, row.complete, row.error = "broken", False, str(exc)
         rows.append(row)
-    entries = sorted(os.listdir(store.root)) if os.path.isdir(store.root) else []
+    try:
+        entries = sorted(safe_fs.list_dir(store.root))
+    except FileNotFoundError:
+        entries = []
+    except PyckptError as exc:
+        entries = []
+        rows.append(VersionRow(store.path, "-", "broken", False, error=str(exc)))
     for entry in entries:
         match = _ENTRY.match(entry)
         if not match or entry in listed:
             continue
-        directory = os.path.join(store.root, entry)
-        row = VersionRow(store.path, entry, "stage" if match.group(2) else "orphan", False,
-                         bytes=_dir_bytes(directory), created=os.stat(directory).st_mtime)
-        _fill_from_leftover(row, os.path.join(directory, MANIFEST))
-        rows.append(row)
+        row = _leftover_row(store, entry, "stage" if match.group(2) else "orphan")
+        if row is not None:
+            rows.append(row)
     rows.sort(key=lambda r: (r.version.split(".")[0] if r.version != "-" else "~"), reverse=True)
     return rows
+
+
+def _leftover_row(store: SnapshotStore, entry: str, status: str) -> VersionRow | None:
+    """The row of a stage or unlisted version (None if it was removed meanwhile)."""
+    directory = os.path.join(store.root, entry)
+    row = VersionRow(store.path, entry, status, False)
+    try:
+        info = safe_fs.lstat(directory)
+        if info is None:
+            return None
+        row.created = info.st_mtime
+        if not stat.S_ISDIR(info.st_mode):
+            raise safe_fs.refused(directory, info.st_mode, "directory")
+        row.bytes = _dir_bytes(directory)
+    except FileNotFoundError:
+        return None
+    except PyckptError as exc:
+        row.status, row.error = "broken", str(exc)
+        return row
+    _fill_from_leftover(row, os.path.join(directory, MANIFEST))
+    return row
 
 
 def _fill_from_manifest(row: VersionRow, manifest: Manifest) -> None:
@@ -125,8 +155,7 @@ def _fill_from_manifest(row: VersionRow, manifest: Manifest) -> None:
 def _fill_from_leftover(row: VersionRow, manifest_path: str) -> None:
     """A crash between writing the manifest and publishing leaves it in the stage: show its step/epoch."""
     try:
-        with open(manifest_path, "rb") as f:
-            data = f.read(1 << 30)
+        data = safe_fs.read_file(manifest_path, _LEFTOVER_MANIFEST, "manifest")
         manifest = Manifest.from_json(data, manifest_path)
     except (OSError, PyckptError):
         return

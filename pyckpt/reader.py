@@ -16,14 +16,16 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from concurrent.futures import wait
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from .errors import IntegrityError
+from . import safe_fs
+from .errors import IntegrityError, PyckptError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .storage import SnapshotStore
 from .writer import aligned_buffers, byte_view, helper_pool, libc_function
@@ -36,20 +38,29 @@ class Snapshot:
     store: SnapshotStore
     ref: VersionRef
     manifest: Manifest
+    files: dict[int, int] = field(default_factory=dict, repr=False)  # data files, open while this lives
 
     @classmethod
     def open(cls, path: str | os.PathLike, version: str | None = None) -> "Snapshot":
+        """Open a committed version (the current one by default): its manifest, and its data files,
+        which stay open so that a writer pruning the version afterwards cannot take them away. If the
+        current version is pruned while being opened (a newer one was committed meanwhile, keep_last=1),
+        the newer one is opened instead, up to _OPEN_TRIES times."""
         store = SnapshotStore(path)
-        record = store.read_commit()
-        ref = record.current
-        if version is not None:
-            matches = [v for v in record.versions if v.name == version]
-            if not matches:
-                names = ", ".join(v.name for v in record.versions)
-                raise IntegrityError(f"{store.path}: no version {version!r}; committed versions: {names}",
-                                     file=store.path)
-            ref = matches[0]
-        return cls(store, ref, store.read_manifest(ref))
+        tries = 1
+        while True:
+            ref = _pick(store.path, store.read_commit(), version)
+            try:
+                manifest = store.read_manifest(ref)
+                files = _open_data_files(store.version_dir(ref.name), manifest)
+            except IntegrityError:
+                if version is None and tries < _OPEN_TRIES and _superseded(store, ref):
+                    tries += 1
+                    continue
+                raise
+            snap = cls(store, ref, manifest, files)
+            weakref.finalize(snap, _close_all, list(files.values()))
+            return snap
 
     @property
     def directory(self) -> str:
@@ -269,28 +280,64 @@ def _intact(piece, view: memoryview) -> bool:
     return checksum(view) == piece.xxh3
 
 
-def _open_files(snap: Snapshot) -> dict[int, int]:
+_OPEN_TRIES = 5
+
+
+def _pick(path: str, record, version: str | None) -> VersionRef:
+    """The record's current version, or the committed one named `version`."""
+    if version is None:
+        return record.current
+    matches = [v for v in record.versions if v.name == version]
+    if not matches:
+        names = ", ".join(v.name for v in record.versions)
+        raise IntegrityError(f"{path}: no version {version!r}; committed versions: {names}", file=path)
+    return matches[0]
+
+
+def _superseded(store: SnapshotStore, ref: VersionRef) -> bool:
+    """Whether the record now names another current version than `ref` (it was replaced meanwhile)."""
+    try:
+        return store.read_commit().current.name != ref.name
+    except (PyckptError, OSError):
+        return False
+
+
+def _open_data_files(directory: str, manifest: Manifest) -> dict[int, int]:
+    """Open every data file of a version (regular files, no links) and check its size against the
+    manifest before any tensor memory is allocated."""
     fds: dict[int, int] = {}
     try:
-        for index, record in enumerate(snap.manifest.files):
-            path = snap.file_path(index)
+        for index, record in enumerate(manifest.files):
+            path = os.path.join(directory, record.name)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd, info = safe_fs.open_file(path)
             except FileNotFoundError:
                 raise IntegrityError(f"{path}: data file missing", file=path) from None
-            except OSError as exc:
-                raise IntegrityError(f"{path}: cannot open data file ({exc.strerror}); a symlink or "
-                                     "unreadable file is not allowed in a snapshot", file=path) from None
             fds[index] = fd
-            size = os.fstat(fd).st_size
-            if size != record.size:
-                raise IntegrityError(f"{path}: {size} bytes on disk, manifest says {record.size} "
+            if info.st_size != record.size:
+                raise IntegrityError(f"{path}: {info.st_size} bytes on disk, manifest says {record.size} "
                                      "(truncated or replaced)", file=path)
     except BaseException:
-        for fd in fds.values():
-            os.close(fd)
+        _close_all(fds.values())
         raise
     return fds
+
+
+def _open_files(snap: Snapshot) -> dict[int, int]:
+    """Descriptors of the snapshot's data files for one read: copies of those Snapshot.open opened."""
+    fds: dict[int, int] = {}
+    try:
+        for index, fd in snap.files.items():
+            fds[index] = os.dup(fd)
+    except BaseException:
+        _close_all(fds.values())
+        raise
+    return fds
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 _DIRECT_WINDOW = 4 << 20     # one O_DIRECT read: a common max request size of block devices
@@ -303,10 +350,9 @@ def _open_direct(fds: dict[int, int]) -> dict[int, int]:
     out: dict[int, int] = {}
     try:
         for file, fd in fds.items():
-            out[file] = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)  # the same, size-checked file
+            out[file] = safe_fs.reopen(fd, os.O_RDONLY | os.O_DIRECT)  # the same, size-checked file
     except OSError:
-        for fd in out.values():
-            os.close(fd)
+        _close_all(out.values())
         return {}
     return out
 

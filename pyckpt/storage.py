@@ -12,22 +12,31 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
+import logging
 import os
 import re
-import shutil
 import signal
+import socket
 import stat
+import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator
 
-from .errors import IntegrityError, SnapshotLockedError, SnapshotNotFoundError
+from . import safe_fs
+from .errors import (IntegrityError, PyckptError, SnapshotError, SnapshotLockedError, SnapshotNotFoundError,
+                     SnapshotPathError)
 from .manifest import CommitRecord, Manifest, VersionRef, checksum
-from .writer import fsync_dir, write_bytes_durably
 
+log = logging.getLogger("pyckpt")
 MANIFEST = "manifest.json"
 SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
+LOCK = ".lock"
+LOCK_WAIT = 5.0               # seconds a writer waits while gc (short maintenance) holds the lock
 _NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
+_DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
+_MAX_VERSION = 99_999_999     # version names have 8 digits (docs/FORMAT.md)
 _MAX_RECORD = 1 << 20
 _MAX_MANIFEST = 1 << 30
 _DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
@@ -44,42 +53,28 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _makedirs(path: str) -> None:
-    """os.makedirs with an explicit mode for every level (its parents otherwise get 0o777 & ~umask)."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent and parent != path:
-        _makedirs(parent)
-    try:
-        os.mkdir(path, _DIR_MODE)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-
-
 class SnapshotStore:
     def __init__(self, path: str | os.PathLike):
-        self.path = os.path.abspath(os.fspath(path))
+        raw = os.fspath(path)
+        if os.path.basename(raw) in ("", ".", ".."):  # "", "/", "dir/": the store would land beside or above it
+            raise SnapshotPathError(f"{raw!r} cannot be a snapshot path: it must name a file, e.g. "
+                                    "/shared/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
+        self.path = os.path.abspath(raw)
         self.root = self.path + ".pyckpt"
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self) -> bool:
-        return os.path.isfile(self.path)
+        """Whether anything is at P (read_commit says whether it is a valid record)."""
+        return safe_fs.lstat(self.path) is not None
 
     def read_commit(self) -> CommitRecord:
-        if os.path.isdir(self.path):
-            raise SnapshotNotFoundError(f"{self.path} is a directory, not a pyckpt snapshot path")
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(_MAX_RECORD + 1)
+            data = safe_fs.read_file(self.path, _MAX_RECORD, "commit record")
         except FileNotFoundError:
             raise SnapshotNotFoundError(
                 f"no snapshot at {self.path}; check the path (and that the shared filesystem is mounted), "
                 "or pass missing_ok=True to start fresh"
             ) from None
-        if len(data) > _MAX_RECORD:
-            raise IntegrityError(f"{self.path}: too large for a commit record; not a pyckpt snapshot", file=self.path)
         return CommitRecord.from_json(data, self.path)
 
     def version_dir(self, name: str) -> str:
@@ -88,151 +83,229 @@ class SnapshotStore:
     def read_manifest(self, ref: VersionRef) -> Manifest:
         directory = self.version_dir(ref.name)
         where = os.path.join(directory, MANIFEST)
+        missing = IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, is "
+                                 "missing (deleted, or the record was edited)", file=where)
+        if not (safe_fs.is_dir(self.root) and safe_fs.is_dir(directory)):
+            raise missing
         try:
-            info = os.lstat(directory)
-        except FileNotFoundError:
-            raise IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, "
-                                 "is missing (deleted, or the record was edited)", file=where) from None
-        if not stat.S_ISDIR(info.st_mode):  # a symlink could point the reader anywhere
-            raise IntegrityError(f"{directory}: version {ref.name} is not a plain directory (symlink or file); "
-                                 "refusing to read it", file=where)
-        try:
-            fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW)
+            data = safe_fs.read_file(where, min(ref.manifest_size, _MAX_MANIFEST), "manifest")
         except FileNotFoundError:
             raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
                                  file=where) from None
-        except OSError as exc:
-            raise IntegrityError(f"{where}: cannot open manifest ({exc.strerror}); a symlink or unreadable "
-                                 "manifest is not allowed", file=where) from None
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(fd).st_size
-            if size != ref.manifest_size or size > _MAX_MANIFEST:  # before reading: never allocate a claimed size
-                raise IntegrityError(f"{where}: manifest is {size} bytes, {self.path} says {ref.manifest_size} "
-                                     "(truncated, replaced or corrupted)", file=where)
-            data = f.read(size + 1)
-        if len(data) != ref.manifest_size or checksum(data) != ref.manifest_xxh3:
+        if len(data) != ref.manifest_size:
+            raise IntegrityError(f"{where}: manifest is {len(data)} bytes, {self.path} says {ref.manifest_size} "
+                                 "(truncated, replaced or corrupted)", file=where)
+        if checksum(data) != ref.manifest_xxh3:
             raise IntegrityError(f"{where}: manifest does not match its checksum in {self.path} "
                                  "(corrupted or replaced)", file=where)
         return Manifest.from_json(data, where)
 
     # -- writing (leader only, under lock) -------------------------------------------------
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        _makedirs(self.root)
-        fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    def locked(self, what: str = "snapshot") -> Iterator[None]:
+        """Hold the path's lock (P.pyckpt/.lock) for `what` ("snapshot" or "gc"), writing who holds it
+        into the file for the messages of the others. Held by a snapshot: SnapshotLockedError at once
+        (another job); held by gc (short maintenance): wait up to LOCK_WAIT seconds first."""
+        info = safe_fs.lstat(self.path)
+        if info is not None and not stat.S_ISREG(info.st_mode):  # checked before P.pyckpt is made next to it
+            raise safe_fs.refused(self.path, info.st_mode, "regular file (the commit record)")
+        safe_fs.make_dirs(self.root, _DIR_MODE)
+        where = os.path.join(self.root, LOCK)
+        fd, _ = safe_fs.open_file(where, os.O_RDWR | os.O_CREAT)
         try:
+            self._acquire(fd, where)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise SnapshotLockedError(
-                    f"another process is writing a snapshot to {self.path} (lock {self.root}/.lock is held); "
-                    "two jobs must not share one snapshot path: give each job its own"
-                ) from None
-            yield
+                yield
+            finally:
+                with suppress(OSError):  # an empty file: free, or being taken (waiters read it that way)
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 
+    def _acquire(self, fd: int, where: str) -> None:
+        """flock the lock file, waiting while gc holds it (or its holder has not said who it is yet)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            holder = _holder(fd)
+            if holder.get("what") == "snapshot":
+                raise SnapshotLockedError(
+                    f"another process is writing a snapshot to {self.path} (lock {where} held by "
+                    f"{_who(holder)}); two jobs must not share one snapshot path: give each job its own")
+            if time.monotonic() >= deadline:
+                raise SnapshotLockedError(
+                    f"{self.path} is locked by {_who(holder)} (lock {where}) for more than {LOCK_WAIT:g} s; "
+                    "nothing was done: try again once it has finished")
+            time.sleep(0.05)
+
     def committed(self) -> CommitRecord | None:
+        """The record, or None if there is none yet. A record that is there but cannot be read raises:
+        whoever deletes versions must never take it for "no snapshot yet"."""
         try:
             return self.read_commit()
-        except SnapshotNotFoundError:
+        except SnapshotNotFoundError:  # raised only when nothing is at P
             return None
+
+    def _leftovers(self, keep: set[str]) -> list[str]:
+        """Version and stage directories in P.pyckpt that are not in `keep`, sorted; an entry of such a
+        name that is not a real directory is refused before anything is removed."""
+        names = sorted(e for e in safe_fs.list_dir(self.root) if _NUMBERED.match(e) and e not in keep)
+        return [e for e in names if safe_fs.is_dir(os.path.join(self.root, e))]
 
     def begin(self) -> tuple[str, str]:
         """Clean leftovers of crashed writers, then create a stage; returns (version name, stage dir)."""
         record = self.committed()
-        keep = {v.name for v in record.versions} if record else set()
-        numbers = [int(v.name[1:]) for v in record.versions] if record else []
-        for entry in os.listdir(self.root):
-            match = _NUMBERED.match(entry)
-            if match:
-                numbers.append(int(match.group(1)))
-                if entry not in keep:
-                    shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+        committed = [int(v.name[1:]) for v in record.versions] if record else []
+        leftovers = self._leftovers({v.name for v in record.versions} if record else set())
+        for entry in leftovers:
+            safe_fs.remove_tree(os.path.join(self.root, entry))
         self._drop_record_tmps()
-        name = f"v{max(numbers, default=0) + 1:08d}"
+        # Leftovers' numbers are not reused while there is room; past the 8 digits of the format only the
+        # committed ones count (a stray "v99999999" is gone now).
+        number = max(committed + [int(e[1:9]) for e in leftovers], default=0) + 1
+        if number > _MAX_VERSION:
+            number = max(committed, default=0) + 1
+        if number > _MAX_VERSION:
+            raise SnapshotError(f"{self.path}: version numbers are used up (v{_MAX_VERSION} is committed); "
+                                "snapshot to a new path")
+        name = f"v{number:08d}"
         stage = os.path.join(self.root, f"{name}.stage-{uuid.uuid4().hex[:12]}")
-        os.mkdir(stage, _DIR_MODE)
+        safe_fs.make_dir(stage, _DIR_MODE)
         _crash_point("stage-created")
         return name, stage
 
+    def keep_spares(self, keep_last: int | None) -> None:
+        """Leader, under the lock, before publishing: hard-link the data files of the newest version that
+        this commit drops from the record into P.pyckpt/.spare/, so deleting that version only removes
+        names and the next snapshot overwrites these files in place (writer._take_spare). Until the new
+        record is in place the spares are still linked from their committed version (st_nlink 2), and a
+        writer never overwrites such a file. keep_last None: remove the spares (reuse turned off)."""
+        spare_dir = os.path.join(self.root, SPARE_DIR)
+        if safe_fs.is_dir(spare_dir):
+            for entry in safe_fs.list_dir(spare_dir):  # spares nobody took (fewer ranks now, or reuse turned off)
+                safe_fs.remove_file(os.path.join(spare_dir, entry))
+        if keep_last is None:
+            return
+        record = self.committed()
+        dropped = record.versions[keep_last - 1:] if record else []
+        if not dropped:
+            return
+        source = self.version_dir(dropped[0].name)
+        try:
+            safe_fs.make_dir(spare_dir, _DIR_MODE)
+            for entry in safe_fs.list_dir(source):
+                if _DATA_FILE.match(entry):
+                    safe_fs.link_file(os.path.join(source, entry), os.path.join(spare_dir, entry))
+        except OSError as exc:  # no hard links (some filesystems): the old version is simply deleted
+            log.debug("pyckpt: no spare data files kept: %s", exc)
+
     def publish(self, stage: str, name: str, manifest: bytes, meta: dict, keep_last: int) -> CommitRecord:
         """Make the staged version the current one. Data files must already be durable. The versions
-        the new record drops stay on disk until gc() (the coordinator runs it on a helper thread)."""
-        write_bytes_durably(os.path.join(stage, MANIFEST), manifest)
-        fsync_dir(stage)
+        the new record drops stay on disk until gc() (the coordinator runs it on a helper thread).
+        If this fails, the version is removed again unless the record already names it."""
+        safe_fs.write_new_file(os.path.join(stage, MANIFEST), manifest)
+        safe_fs.fsync_dir(stage)
         _crash_point("manifest-written")
-        final = self.version_dir(name)
-        os.rename(stage, final)
-        fsync_dir(self.root)
-        _crash_point("stage-renamed")
         ref = VersionRef(name, checksum(manifest), len(manifest), meta.get("step"), meta.get("epoch"),
                          meta.get("created"))
         previous = self.committed()
-        older = previous.versions if previous else []
-        record = CommitRecord([ref] + older[: max(0, keep_last - 1)])
-        self._replace_record(record)
+        record = CommitRecord([ref] + (previous.versions[: max(0, keep_last - 1)] if previous else []))
+        os.rename(stage, self.version_dir(name))
+        try:
+            safe_fs.fsync_dir(self.root)
+            _crash_point("stage-renamed")
+            self._replace_record(record)
+        except BaseException:
+            self._drop_unpublished(name)
+            raise
         _crash_point("record-renamed")
         return record
+
+    def _drop_unpublished(self, name: str) -> None:
+        """After a failed publish: remove the version unless the record names it (the failure may have
+        come after the rename over P). If the record cannot be read, gc decides later."""
+        try:
+            record = self.committed()
+        except (PyckptError, OSError):
+            return
+        if record is None or name not in {v.name for v in record.versions}:
+            safe_fs.remove_tree(self.version_dir(name))
 
     def _replace_record(self, record: CommitRecord) -> None:
         """Atomically replace the record at P: write a tmp file, fsync, rename over P, fsync the dir."""
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
+        safe_fs.write_new_file(tmp, record.to_json())
         try:
-            write_bytes_durably(tmp, record.to_json())
             _crash_point("record-tmp-written")
             os.rename(tmp, self.path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            with suppress(OSError):
+                safe_fs.remove_file(tmp)
             raise
-        fsync_dir(os.path.dirname(self.path))
+        safe_fs.fsync_dir(os.path.dirname(self.path))
 
     def _drop_record_tmps(self) -> None:
         """Remove record tmp files left next to P by a writer that crashed (caller holds the lock)."""
         parent, base = os.path.split(self.path)
         pattern = re.compile(re.escape(base) + r"\.tmp-[0-9a-f]{12}$")
-        for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        try:
+            entries = safe_fs.list_dir(parent, user_dir=True)
+        except FileNotFoundError:
+            return
+        for entry in entries:
             if pattern.match(entry):
-                try:
-                    os.unlink(os.path.join(parent, entry))
-                except FileNotFoundError:
-                    pass
+                safe_fs.remove_file(os.path.join(parent, entry))
 
     def abort(self, stage: str) -> None:
-        shutil.rmtree(stage, ignore_errors=True)
+        safe_fs.remove_tree(stage)
 
-    def gc(self, keep_last: int, spares: bool = False) -> list[str]:
+    def gc(self, keep_last: int, spares: bool = False, dry_run: bool = False) -> list[str]:
         """Trim history to keep_last versions and remove stages, unlisted versions and stale record tmps;
-        with spares=True also the spare data files kept for reuse_files (SPARE_DIR).
+        with spares=True also the spare data files kept for reuse_files (SPARE_DIR). Returns the names
+        removed under P.pyckpt/; dry_run=True decides the same way (under the lock) and removes nothing.
 
         Takes the path's lock (SnapshotLockedError while a snapshot is being written): never call it
-        from inside `locked()`.
+        from inside `locked()`. A record that cannot be read raises: nothing is removed then.
         """
-        if not os.path.isdir(self.root) and not self.exists():
+        if not safe_fs.is_dir(self.root) and not self.exists():
             return []
-        with self.locked():
+        with self.locked("gc"):
             record = self.committed()
             if record and len(record.versions) > keep_last:
                 record = CommitRecord(record.versions[: max(1, keep_last)])
-                self._replace_record(record)
-            self._drop_record_tmps()
-            removed = self._drop_unlisted(record)
-            spare_dir = os.path.join(self.root, SPARE_DIR)
-            if spares and os.path.isdir(spare_dir):
-                shutil.rmtree(spare_dir, ignore_errors=True)  # only names: committed versions keep their links
-                removed.append(SPARE_DIR)
+                if not dry_run:
+                    self._replace_record(record)
+            removed = self._leftovers({v.name for v in record.versions} if record else set())
+            if spares and safe_fs.is_dir(os.path.join(self.root, SPARE_DIR)):
+                removed.append(SPARE_DIR)  # only names: committed versions keep their links
+            if not dry_run:
+                self._drop_record_tmps()
+                for entry in removed:
+                    safe_fs.remove_tree(os.path.join(self.root, entry))
             return removed
 
-    def _drop_unlisted(self, record: CommitRecord | None) -> list[str]:
-        keep = {v.name for v in record.versions} if record else set()
-        removed = []
-        for entry in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
-            if _NUMBERED.match(entry) and entry not in keep:
-                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
-                removed.append(entry)
-        return removed
+
+def _holder(fd: int) -> dict:
+    """Who holds the lock, as its holder wrote it into the lock file ({} if not (yet) written)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _who(holder: dict) -> str:
+    if not holder:
+        return "a process that has not said who it is (it is just taking the lock, or is an older pyckpt)"
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) \
+        if type(since) in (int, float) and 0 <= since < 1e11 else "?"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('what')} since {when})"

@@ -18,13 +18,14 @@ import errno
 import fcntl
 import mmap
 import os
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 
+from . import safe_fs
+from .errors import IntegrityError
 from .manifest import checksum
 from .planner import Slice
 
@@ -183,7 +184,7 @@ def write_file(path: str, slices: list[tuple[Slice, memoryview]], size: int, reu
     pending: list = []                            # checksum futures, one per batch, in file order
     fd = _take_spare(reuse, path, size) if reuse else None
     if fd is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = safe_fs.create_file(path)
     try:
         preallocate(fd, size)
         if not (direct and _set_direct(fd, True) and _write_direct(fd, slices, size, pending)):
@@ -321,7 +322,9 @@ def _write_buffered(fd: int, slices, size: int, pending: list) -> None:
 
 
 def _take_spare(spare: str, path: str, size: int) -> int | None:
-    """Move a spare data file to `path` and open it for overwriting; None (and no spare) if unusable.
+    """Open a spare data file for overwriting and move it to `path`; None if there is none or it is
+    unusable (then it stays where it is: the leader's keep_spares removes it, or names it if it is not
+    a regular file).
 
     Overwriting a file's existing blocks is faster than allocating new ones (here 0.35 s vs 0.55-4 s
     for 1.5 GiB + fsync: ext4 with online discard on a thin-provisioned virtual disk), and deleting
@@ -329,23 +332,17 @@ def _take_spare(spare: str, path: str, size: int) -> int | None:
     version directory (st_nlink > 1: the writer crashed before that version was dropped from the
     record) is never written to."""
     try:
-        os.rename(spare, path)
-    except OSError:
+        fd, info = safe_fs.open_file(spare, os.O_WRONLY)
+    except (OSError, IntegrityError):
         return None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    except OSError:
-        os.unlink(path)
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        if info.st_nlink != 1:
             raise OSError("spare data file is still part of a version")
         if info.st_size != size:
             os.ftruncate(fd, size)
+        os.rename(spare, path)
     except OSError:
         os.close(fd)
-        os.unlink(path)
         return None
     return fd
 
@@ -360,22 +357,3 @@ def _writev_all(fd: int, buffers: list[memoryview]) -> None:
             i += 1
         if written:
             buffers[i] = buffers[i][written:]
-
-
-def write_bytes_durably(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

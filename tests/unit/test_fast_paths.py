@@ -94,7 +94,7 @@ def test_a_spare_still_linked_from_a_committed_version_is_never_written(snap_pat
     assert torch.equal(pyckpt.load(snap_path)["objects"]["holder"]["t0"], torch.full((10_000,), 9.0))
 
 
-def test_a_spare_that_is_not_a_regular_file_is_ignored(snap_path, tmp_path):
+def test_a_spare_that_is_not_a_regular_file_is_refused_and_left_alone(snap_path, tmp_path):
     runtime, _ = _runtime(1_000, 1.0)
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
@@ -102,7 +102,9 @@ def test_a_spare_that_is_not_a_regular_file_is_ignored(snap_path, tmp_path):
         c.snapshot(snap_path, runtime)
         os.makedirs(os.path.dirname(_spare(snap_path)), exist_ok=True)
         os.symlink(victim, _spare(snap_path))
-        c.snapshot(snap_path, runtime)
+        with pytest.raises(IntegrityError, match="data-0.bin: is a symlink"):
+            c.snapshot(snap_path, runtime)
+    assert os.path.islink(_spare(snap_path))
     assert victim.read_bytes() == b"keep me"
     assert pyckpt.load(snap_path)["progress"]["step"] == 0
 
