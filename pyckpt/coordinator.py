@@ -520,42 +520,18 @@ class DistributedCoordinator:
         self.wait()
         path = str(path)
         comm = self._comm
-        rank = comm.rank
-        local = self._machine_ranks if rank in self._machine_ranks else [rank]
-        error: Exception | None = None
-        outcome: messages.RestoreOutcome | None = None
-        snap: Snapshot | None = None
-        in_place: dict = {}
-        replicated: TreeRead | None = None
+        local = self._machine_ranks if comm.rank in self._machine_ranks else [comm.rank]
+        job = _Restoring(path, comm.rank)
         with ExitStack() as held:
             if len(local) > 1:
                 held.enter_context(peers.readable_by_peers())
-            try:
-                with _gc_paused():
-                    snap = Snapshot.open(path, version)
-                    in_place = fitting.live_destinations(snap.manifest, runtime)
-                    replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=in_place))
-            except SnapshotNotFoundError as exc:
-                error, outcome = exc, messages.RestoreOutcome(missing=True)
-            except Exception as exc:
-                error = messages.as_read_error(exc, path, rank)
-                outcome = messages.RestoreOutcome(error=messages.RankError.of(rank, error))
-            offers = self._exchange_offers(replicated, snap.ref.name if replicated is not None else None, local)
-            if outcome is None:
-                try:
-                    with _gc_paused():
-                        if offers:  # ranks on one machine each read a share and copy the rest
-                            peers.read_shared(replicated, offers, local.index(rank))
-                        else:
-                            replicated.run()
-                        private = snap.private(rank) if rank < snap.manifest.world_size else None
-                    outcome = messages.RestoreOutcome(version=snap.ref.name)
-                except Exception as exc:
-                    error = messages.as_read_error(exc, path, rank)
-                    outcome = messages.RestoreOutcome(error=messages.RankError.of(rank, error))
+            job.attempt(lambda: job.prepare(runtime, version, strict, held))
+            offers = self._exchange_offers(job.replicated, job.version, local)
+            job.attempt(lambda: job.read(offers, local))
             # Also the point before which no rank returns: peers may be copying from its tensors.
-            outcomes = comm.all_gather(outcome)
-        if isinstance(error, IntegrityError) and in_place:
+            outcomes = comm.all_gather(job.outcome())
+        error = job.error
+        if isinstance(error, IntegrityError) and job.in_place:
             # tensors are read straight into the live objects: say they are now unusable
             error = IntegrityError(f"{error}\nThe registered model/optimizer were being restored in place and may "
                                    "be partly overwritten: restore another version (restore(path, version=...); "
@@ -564,11 +540,11 @@ class DistributedCoordinator:
             if missing_ok:
                 return False
             raise error
-        saved_world = snap.manifest.world_size
+        saved_world = job.snap.manifest.world_size
         if comm.world_size != saved_world:
             warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                           "state are restored; per-rank RNG state only for ranks present in both", stacklevel=2)
-        self._load_everywhere(path, runtime, replicated.tree(), private, strict)
+        self._load_everywhere(path, runtime, job.replicated.tree(), job.private, strict)
         return True
 
     def _load_everywhere(self, path: str, runtime: TrainingRuntime, replicated: Any, private: Any,
@@ -603,6 +579,56 @@ class DistributedCoordinator:
         if len(local) < 2 or None in offers or len({gathered[r][0] for r in local}) != 1:
             return None
         return offers
+
+
+class _Restoring:
+    """One rank's side of a restore: the version opened, its state read (into the live objects where
+    they fit exactly), or the error that stopped it, turned into a pyckpt error for the other ranks."""
+
+    def __init__(self, path: str, rank: int):
+        self.path, self.rank = path, rank
+        self.snap: Snapshot | None = None
+        self.private: Any = None
+        self.in_place: dict[int, torch.Tensor] = {}
+        self.replicated: TreeRead | None = None
+        self.error: Exception | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.snap.ref.name if self.replicated is not None else None
+
+    def attempt(self, step) -> None:
+        if self.error is not None:
+            return
+        try:
+            with _gc_paused():
+                step()
+        except SnapshotNotFoundError as exc:
+            self.error = exc
+        except Exception as exc:
+            self.error = messages.as_read_error(exc, self.path, self.rank)
+
+    def prepare(self, runtime: TrainingRuntime, version: str | None, strict: bool, held: ExitStack) -> None:
+        """Open the version and check it fits the runtime before a byte goes into the live objects:
+        this rank's private state first (a few KiB: its values are checked too), then the plan."""
+        snap = self.snap = Snapshot.open(self.path, version)
+        self.private = snap.private(self.rank) if self.rank < snap.manifest.world_size else None
+        fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private)
+        self.in_place = fitting.live_destinations(snap.manifest, runtime)
+        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=self.in_place))
+
+    def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
+        if offers:  # ranks on one machine each read a share and copy the rest
+            peers.read_shared(self.replicated, offers, local.index(self.rank))
+        else:
+            self.replicated.run()
+
+    def outcome(self) -> messages.RestoreOutcome:
+        if isinstance(self.error, SnapshotNotFoundError):
+            return messages.RestoreOutcome(missing=True)
+        if self.error is not None:
+            return messages.RestoreOutcome(error=messages.RankError.of(self.rank, self.error))
+        return messages.RestoreOutcome(version=self.snap.ref.name)
 
 
 def _restore_agreed(outcomes: list[messages.RestoreOutcome], path: str, error: Exception | None) -> bool:
