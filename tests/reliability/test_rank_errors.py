@@ -115,6 +115,13 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, case: str) -> N
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})) as c:
         if case == "rank-filled":       # "replicated" state that differs per rank
             runtime.register("gen", StateHolder({"seed": torch.full((16,), float(rank))}))
+        if case == "per-rank":          # the same, declared per rank
+            mine = StateHolder({"seed": torch.full((16,), float(rank)), "gen": torch.Generator().manual_seed(rank)})
+            mine.state["gen"] = mine.state["gen"].get_state()
+            runtime.register("gen", mine, per_rank=True)
+            c.snapshot(path, runtime)
+            mine.state.update(seed=torch.zeros(16), gen=torch.Generator().get_state())
+            shared["w"].zero_()
         if case == "bad-state-on-rank-1" and rank == 1:
             runtime.register("gen", StateHolder({"x": object()}))
         if case == "bad-state-on-rank-1" and rank == 0:
@@ -125,11 +132,15 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, case: str) -> N
                 _inject_read_error(case)
         start = time.monotonic()
         try:
-            if case.startswith("read-error"):
+            if case.startswith("read-error") or case == "per-rank":
                 c.restore(path, runtime)
             else:
                 c.snapshot(path, runtime)
             result["outcome"] = "ok"
+            if case == "per-rank":
+                result["restored"] = [mine.state["seed"][0].item(),
+                                      torch.equal(mine.state["gen"], torch.Generator().manual_seed(rank).get_state()),
+                                      torch.equal(shared["w"], torch.arange(4096.0))]
         except Exception as exc:
             result["outcome"] = f"{type(exc).__name__}: {exc}"
             result["pyckpt"] = isinstance(exc, pyckpt.PyckptError)
@@ -174,6 +185,13 @@ def test_state_that_differs_between_ranks_is_refused_naming_the_key(tmp_path):
     with pytest.raises(pyckpt.SnapshotNotFoundError):   # nothing was committed
         pyckpt.Snapshot.open(tmp_path / "ck.bin")
     assert _leftovers(tmp_path / "ck.bin") == []
+
+
+@pytest.mark.multiproc
+def test_state_declared_per_rank_is_restored_to_each_rank_its_own(tmp_path):
+    results = _two_ranks(tmp_path, "per-rank")
+    assert [r["outcome"] for r in results] == ["ok", "ok"], results
+    assert [r["restored"] for r in results] == [[0.0, True, True], [1.0, True, True]]
 
 
 @pytest.mark.multiproc
