@@ -45,17 +45,18 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def as_read_error(exc: Exception, path: str, rank: int) -> PyckptError:
-    """A pyckpt error for anything a restore raised on this rank (pyckpt errors pass unchanged)."""
+def as_read_error(exc: Exception, path: str, rank: int | None = None) -> PyckptError:
+    """A pyckpt error for anything reading a snapshot raised (pyckpt errors pass unchanged)."""
     if isinstance(exc, PyckptError):
         return exc
+    where = f"restore of {path} failed on rank {rank}" if rank is not None else f"reading {path} failed"
     if isinstance(exc, OSError):
         return SnapshotReadError(
-            f"restore of {path} failed on rank {rank}: {describe(exc)}; check the shared filesystem on this "
-            "node (mounted, readable by this user, not a stale NFS handle: remount it), then restore again")
+            f"{where}: {describe(exc)}; check the shared filesystem on this node (mounted, readable by this "
+            "user, not a stale NFS handle: remount it), then try again")
     return SnapshotReadError(
-        f"restore of {path} failed on rank {rank} with an unexpected {describe(exc)}; the snapshot may be "
-        "damaged (`pyckpt verify` checks it) or this is a pyckpt bug: please report it")
+        f"{where} with an unexpected {describe(exc)}; the snapshot may be damaged (`pyckpt verify` checks "
+        "it) or this is a pyckpt bug: please report it")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from . import safe_fs
 from .errors import IntegrityError, PyckptError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
+from .messages import as_read_error
 from .storage import SnapshotStore
 from .writer import aligned_buffers, byte_view, helper_pool, libc_function
 
@@ -509,7 +510,10 @@ def load(path: str | os.PathLike, *, version: str | None = None) -> dict:
     Returns {"progress": {...}, "kinds": {...}, "objects": {name: state_dict},
              "per_rank": [{"loss": ..., "rng": {...}} for each rank that saved it]}.
     """
-    snap = Snapshot.open(path, version)
-    state = snap.replicated()
-    state["per_rank"] = [snap.private(rank) for rank in range(snap.manifest.world_size)]
+    try:
+        snap = Snapshot.open(path, version)
+        state = snap.replicated()
+        state["per_rank"] = [snap.private(rank) for rank in range(snap.manifest.world_size)]
+    except Exception as exc:
+        raise as_read_error(exc, os.fspath(path)) from exc
     return state

@@ -231,3 +231,16 @@ def test_conjugate_and_negative_views_are_saved_as_their_values(tmp_path):
     loaded = pyckpt.load(tmp_path / "ck.bin")["objects"]["holder"]
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
+
+
+def test_load_turns_an_io_error_into_a_pyckpt_error_naming_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "ck.bin"
+    runtime = pyckpt.TrainingRuntime(capture_rng=False)
+    runtime.register("holder", StateHolder({"w": torch.arange(10.0)}))
+    pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})).snapshot(path, runtime)
+
+    def failing_read(self, fd, direct_fd, batch):
+        raise OSError(errno.EIO, "Input/output error", self.snap.file_path(batch[0][1].file))
+    monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch", failing_read)
+    with pytest.raises(pyckpt.PyckptError, match=rf"reading {path} failed: .*data-0.bin: Input/output error"):
+        pyckpt.load(path)
