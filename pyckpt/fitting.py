@@ -27,7 +27,7 @@ _LISTED = 20          # keys or parameters named in one problem; the rest are co
 _MT_WORDS = 624       # numpy's MT19937 key length (its pos must lie in [0, 624])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SavedTensor:
     """A saved tensor as the manifest records it: what a check needs, without its data."""
 
@@ -64,8 +64,22 @@ def check_fits(manifest: Manifest, runtime: "TrainingRuntime", rank: int | None,
 
 def skeleton(manifest: Manifest, tree: Any) -> Any:
     """A state tree of the manifest with a SavedTensor in place of each tensor."""
-    records = [SavedTensor(r.dtype, tuple(r.shape)) for r in manifest.tensors]
-    return unflatten(tree, records, "manifest.json")
+    return unflatten(tree, _Records(manifest), "manifest.json")
+
+
+class _Records:
+    """The manifest's tensors as SavedTensors, made as a tree references them (a rank's private tree
+    references a few of 20k)."""
+
+    def __init__(self, manifest: Manifest):
+        self.tensors = manifest.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, index: int) -> SavedTensor:
+        record = self.tensors[index]
+        return SavedTensor(record.dtype, tuple(record.shape))
 
 
 def mismatch_error(problems: list[str]) -> StateMismatchError:
@@ -83,16 +97,18 @@ def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any) -> Fit:
     saved = _objects(replicated, "replicated", fit)
     saved_private = _objects(private, "per-rank", fit) if private is not None else {}
     registered = runtime.objects
-    params = _saved_param_shapes(runtime, saved, saved_private)
+    order = {name: index for index, name in enumerate(registered)}
+    changed: dict[int, str | None] = {}  # id(parameter) -> how its shape changed since the save (None: it did not)
     missing = []
-    for name, obj in registered.items():
+    # Modules first: they fill `changed`, which the optimizers' checks read.
+    for name in sorted(registered, key=lambda n: not isinstance(registered[n], torch.nn.Module)):
         per_rank = name in runtime.per_rank_names
         home, elsewhere = (saved_private, saved) if per_rank else (saved, saved_private)
         label = f"{runtime.kind(name)} {name!r}"
         if per_rank and private is None:
             fit.absent.append(name)
         elif name in home:
-            state = _fit_object(label, obj, home[name], params, fit.problems)
+            state = _fit_object(label, name, registered[name], home[name], changed, fit.problems)
             if state is not None:
                 fit.objects[name] = state
         elif name in elsewhere:
@@ -101,16 +117,18 @@ def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any) -> Fit:
                 if per_rank else f"{label} is saved per rank: register it with per_rank=True")
         else:
             missing.append(name)
+    fit.objects = dict(sorted(fit.objects.items(), key=lambda item: order[item[0]]))  # loaded in registration order
     unexpected = [n for n in chain(saved, saved_private) if n not in registered]
     if missing:
-        fit.problems.append(f"registered but not in the snapshot: {', '.join(missing)}")
+        fit.problems.append(f"registered but not in the snapshot: {', '.join(sorted(missing, key=order.get))}")
     if unexpected:
         fit.problems.append(f"in the snapshot but not registered: {', '.join(unexpected)}")
     _fit_progress(replicated, private, fit)
     if runtime.capture_rng and isinstance(private, dict) and "rng" in private:
-        problems = _rng_problems(private["rng"])
-        fit.problems.extend(problems)
-        fit.rng = None if problems else private["rng"]
+        rng = private["rng"]
+        bad = _rng_problems(rng)
+        fit.problems.extend(bad.values())
+        fit.rng = {part: state for part, state in rng.items() if part not in bad} if isinstance(rng, dict) else None
     return fit
 
 
@@ -122,24 +140,31 @@ def _objects(tree: Any, where: str, fit: Fit) -> dict:
     return objects
 
 
-def _fit_object(label: str, obj: Any, saved: Any, params: dict, problems: list[str]) -> Any:
+def _fit_object(label: str, name: str, obj: Any, saved: Any, changed: dict, problems: list[str]) -> Any:
     """The saved state to load into one object (misfits left out), or None when none of it fits."""
     if isinstance(obj, torch.nn.Module):
-        return _fit_module(label, obj, saved, problems)
+        return _fit_module(label, name, obj, saved, changed, problems)
     if isinstance(obj, torch.optim.Optimizer):
-        return _fit_optimizer(label, obj, saved, params, problems)
+        return _fit_optimizer(label, obj, saved, changed, problems)
     return saved  # anything else: its own load_state_dict decides
 
 
-def _fit_module(label: str, module: torch.nn.Module, saved: Any, problems: list[str]) -> dict | None:
+def _fit_module(label: str, name: str, module: torch.nn.Module, saved: Any, changed: dict,
+                problems: list[str]) -> dict | None:
     if not isinstance(saved, dict):
         problems.append(f"{label}: the snapshot holds a {type(saved).__name__}, not a state dict")
         return None
-    current = module.state_dict()
+    current = module.state_dict(keep_vars=True)  # the parameters themselves: optimizers know them by id
     missing = [k for k in current if k not in saved]
     unexpected = [k for k in saved if k not in current]
-    wrong = [k for k, v in current.items()
-             if k in saved and isinstance(v, torch.Tensor) and _torch_shape(saved[k]) != tuple(v.shape)]
+    wrong = []
+    for key, value in current.items():
+        if key in saved and isinstance(value, torch.Tensor):
+            fits = _torch_shape(saved[key]) == value.shape
+            changed[id(value)] = None if fits else (
+                f"{name}.{key}: {_shape_text(saved[key])} in the snapshot, now {tuple(value.shape)}")
+            if not fits:
+                wrong.append(key)
     if missing:
         problems.append(f"{label} missing keys: {_listing(missing)}")
     if unexpected:
@@ -147,26 +172,12 @@ def _fit_module(label: str, module: torch.nn.Module, saved: Any, problems: list[
     if not wrong:
         return saved
     problems.append(f"{label} shape mismatches: " + _listing(
-        [f"{k}: snapshot {_torch_shape(saved[k]) or _describe(saved[k])} vs model {tuple(current[k].shape)}"
-         for k in wrong], "; "))
+        [f"{k}: snapshot {_shape_text(saved[k])} vs model {tuple(current[k].shape)}" for k in wrong], "; "))
     left_out = set(wrong)
     return {k: v for k, v in saved.items() if k not in left_out}
 
 
-def _saved_param_shapes(runtime: "TrainingRuntime", saved: dict, saved_private: dict) -> dict:
-    """id(parameter) -> (its name, its shape in the snapshot or None), for the parameters of every
-    registered module: tells an optimizer's state whether its parameter changed shape since the save."""
-    out: dict[int, tuple[str, tuple | None]] = {}
-    for name, obj in runtime.objects.items():
-        if isinstance(obj, torch.nn.Module):
-            state = (saved_private if name in runtime.per_rank_names else saved).get(name)
-            state = state if isinstance(state, dict) else {}
-            for key, param in obj.named_parameters(remove_duplicate=False):
-                out[id(param)] = (f"{name}.{key}", _torch_shape(state.get(key)))
-    return out
-
-
-def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, params: dict,
+def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, changed: dict,
                    problems: list[str]) -> dict | None:
     """torch's Optimizer.load_state_dict checks (group count and sizes), made before it runs, plus the
     per-parameter state: a parameter's state is left out when the parameter changed shape."""
@@ -190,7 +201,7 @@ def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, par
     for pid, entry in state.items():
         param = by_id.get(pid)
         if param is not None and isinstance(entry, dict):
-            misfit = _param_state_misfit(entry, param, params.get(id(param)), flat)
+            misfit = changed[id(param)] if id(param) in changed else _unknown_param_misfit(pid, entry, param, flat)
             if misfit:
                 misfits[pid] = misfit
     if not misfits:
@@ -199,23 +210,18 @@ def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, par
     return dict(saved, state={k: v for k, v in state.items() if k not in misfits})
 
 
-def _param_state_misfit(entry: dict, param: torch.Tensor, known: tuple | None, flat: int) -> str | None:
-    """Why one parameter's saved optimizer state does not fit it, or None.
-
-    Exact when the parameter belongs to a registered module: its shape in the snapshot's module state
-    must be its shape now. Otherwise each state tensor must have a form torch's optimizers keep: a
-    scalar (step), the parameter's shape (momentum, Adam's moments), that shape with one of its last
-    two sizes 1 (Adafactor's factored variances), or one flat vector over all the optimizer's
-    parameters (LBFGS)."""
-    name, saved_shape = known if known is not None else (None, None)
+def _unknown_param_misfit(pid: int, entry: dict, param: torch.Tensor, flat: int) -> str | None:
+    """Why the saved optimizer state of a parameter that is in no registered module (so its saved shape
+    is unknown) does not fit it, or None. Each state tensor must have a form torch's optimizers keep: a
+    scalar (step), the parameter's shape (momentum, Adam's moments), that shape with one of its last two
+    sizes 1 (Adafactor's factored variances), or one flat vector over all the optimizer's parameters
+    (LBFGS)."""
     shape = tuple(param.shape)
-    if saved_shape is not None:
-        return None if saved_shape == shape else f"{name}: {saved_shape} in the snapshot, now {shape}"
     factored = [shape[:-1] + (1,), shape[:-2] + (1,) + shape[-1:]] if len(shape) >= 2 else []
     for key, value in entry.items():
-        s = _torch_shape(value)
-        if s is not None and s not in ((), shape, (flat,), *factored):
-            return f"{name or 'a parameter'} of shape {shape}: state {key!r} is {s}"
+        saved_shape = _torch_shape(value)
+        if saved_shape is not None and saved_shape not in ((), shape, (flat,), *factored):
+            return f"parameter #{pid} of shape {shape}: state {key!r} is {tuple(saved_shape)}"
     return None
 
 
@@ -237,71 +243,74 @@ def _fit_progress(replicated: Any, private: Any, fit: Fit) -> None:
         fit.problems.append(f"loss {str(loss)[:40]!r} is not a number")
 
 
-def _rng_problems(rng: Any) -> list[str]:
-    """Why a saved RNG state (of TrainingRuntime.rng_state's form) cannot be set, one line per part;
-    checked on throwaway generators, so nothing global changes. Parts not set on this machine (CUDA
-    without GPUs, or another GPU count) are only checked for their form."""
+def _rng_problems(rng: Any) -> dict[str, str]:
+    """Why parts of a saved RNG state (runtime.rng_state's form) cannot be set: part -> problem. Checked
+    on throwaway generators, so nothing global changes. Parts this machine does not set (CUDA without
+    GPUs, or another GPU count) are only checked for their form."""
     if not isinstance(rng, dict):
-        return [f"RNG state is a {type(rng).__name__}, not a dict"]
-    problems = []
-    if "python" in rng:
-        try:
-            version, internal, gauss = rng["python"]
-            random.Random().setstate((version, tuple(internal), gauss))
-        except (TypeError, ValueError, OverflowError) as exc:
-            problems.append(f"RNG state 'python' is not random.getstate()'s form ({exc})")
-    if "torch" in rng:
-        problems.extend(_generator_problems("torch", [rng["torch"]], "cpu"))
-    if "numpy" in rng:
-        problems.extend(_numpy_problems(rng["numpy"]))
-    if "cuda" in rng:
-        states = rng["cuda"]
-        if not isinstance(states, (list, tuple)) or not all(_torch_shape(s) is not None for s in states):
-            problems.append("RNG state 'cuda' is not a list of tensors")
-        elif torch.cuda.is_available() and len(states) == torch.cuda.device_count():
-            problems.extend(_generator_problems("cuda", states, "cuda"))
-    return problems
+        return {"": f"RNG state is a {type(rng).__name__}, not a dict"}
+    problems = {"python": _python_problem(rng["python"]) if "python" in rng else None,
+                "torch": _generator_problem("torch", [rng["torch"]], "cpu") if "torch" in rng else None,
+                "numpy": _numpy_problem(rng["numpy"]) if "numpy" in rng else None,
+                "cuda": _cuda_problem(rng["cuda"]) if "cuda" in rng else None}
+    return {part: problem for part, problem in problems.items() if problem is not None}
 
 
-def _generator_problems(part: str, states: list, device: str) -> list[str]:
+def _python_problem(state: Any) -> str | None:
+    try:
+        version, internal, gauss = state
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"RNG state 'python' is not random.getstate()'s form ({exc})"
+    return None
+
+
+def _cuda_problem(states: Any) -> str | None:
+    if not isinstance(states, (list, tuple)) or not all(_torch_shape(s) is not None for s in states):
+        return "RNG state 'cuda' is not a list of tensors"
+    if torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        return _generator_problem("cuda", states, "cuda")
+    return None
+
+
+def _generator_problem(part: str, states: list, device: str) -> str | None:
     """A saved generator state must have the form of a fresh generator's; real bytes must also be
     taken by one (torch checks the Mersenne Twister's fields)."""
-    problems = []
     for index, state in enumerate(states):
         where = f"RNG state {part!r}" + (f"[{index}]" if device != "cpu" else "")
         fresh = torch.Generator(device=f"{device}:{index}" if device != "cpu" else "cpu")
-        expected = ("uint8", tuple(fresh.get_state().shape))
-        if _dtype_name(state) != expected[0] or _torch_shape(state) != expected[1]:
-            problems.append(f"{where} is {_describe(state)}, this torch keeps uint8 {expected[1]}")
-        elif isinstance(state, torch.Tensor):
+        expected = tuple(fresh.get_state().shape)
+        if _dtype_name(state) != "uint8" or _torch_shape(state) != expected:
+            return f"{where} is {_describe(state)}, this torch keeps uint8 {expected}"
+        if isinstance(state, torch.Tensor):
             try:
                 fresh.set_state(state)
             except RuntimeError as exc:
-                problems.append(f"{where} is refused by torch ({str(exc).strip()[:200]})")
-    return problems
+                return f"{where} is refused by torch ({str(exc).strip()[:200]})"
+    return None
 
 
-def _numpy_problems(state: Any) -> list[str]:
+def _numpy_problem(state: Any) -> str | None:
     """numpy's legacy get_state() tuple. numpy does not check the position (an out-of-range one
     crashes the next draw), so it is checked here; numpy checks the rest on a throwaway generator."""
     if not (isinstance(state, (list, tuple)) and len(state) == 5):
-        return [f"RNG state 'numpy' is a {type(state).__name__}, not numpy.random.get_state()'s 5-tuple"]
+        return f"RNG state 'numpy' is a {type(state).__name__}, not numpy.random.get_state()'s 5-tuple"
     algorithm, key, pos, has_gauss, gauss = state
     if _dtype_name(key) != "numpy:uint32" or _numpy_shape(key) != (_MT_WORDS,):
-        return [f"RNG state 'numpy' key is {_describe(key)}, not uint32 ({_MT_WORDS},)"]
+        return f"RNG state 'numpy' key is {_describe(key)}, not uint32 ({_MT_WORDS},)"
     if type(pos) is not int or not 0 <= pos <= _MT_WORDS:
-        return [f"RNG state 'numpy' position {str(pos)[:40]!r} is not an integer in [0, {_MT_WORDS}]"]
+        return f"RNG state 'numpy' position {str(pos)[:40]!r} is not an integer in [0, {_MT_WORDS}]"
     try:
         np.random.RandomState().set_state((algorithm, np.zeros(_MT_WORDS, np.uint32), pos, has_gauss, gauss))
     except (TypeError, ValueError, OverflowError) as exc:
-        return [f"RNG state 'numpy' is refused by numpy ({exc})"]
-    return []
+        return f"RNG state 'numpy' is refused by numpy ({exc})"
+    return None
 
 
 def _torch_shape(value: Any) -> tuple | None:
     """The shape of a saved torch tensor (real or SavedTensor), None for anything else."""
     if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
+        return value.shape
     if isinstance(value, SavedTensor) and not value.dtype.startswith("numpy:"):
         return value.shape
     return None
@@ -327,11 +336,17 @@ def _dtype_name(value: Any) -> str | None:
     return None
 
 
+def _shape_text(value: Any) -> str:
+    shape = _torch_shape(value)
+    return str(tuple(shape)) if shape is not None else _describe(value)
+
+
 def _describe(value: Any) -> str:
     dtype = _dtype_name(value)
     if dtype is None:
         return f"a {type(value).__name__}"
-    return f"{dtype} {_torch_shape(value) or _numpy_shape(value) or ()}"
+    shape = _numpy_shape(value) if dtype.startswith("numpy:") else _torch_shape(value)
+    return f"{dtype} {tuple(shape)}"
 
 
 def _listing(items: list[str], sep: str = ", ") -> str:
