@@ -262,15 +262,20 @@ def test_junk_rng_state_is_refused_before_anything_is_changed(coordinator, snap_
         assert frozen(torch.get_rng_state()) == frozen(pyckpt.load(snap_path)["per_rank"][0]["rng"]["torch"])
 
 
-def test_torch_rng_bytes_torch_refuses_are_found_before_loading(coordinator, snap_path, monkeypatch):
-    """The right size but not a valid Mersenne Twister state: only the bytes tell (load_state)."""
+@pytest.mark.parametrize("path", ["restore", "load_state"])
+def test_torch_rng_bytes_torch_refuses_are_found_before_loading(coordinator, snap_path, monkeypatch, path):
+    """The right size but not a valid Mersenne Twister state: only the bytes tell (restore reads this
+    rank's private state before the check)."""
     junk = torch.full((5056,), 7, dtype=torch.uint8)
     _junk_rng_snapshot(coordinator, snap_path, monkeypatch, "torch", junk)
     model, optimizer, runtime = trained(seed=1)
     same = untouched(model, optimizer)
-    state = pyckpt.load(snap_path)
     with pytest.raises(StateMismatchError, match="RNG state 'torch' is refused by torch"):
-        runtime.load_state(state, state["per_rank"][0])
+        if path == "restore":
+            coordinator.restore(snap_path, runtime)
+        else:
+            state = pyckpt.load(snap_path)
+            runtime.load_state(state, state["per_rank"][0])
     assert same()
 
 
