@@ -4,7 +4,7 @@
 
 Wraps pyckpt's internal steps with timers (capture = state_dict + encoding + planning; write = the
 data file: direct or buffered write, checksums, fsync; commit = manifest, publish, pruning; open = commit record + manifest
-validation; match = finding the live tensors to read in place; plan = opening the data files and
+validation; check = whether the snapshot fits the runtime (before anything is read); match = finding the live tensors to read in place; plan = opening the data files and
 allocating buffers; read = reads + checksums; load =
 load_state_dict) and prints min and median over --repeat runs. Warm page cache for restores (the
 CPU side); `python -m bench.checkpoint` measures cold restores against the other libraries.
@@ -25,7 +25,7 @@ from . import state as st
 
 
 def _timers(acc: dict) -> None:
-    from pyckpt import coordinator, reader, runtime, writer
+    from pyckpt import coordinator, fitting, reader, runtime, writer
 
     def wrap(owner, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -48,7 +48,8 @@ def _timers(acc: dict) -> None:
     wrap(writer, "_write_buffered", "save.write.buffered")
     wrap(writer.os, "fsync", "save.write.fsync")
     wrap(reader.Snapshot, "open", "restore.open")
-    wrap(coordinator, "_live_destinations", "restore.match")
+    wrap(fitting, "check_fits", "restore.check")
+    wrap(fitting, "live_destinations", "restore.match")
     wrap(reader.TensorRead, "__init__", "restore.plan")   # files opened, buffers allocated
     wrap(reader.TensorRead, "run", "restore.read")
     wrap(runtime.TrainingRuntime, "load_state", "restore.load")
