@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+import click
 import typer
 
 from .config import load_config
 from .errors import IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError
 
 # Exit codes: 0 everything fine, 1 a check failed (corrupted snapshot, failing doctor check, a writer
-# holds the lock), 2 usage error (bad options, no such path). Expected failures print one message,
-# never a traceback.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# holds the lock), 2 usage error (bad options, no such path), 3 a bug in pyckpt (an unexpected
+# exception: one line asking for a report; PYCKPT_DEBUG=1 shows its traceback). Every failure prints
+# one message, never a traceback.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
 app = typer.Typer(help="pyckpt: snapshots for torch.distributed training, and checks of the cluster config.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -26,11 +28,48 @@ app.add_typer(config_app, name="config")
 
 
 def fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_printable(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def _printable(text) -> str:
+    """Text from disk as it can be printed: a lone surrogate (valid in JSON, not in UTF-8) is escaped."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def expected_errors(command: Callable) -> Callable:
+    """Turn every failure into one line and an exit code instead of a traceback: the ones a user can
+    cause say what to do; anything else is a bug in pyckpt, reported as such (EXIT_BUG)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SnapshotNotFoundError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except PyckptError as exc:
+            fail(str(exc), EXIT_FAILED)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_USAGE)
+        except OSError as exc:
+            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", EXIT_FAILED)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug in pyckpt: one line to report, the traceback on request
+            if os.environ.get("PYCKPT_DEBUG") == "1":
+                raise
+            target = kwargs.get("snapshot") or kwargs.get("path")
+            fail(f"{f'{os.path.abspath(target)}: ' if target else ''}internal error in pyckpt "
+                 f"({type(exc).__name__}: {str(exc)[:300]}); please report it with the command that failed, "
+                 "and run it again with PYCKPT_DEBUG=1 for the traceback", EXIT_BUG)
+
+    return wrapper
+
+
 @config_app.command("validate")
+@expected_errors
 def config_validate(
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="config file; default: found like load_config()"),
     as_json: bool = typer.Option(False, "--json", help="print the resolved config as JSON"),
@@ -64,36 +103,19 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
 
 
-def expected_errors(command: Callable) -> Callable:
-    """Turn the failures a user can cause into one line and an exit code instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except SnapshotNotFoundError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except PyckptError as exc:
-            fail(str(exc), EXIT_FAILED)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_USAGE)
-        except OSError as exc:
-            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", EXIT_FAILED)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-
-    return wrapper
-
-
 def _esc(text) -> str:
     """Paths, tensor names and messages are data, not rich markup."""
     from rich.markup import escape
 
-    return escape(str(text))
+    return escape(_printable(text))
 
 
 def _when(epoch: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+    """Local time of a Unix time; never fails (a stage's mtime is whatever the filesystem says)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+    except (OverflowError, OSError, ValueError):
+        return f"{epoch!r} (not a valid time)"
 
 
 def _size(n: int | None) -> str:
@@ -208,13 +230,13 @@ def inspect_cmd(
                   f"{_opt(meta.get('epoch'))}, loss {_opt(meta.get('loss'))}, world size {snap.manifest.world_size}, "
                   f"{_size(snap.manifest.total_bytes)} in {len(snap.manifest.files)} file(s), "
                   f"written {_when(meta.get('created'))}"
-                  + (f" on {meta['host']} (torch {meta.get('torch')})" if meta.get("host") else ""))
+                  + (f" on {_esc(meta['host'])} (torch {_esc(meta.get('torch'))})" if meta.get("host") else ""))
     table = Table(show_lines=False)
     for column in ("#", "tensor", "dtype", "shape", "bytes", "files"):
         table.add_column(column, justify="right" if column in ("#", "bytes") else "left")
     for t in infos:
-        table.add_row(str(t.index), _esc(t.name), t.dtype, "x".join(map(str, t.shape)) or "scalar", _size(t.nbytes),
-                      ",".join(f.removeprefix("data-").removesuffix(".bin") for f in t.files) or "-")
+        table.add_row(str(t.index), _esc(t.name), _esc(t.dtype), "x".join(map(str, t.shape)) or "scalar",
+                      _size(t.nbytes), ",".join(f.removeprefix("data-").removesuffix(".bin") for f in t.files) or "-")
     console.print(table)
 
 

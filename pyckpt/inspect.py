@@ -245,6 +245,7 @@ SAFETENSORS_DTYPES = {
     "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
     "complex64": "C64",
 }
+SAFETENSORS_MAX_HEADER = 100_000_000   # safetensors refuses to load a file with a larger header
 
 
 def _torch_dtype_name(record: TensorRecord) -> str | None:
@@ -277,6 +278,29 @@ def _tensor_keys(tree: Any) -> list[tuple[int, str]]:
     return sorted(((i, p) for i, p in tensor_paths(tree).items()), key=lambda item: item[0])
 
 
+def _check_safetensors_keys(tree: Any, keys: list[tuple[int, str]]) -> None:
+    """A safetensors file holds one tensor per name: refuse two tensors with one dotted name ('a.b'
+    and a -> b), the reserved name __metadata__, and names that are not valid UTF-8, naming the keys
+    (writing such a file would give one that safetensors cannot load, or loads wrong)."""
+    from .manifest import subscripts, tensor_chains
+
+    first: dict[str, int] = {}
+    for index, key in keys:
+        other = first.setdefault(key, index)
+        if other == index and key != "__metadata__" and key.encode("utf-8", "replace").decode() == key:
+            continue
+        chains = tensor_chains(tree)
+        where = f"tensor {subscripts(chains[index]) or '<root>'}"
+        if other != index:
+            problem = f"tensors {subscripts(chains[other])} and {subscripts(chains[index])} would both be named {key!r}"
+        elif key == "__metadata__":
+            problem = f"{where} would be named '__metadata__', which safetensors reserves for the metadata"
+        else:
+            problem = f"{where} has a name that is not valid UTF-8 ({key!r})"
+        raise PyckptError(f"cannot export to safetensors: {problem}; export to .pt instead (it keeps the "
+                          "nesting), or rename the key in the model")
+
+
 def _replace_atomically(tmp: str, out: str) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -295,6 +319,7 @@ def export_safetensors(snap: Snapshot, out: str, obj: str | None = None,
 
     tree = export_selection(snap, obj)
     keys = _tensor_keys(tree)
+    _check_safetensors_keys(tree, keys)
     header: dict[str, Any] = {}
     offset = 0
     for index, key in keys:
@@ -315,6 +340,10 @@ def export_safetensors(snap: Snapshot, out: str, obj: str | None = None,
                               "pyckpt_state": json.dumps(plain, default=str)}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    if len(blob) > SAFETENSORS_MAX_HEADER:
+        raise PyckptError(f"cannot export to safetensors: its header (tensor names and the non-tensor state) "
+                          f"would be {len(blob)} bytes, safetensors reads at most {SAFETENSORS_MAX_HEADER}; "
+                          "export to .pt instead")
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
