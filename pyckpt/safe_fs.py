@@ -132,9 +132,18 @@ def write_new_file(path: str, data: bytes) -> None:
 
 def is_dir(path: str) -> bool:
     """Whether a real directory is at path (False if nothing is; a link or other entry is refused)."""
+    return _is(path, stat.S_ISDIR, "directory")
+
+
+def is_file(path: str) -> bool:
+    """Whether a regular file is at path (False if nothing is; a link or other entry is refused)."""
+    return _is(path, stat.S_ISREG, "regular file")
+
+
+def _is(path: str, test, expected: str) -> bool:
     info = lstat(path)
-    if info is not None and not stat.S_ISDIR(info.st_mode):
-        raise refused(path, info.st_mode, "directory")
+    if info is not None and not test(info.st_mode):
+        raise refused(path, info.st_mode, expected)
     return info is not None
 
 
@@ -190,11 +199,8 @@ def link_file(source: str, target: str) -> None:
 
 def remove_file(path: str) -> None:
     """Unlink a regular file if it exists (a link or another kind of entry is refused)."""
-    info = lstat(path)
-    if info is None:
+    if not is_file(path):
         return
-    if not stat.S_ISREG(info.st_mode):
-        raise refused(path, info.st_mode, "regular file")
     try:
         with _checked(path, "regular file"):
             os.unlink(path)
@@ -208,9 +214,5 @@ def remove_tree(path: str) -> None:
     Links inside are removed, never followed (shutil.rmtree works through directory descriptors).
     Errors are ignored: what stays (e.g. NFS's .nfs* files of a file still open) is a leftover the
     next writer or gc removes."""
-    info = lstat(path)
-    if info is None:
-        return
-    if not stat.S_ISDIR(info.st_mode):
-        raise refused(path, info.st_mode, "directory")
-    shutil.rmtree(path, ignore_errors=True)
+    if is_dir(path):
+        shutil.rmtree(path, ignore_errors=True)

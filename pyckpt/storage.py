@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import time
 import uuid
 from contextlib import contextmanager, suppress
@@ -106,9 +105,7 @@ class SnapshotStore:
         """Hold the path's lock (P.pyckpt/.lock) for `what` ("snapshot" or "gc"), writing who holds it
         into the file for the messages of the others. Held by a snapshot: SnapshotLockedError at once
         (another job); held by gc (short maintenance): wait up to LOCK_WAIT seconds first."""
-        info = safe_fs.lstat(self.path)
-        if info is not None and not stat.S_ISREG(info.st_mode):  # checked before P.pyckpt is made next to it
-            raise safe_fs.refused(self.path, info.st_mode, "regular file (the commit record)")
+        safe_fs.is_file(self.path)  # P is a record or nothing: refused before P.pyckpt is made next to it
         safe_fs.make_dirs(self.root, _DIR_MODE)
         where = os.path.join(self.root, LOCK)
         fd, _ = safe_fs.open_file(where, os.O_RDWR | os.O_CREAT)
@@ -165,9 +162,11 @@ class SnapshotStore:
         record = self.committed()
         committed = [int(v.name[1:]) for v in record.versions] if record else []
         leftovers = self._leftovers({v.name for v in record.versions} if record else set())
+        tmps = self._record_tmps()
         for entry in leftovers:
             safe_fs.remove_tree(os.path.join(self.root, entry))
-        self._drop_record_tmps()
+        for tmp in tmps:
+            safe_fs.remove_file(tmp)
         # Leftovers' numbers are not reused while there is room; past the 8 digits of the format only the
         # committed ones count (a stray "v99999999" is gone now).
         number = max(committed + [int(e[1:9]) for e in leftovers], default=0) + 1
@@ -252,17 +251,16 @@ class SnapshotStore:
             raise
         safe_fs.fsync_dir(os.path.dirname(self.path))
 
-    def _drop_record_tmps(self) -> None:
-        """Remove record tmp files left next to P by a writer that crashed (caller holds the lock)."""
+    def _record_tmps(self) -> list[str]:
+        """Record tmp files left next to P by writers that crashed; one that is not a regular file is
+        refused before anything is removed."""
         parent, base = os.path.split(self.path)
         pattern = re.compile(re.escape(base) + r"\.tmp-[0-9a-f]{12}$")
         try:
-            entries = safe_fs.list_dir(parent, user_dir=True)
+            names = sorted(e for e in safe_fs.list_dir(parent, user_dir=True) if pattern.match(e))
         except FileNotFoundError:
-            return
-        for entry in entries:
-            if pattern.match(entry):
-                safe_fs.remove_file(os.path.join(parent, entry))
+            return []
+        return [os.path.join(parent, e) for e in names if safe_fs.is_file(os.path.join(parent, e))]
 
     def abort(self, stage: str) -> None:
         safe_fs.remove_tree(stage)
@@ -279,17 +277,19 @@ class SnapshotStore:
             return []
         with self.locked("gc"):
             record = self.committed()
-            if record and len(record.versions) > keep_last:
-                record = CommitRecord(record.versions[: max(1, keep_last)])
-                if not dry_run:
-                    self._replace_record(record)
-            removed = self._leftovers({v.name for v in record.versions} if record else set())
+            kept = record.versions[: max(1, keep_last)] if record else []
+            removed = self._leftovers({v.name for v in kept})
             if spares and safe_fs.is_dir(os.path.join(self.root, SPARE_DIR)):
                 removed.append(SPARE_DIR)  # only names: committed versions keep their links
-            if not dry_run:
-                self._drop_record_tmps()
-                for entry in removed:
-                    safe_fs.remove_tree(os.path.join(self.root, entry))
+            tmps = self._record_tmps()
+            if dry_run:
+                return removed
+            if record and len(kept) < len(record.versions):
+                self._replace_record(CommitRecord(kept))
+            for tmp in tmps:
+                safe_fs.remove_file(tmp)
+            for entry in removed:
+                safe_fs.remove_tree(os.path.join(self.root, entry))
             return removed
 
 
