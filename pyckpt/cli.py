@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 import warnings
@@ -118,6 +119,17 @@ def _when(epoch: float | None) -> str:
         return f"{epoch!r} (not a valid time)"
 
 
+def _finite(value):
+    """value with NaN/infinite floats (a diverged run's loss) as null: --json output is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -172,7 +184,7 @@ def ls(
     rows = list(iter_rows(path))
     broken = [r for r in rows if r.status == "broken"]
     if as_json:
-        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        typer.echo(json.dumps(_finite([r.as_dict() for r in rows]), indent=2))
     else:
         from rich.table import Table
 
@@ -220,7 +232,7 @@ def inspect_cmd(
                "files": [{"name": f.name, "size": f.size} for f in snap.manifest.files],
                "meta": snap.meta, "tensors": [t.as_dict() for t in infos]}
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps(_finite(summary), indent=2, default=str))
         return
     from rich.table import Table
 

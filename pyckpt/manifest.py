@@ -348,8 +348,13 @@ class _Validator:
         return value
 
     def meta(self, meta: Any) -> dict:
-        """The informational fields the commands show: a value of the wrong type is refused, not shown."""
+        """The informational fields the commands show: a value of the wrong type is refused, not shown.
+        pyckpt writes plain values only (no nesting: the commands print meta as it is)."""
         self.check(type(meta) is dict, "meta must be an object")
+        for key, value in meta.items():
+            self.check(type(value) not in (list, dict) and (type(value) is not str or len(value) <= 1000),
+                       f"meta {key[:40]!r}: {str(value)[:40]!r} is not a number or a string of at most 1000 "
+                       "characters")
         for key in ("step", "epoch", "world_size"):
             self.check(meta.get(key) is None or type(meta[key]) is int,
                        f"meta {key} {str(meta.get(key))[:40]!r} is not an integer")
@@ -357,8 +362,8 @@ class _Validator:
                    f"meta loss {str(meta.get('loss'))[:40]!r} is not a number")
         self.time(meta.get("created"), "meta created")
         for key in ("host", "torch"):
-            self.check(meta.get(key) is None or (type(meta[key]) is str and len(meta[key]) <= 1000),
-                       f"meta {key} {str(meta.get(key))[:40]!r} is not a string of at most 1000 characters")
+            self.check(meta.get(key) is None or type(meta[key]) is str,
+                       f"meta {key} {str(meta.get(key))[:40]!r} is not a string")
         return meta
 
     def list(self, value: Any, what: str) -> list:

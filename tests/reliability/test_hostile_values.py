@@ -58,7 +58,7 @@ def rich_state() -> dict:
             "pair": (1, torch.ones(2, dtype=torch.int64)), "groups": {0: {"params": [0, 1]}, 1: []}}
 
 
-def snapshot(path: str, state: dict, steps: int = 1) -> None:
+def snapshot(path: str, state: dict, steps: int = 1, loss: float | None = None) -> None:
     runtime = TrainingRuntime(capture_rng=False)
     runtime.register("holder", Holder(state))
     config = load_config(environ={}, config_dir=os.path.dirname(path), cuda_available=lambda: False)
@@ -66,7 +66,7 @@ def snapshot(path: str, state: dict, steps: int = 1) -> None:
         for step in range(1, steps + 1):
             runtime.set_step(step)
             runtime.set_epoch(step // 2)
-            runtime.set_loss(0.5 / step)
+            runtime.set_loss(0.5 / step if loss is None else loss)
             coordinator.snapshot(path, runtime)
 
 
@@ -163,6 +163,7 @@ HOSTILE_MANIFESTS = {
     "meta-loss-string": _set_meta("loss", "low"),
     "meta-host-list": _set_meta("host", ["a"]),
     "meta-torch-long": _set_meta("torch", "2" * 5000),
+    "meta-extra-nested": _set_meta("extra", [[1]]),
 }
 
 
@@ -213,6 +214,19 @@ def test_inspect_and_ls_print_data_literally(base, tmp_path, host, shown_as):
     os.utime(stage, (13582598400, 13582598400))   # 2400-06-01 (ext4 stores up to 2446)
     listing = cli("ls", path)
     assert listing.exit_code == 0 and "2400-0" in listing.stdout and "v00000009" in listing.stdout
+
+
+def test_json_output_is_strict_json_with_a_diverged_loss(tmp_path):
+    """A NaN loss is a real state (a diverged run): shown as nan, and as null in --json (jq, Ansible)."""
+    path = str(tmp_path / "checkpoint.bin")
+    snapshot(path, {"w": torch.ones(2)}, loss=float("nan"))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in --json output"))
+
+    assert [row["loss"] for row in strict(cli("ls", path, "--json").stdout)] == [None]
+    assert strict(cli("inspect", path, "--json").stdout)["meta"]["loss"] is None
+    assert "nan" in cli("ls", path).stdout and "loss nan" in cli("inspect", path).stdout
 
 
 # ---------------------------------------------------------------------------------------------
