@@ -15,9 +15,11 @@ from .errors import (
     DistributedInitError,
     IntegrityError,
     PyckptError,
+    SnapshotAccessError,
     SnapshotError,
     SnapshotLockedError,
     SnapshotNotFoundError,
+    SnapshotPathError,
     StateMismatchError,
 )
 
@@ -29,8 +31,8 @@ if TYPE_CHECKING:   # for type checkers and IDEs; at run time these load on firs
 __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "DistributedCoordinator", "DistributedInitError", "IntegrityError", "PyckptError",
-    "Snapshot", "SnapshotError", "SnapshotInfo", "SnapshotLockedError", "SnapshotNotFoundError",
-    "StateMismatchError", "TrainingRuntime", "load", "load_config",
+    "Snapshot", "SnapshotAccessError", "SnapshotError", "SnapshotInfo", "SnapshotLockedError", "SnapshotNotFoundError",
+    "SnapshotPathError", "StateMismatchError", "TrainingRuntime", "load", "load_config",
 ]
 
 # These import torch (over a second): loaded on first use, so that `pyckpt config validate`, which

@@ -17,7 +17,7 @@ import errno
 import os
 import shutil
 import stat
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator
 
 from .errors import IntegrityError, SnapshotAccessError
@@ -124,7 +124,8 @@ def write_new_file(path: str, data: bytes) -> None:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     except BaseException:
-        os.unlink(path)  # ours: created exclusively above
+        with suppress(OSError):
+            os.unlink(path)  # ours: created exclusively above
         raise
     finally:
         os.close(fd)
@@ -174,9 +175,7 @@ def make_dir(path: str, mode: int) -> None:
         with _checked(path, "directory"):
             os.mkdir(path, mode)
     except FileExistsError:
-        info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode):
-            raise refused(path, info.st_mode, "directory") from None
+        is_dir(path)  # refuses what is not a real directory
 
 
 def make_dirs(path: str, mode: int) -> None:
@@ -190,9 +189,7 @@ def make_dirs(path: str, mode: int) -> None:
 
 def link_file(source: str, target: str) -> None:
     """Hard-link a regular file to a new name (a link or another kind of source is refused)."""
-    info = os.lstat(source)
-    if not stat.S_ISREG(info.st_mode):
-        raise refused(source, info.st_mode, "regular file")
+    is_file(source)  # refuses a link or another kind of source (a missing one fails in os.link)
     with _checked(target, "new file"):
         os.link(source, target, follow_symlinks=False)
 

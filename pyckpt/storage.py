@@ -4,7 +4,7 @@ For a user path P (e.g. /shared/snapshots/checkpoint.bin):
   P                      the commit record: names the committed versions, newest first
   P.pyckpt/v00000012/    one committed version: manifest.json + data-<rank>.bin
   P.pyckpt/v00000013.stage-<id>/   a snapshot being written (ignored by readers)
-  P.pyckpt/.lock         flock held by the writing leader
+  P.pyckpt/.lock         flock held by the writing leader or gc; it names its holder (pid, host, since)
 A version becomes visible only when the record at P is atomically replaced (write, fsync, rename,
 fsync dir) after every data file and the manifest are durable.
 """
@@ -82,10 +82,9 @@ class SnapshotStore:
     def read_manifest(self, ref: VersionRef) -> Manifest:
         directory = self.version_dir(ref.name)
         where = os.path.join(directory, MANIFEST)
-        missing = IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, is "
-                                 "missing (deleted, or the record was edited)", file=where)
         if not (safe_fs.is_dir(self.root) and safe_fs.is_dir(directory)):
-            raise missing
+            raise IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, is "
+                                 "missing (deleted, or the record was edited)", file=where)
         try:
             data = safe_fs.read_file(where, min(ref.manifest_size, _MAX_MANIFEST), "manifest")
         except FileNotFoundError:
@@ -112,8 +111,9 @@ class SnapshotStore:
         try:
             self._acquire(fd, where)
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            with suppress(OSError):  # only for messages: gc must run on a full disk
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
             try:
                 yield
             finally:
