@@ -33,7 +33,7 @@ from xxhash import xxh3_64_intdigest
 
 from . import fitting, messages, peers
 from .config import Config, load_config
-from .errors import (DistributedInitError, IntegrityError, SnapshotError, SnapshotLockedError,
+from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError, StateMismatchError)
 from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten, tensor_paths
 from .planner import RankPlan, Slice, plan_private, plan_replicated
@@ -436,10 +436,10 @@ class DistributedCoordinator:
         if cap.error is not None and (self.world_size == 1 or error.rank == self.rank):
             if self.world_size == 1:
                 return cap.error
-            exc = error.error(what)
+            exc = error.error(what, SnapshotError)
             exc.__cause__ = cap.error
             return exc
-        return error.error(what)
+        return error.error(what, SnapshotError)
 
     def _prune_in_background(self, store: SnapshotStore, keep_last: int) -> None:
         """Delete the versions the new record dropped on a helper thread, after the snapshot is
@@ -450,7 +450,7 @@ class DistributedCoordinator:
                 store.gc(keep_last)
             except SnapshotLockedError:
                 pass        # another writer holds the path: its begin() removes unlisted versions
-            except OSError as exc:
+            except (PyckptError, OSError) as exc:   # e.g. an entry gc refuses to touch: the next snapshot says so
                 log.warning("could not delete old versions under %s: %s (the next snapshot retries)", store.root, exc)
             _crash_point("pruned")
 

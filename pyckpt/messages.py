@@ -27,11 +27,12 @@ class RankError:
         kind = type(exc).__name__ if isinstance(exc, PyckptError) else default.__name__
         return cls(rank, kind, f"rank {rank}: {describe(exc)}")
 
-    def error(self, what: str) -> PyckptError:
-        """The exception to raise on a rank where this error did not happen."""
+    def error(self, what: str, base: type[PyckptError] = PyckptError) -> PyckptError:
+        """The exception to raise for it: its own pyckpt class where that is a `base`, else `base`
+        (a snapshot fails with a SnapshotError, whatever the cause)."""
         kind = getattr(errors, self.kind, None)
-        if not (isinstance(kind, type) and issubclass(kind, PyckptError)):
-            kind = SnapshotError
+        if not (isinstance(kind, type) and issubclass(kind, base)):
+            kind = base
         return kind(f"{what}: {self.message}")
 
 
