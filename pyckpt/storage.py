@@ -26,7 +26,7 @@ from typing import Iterator
 from . import safe_fs
 from .errors import (IntegrityError, PyckptError, SnapshotError, SnapshotLockedError, SnapshotNotFoundError,
                      SnapshotPathError)
-from .manifest import CommitRecord, Manifest, VersionRef, checksum
+from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum
 
 log = logging.getLogger("pyckpt")
 MANIFEST = "manifest.json"
@@ -37,7 +37,6 @@ _NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 _DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
 _MAX_VERSION = 99_999_999     # version names have 8 digits (docs/FORMAT.md)
 _MAX_RECORD = 1 << 20
-_MAX_MANIFEST = 1 << 30
 _DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
 _crash_hits: dict[str, int] = {}
 
@@ -86,7 +85,7 @@ class SnapshotStore:
             raise IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, is "
                                  "missing (deleted, or the record was edited)", file=where)
         try:
-            data = safe_fs.read_file(where, min(ref.manifest_size, _MAX_MANIFEST), "manifest")
+            data = safe_fs.read_file(where, min(ref.manifest_size, MAX_MANIFEST), "manifest")
         except FileNotFoundError:
             raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
                                  file=where) from None
