@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import pyckpt
-from helpers import current_dir, manifest_json, rewrite_record, worker_env, write_manifest
+from helpers import copy_snapshot, current_dir, manifest_json, rewrite_record, worker_env, write_manifest
 from pyckpt import DistributedCoordinator, IntegrityError, PyckptError, TrainingRuntime, load_config
 from pyckpt.cli import app
 from pyckpt.manifest import Manifest, checksum
@@ -75,14 +74,6 @@ def base(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("hostile-values") / "src" / "checkpoint.bin")
     os.makedirs(os.path.dirname(path))
     snapshot(path, rich_state(), steps=2)
-    return path
-
-
-def copy_of(base: str, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, os.path.basename(base))
-    shutil.copy2(base, path)
-    shutil.copytree(base + ".pyckpt", path + ".pyckpt", symlinks=True)
     return path
 
 
@@ -169,7 +160,7 @@ HOSTILE_MANIFESTS = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
 def test_hostile_manifest_fields_are_integrity_errors(base, tmp_path, case):
-    path = copy_of(base, str(tmp_path / "snap"))
+    path = copy_snapshot(base, str(tmp_path / "snap"))
     where = edit_manifest(path, HOSTILE_MANIFESTS[case])
     with pytest.raises(IntegrityError) as caught:
         pyckpt.load(path)
@@ -188,7 +179,7 @@ def test_hostile_manifest_fields_are_integrity_errors(base, tmp_path, case):
 @pytest.mark.parametrize("created", [float("nan"), float("inf"), 1e300, -1.0])
 def test_hostile_record_times_are_integrity_errors(base, tmp_path, created):
     """The record's own copy of the time (what `ls` shows first) is checked like every other field."""
-    path = copy_of(base, str(tmp_path / "snap"))
+    path = copy_snapshot(base, str(tmp_path / "snap"))
     body = record_body(path)
     body["versions"][0]["created"] = created
     write_record_body(path, body)
@@ -205,7 +196,7 @@ def test_hostile_record_times_are_integrity_errors(base, tmp_path, created):
 ])
 def test_inspect_and_ls_print_data_literally(base, tmp_path, host, shown_as):
     """Markup or a lone surrogate in a host name, a stage from the year 2400: printed as they are."""
-    path = copy_of(base, str(tmp_path / "snap"))
+    path = copy_snapshot(base, str(tmp_path / "snap"))
     edit_manifest(path, _set_meta("host", host))
     shown = cli("inspect", path)
     assert shown.exit_code == 0 and (shown_as or host) in shown.stdout.replace("\n", ""), shown.stdout
@@ -276,7 +267,7 @@ def test_manifest_padded_with_empty_nodes_is_refused_before_decoding(base, tmp_p
     state = {"by_id": {i: 0 for i in range(50_000)}, "ids": list(range(50_000)), "few_empty": [[], {}, ()]}
     snapshot(dense, state)
     assert pyckpt.load(dense)["objects"]["holder"] == state
-    path = copy_of(base, str(tmp_path / "snap"))
+    path = copy_snapshot(base, str(tmp_path / "snap"))
     where = edit_manifest(path, _set_tree("name", {"L": [{"L": []}] * 1_000_000}))
     data = open(where, "rb").read()
     tracemalloc.start()
@@ -416,7 +407,7 @@ def fuzz_base(base):
 @given(data=st.data())
 def test_fuzz_checksummed_manifest_and_record(fuzz_base, data):
     with tempfile.TemporaryDirectory() as tmp:
-        path = copy_of(fuzz_base["path"], os.path.join(tmp, "snap"))
+        path = copy_snapshot(fuzz_base["path"], os.path.join(tmp, "snap"))
         manifest = json.loads(json.dumps(fuzz_base["manifest"]))
         record = json.loads(json.dumps(fuzz_base["record"]))
         for _ in range(data.draw(st.integers(1, 3), label="edits")):

@@ -84,6 +84,16 @@ def untouched(*objects):
     return lambda: ([frozen(o.state_dict()) for o in objects], rngs()) == before
 
 
+
+def restore_by(path: str, coordinator, snap_path: str, runtime: TrainingRuntime) -> None:
+    """Restore through the coordinator, or through pyckpt.load + load_state (what a plain process does)."""
+    if path == "restore":
+        coordinator.restore(snap_path, runtime)
+    else:
+        state = pyckpt.load(snap_path)
+        runtime.load_state(state, state["per_rank"][0])
+
+
 def test_extra_registered_object_fails_before_the_model_is_overwritten(coordinator, snap_path):
     _, _, runtime = trained()
     coordinator.snapshot(snap_path, runtime)
@@ -109,11 +119,7 @@ def test_other_parameter_groups_fail_before_anything_is_changed(coordinator, sna
     same = untouched(model, optimizer)
     with pytest.raises(StateMismatchError, match=r"optimizer 'optimizer': parameter groups of sizes \[4\] in the "
                                                  r"snapshot, \[2, 2\] in the optimizer"):
-        if path == "restore":
-            coordinator.restore(snap_path, runtime)
-        else:
-            state = pyckpt.load(snap_path)
-            runtime.load_state(state, state["per_rank"][0])
+        restore_by(path, coordinator, snap_path, runtime)
     assert same()
 
 
@@ -271,11 +277,7 @@ def test_torch_rng_bytes_torch_refuses_are_found_before_loading(coordinator, sna
     model, optimizer, runtime = trained(seed=1)
     same = untouched(model, optimizer)
     with pytest.raises(StateMismatchError, match="RNG state 'torch' is refused by torch"):
-        if path == "restore":
-            coordinator.restore(snap_path, runtime)
-        else:
-            state = pyckpt.load(snap_path)
-            runtime.load_state(state, state["per_rank"][0])
+        restore_by(path, coordinator, snap_path, runtime)
     assert same()
 
 
