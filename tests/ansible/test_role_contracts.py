@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jinja2
 import jinja2.meta
-import pytest
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.parsing.dataloader import DataLoader
@@ -73,76 +72,64 @@ def names_read(value) -> set[str]:
     return set()
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_defaults_and_the_main_spec_name_the_same_variables(role):
-    in_defaults, in_spec = set(defaults(role)), set(entry_points(role)["main"])
-    assert in_defaults - in_spec == set(), f"roles/{role}: in defaults/main.yml but not in argument_specs"
-    assert in_spec - in_defaults == set(), f"roles/{role}: in argument_specs but not in defaults/main.yml"
+def contract_problems(role: str) -> list[str]:
+    """How the role's defaults/main.yml and meta/argument_specs.yml disagree."""
+    values, entries = defaults(role), entry_points(role)
+    where = f"roles/{role}"
+    problems = [f"{where}: {name} is in defaults/main.yml, not in argument_specs" for name in values
+                if name not in entries["main"]]
+    problems += [f"{where} ({entry}): {name} is in argument_specs, not in defaults/main.yml"
+                 for entry, options in entries.items() for name in options if name not in values]
+    problems += [f"{where} ({entry}): {name} default {option.get('default')!r} != {values[name]!r} in defaults/main.yml"
+                 for entry, options in entries.items() for name, option in options.items()
+                 if name in values and option.get("default") != values[name]]
+    if problems:  # the check below needs every option in defaults/main.yml
+        return problems
+    for inventory in [None, *INVENTORIES]:  # the defaults as Ansible checks them when the role starts
+        resolved = resolved_defaults(role, inventory)
+        for entry, options in entries.items():
+            result = ArgumentSpecValidator(options).validate({name: resolved[name] for name in options})
+            problems += [f"{where} ({entry}, inventory {inventory or 'none'}): {error}"
+                         for error in result.error_messages]
+    return problems
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_every_spec_states_the_default_the_role_uses(role):
-    values = defaults(role)
-    wrong = {f"{entry}.{name}": (option.get("default"), values.get(name, "<not in defaults>"))
-             for entry, options in entry_points(role).items() for name, option in options.items()
-             if option.get("default") != values.get(name, "<not in defaults>")}
-    assert wrong == {}, f"roles/{role}: argument_specs default != defaults/main.yml value"
+def test_defaults_agree_with_argument_specs():
+    assert [problem for role in ROLES for problem in contract_problems(role)] == []
 
 
-@pytest.mark.parametrize("inventory", [None, *INVENTORIES], ids=lambda i: i or "standalone")
-@pytest.mark.parametrize("role", ROLES)
-def test_defaults_pass_the_role_spec(role, inventory):
-    values = resolved_defaults(role, inventory)
-    for entry, options in entry_points(role).items():
-        result = ArgumentSpecValidator(options).validate({name: values[name] for name in options})
-        assert result.error_messages == [], f"roles/{role} ({entry}) with inventory {inventory}"
-
-
-def test_no_playbook_sets_a_role_variable():
+def test_cluster_wide_names_reach_the_roles_one_way():
     # Role variables come from the role's defaults (which read the cluster-wide names) or from the
-    # user (inventory, -e). A play that set them would outrank the user's group_vars.
+    # user (inventory, -e): a play that set them would outrank the user's group_vars.
     prefixes = tuple(f"{role}_" for role in ROLES)
-    found = []
+    set_by_plays = []
     for path in sorted([*REPO.glob("*.yml"), *(REPO / "playbooks").glob("*.yml")]):
         for play in load(path):
             role_vars = [role.get("vars", {}) for role in play.get("roles", []) if isinstance(role, dict)]
             files = [load(path.parent / name) for name in play.get("vars_files", [])]
             for names in (play.get("vars", {}), *role_vars, *files):
-                found += [f"{path.relative_to(REPO)}: {name}" for name in names if name.startswith(prefixes)]
-    assert found == []
+                set_by_plays += [f"{path.relative_to(REPO)}: {name}" for name in names if name.startswith(prefixes)]
+    assert set_by_plays == []
+    # A misspelt name in a default would silently fall back to the literal.
+    known = (set(load(REPO / "inventory/physical/group_vars/all.yml"))
+             | facts_set_by(REPO / "playbooks/tasks/cluster-facts.yml") | MAGIC | HOST_VARS)
+    unknown = {role: sorted(names_read(defaults(role)) - set(defaults(role)) - known) for role in ROLES}
+    assert {role: names for role, names in unknown.items() if names} == {}, (
+        "neither a cluster-wide name (inventory/physical/group_vars/all.yml), a fact of "
+        "playbooks/tasks/cluster-facts.yml, nor one of the role's own variables")
 
 
-@pytest.mark.parametrize("role", ROLES)
-def test_defaults_read_only_names_that_exist(role):
-    own = set(defaults(role))
-    shared = set(load(REPO / "inventory/physical/group_vars/all.yml"))
-    facts = facts_set_by(REPO / "playbooks/tasks/cluster-facts.yml")
-    unknown = names_read(defaults(role)) - own - shared - facts - MAGIC - HOST_VARS
-    assert unknown == set(), (f"roles/{role} reads {sorted(unknown)}: neither a cluster-wide name "
-                              "(inventory/physical/group_vars/all.yml), a fact of playbooks/tasks/cluster-facts.yml, "
-                              "nor one of the role's own variables")
-
-
-def test_preflight_allows_what_pyckpt_accepts():
+def test_allowed_values_are_pyckpt_s():
     play = load(REPO / "playbooks/preflight.yml")[0]
-    allowed = {name: set(values) for name, values in play["vars"]["preflight_allowed"].items()}
+    allowed = {name: set(values) for name, values in play.get("vars", {}).get("preflight_allowed", {}).items()}
     assert allowed == {"distributed_mode": set(config.MODES), "backend": set(config.BACKENDS),
                        "shared_fs_type": set(config.FS_TYPES)}
     checks = [check for task in play["tasks"] for check in task.get("ansible.builtin.assert", {}).get("that", [])]
-    for name in allowed:
-        assert f"{name} in preflight_allowed.{name}" in checks, f"preflight does not check {name}"
-
-
-@pytest.mark.parametrize("role, option, allowed", [
-    ("cluster_config", "cluster_config_distributed_mode", config.MODES),
-    ("cluster_config", "cluster_config_backend", config.BACKENDS),
-    ("cluster_config", "cluster_config_shared_fs_type", config.FS_TYPES),
-    ("training", "training_distributed_mode", config.MODES),
-])
-def test_role_choices_are_what_pyckpt_accepts(role, option, allowed):
-    assert set(entry_points(role)["main"][option]["choices"]) == set(allowed)
-
-
-def test_cluster_config_passes_through_what_pyckpt_passes_through():
-    role_vars = load(REPO / "roles/cluster_config/vars/main.yml")
-    assert tuple(role_vars["cluster_config_passthrough_prefixes"]) == config.PASSTHROUGH_PREFIXES
+    assert [name for name in allowed if f"{name} in preflight_allowed.{name}" not in checks] == []
+    for role, option, values in [("cluster_config", "cluster_config_distributed_mode", config.MODES),
+                                 ("cluster_config", "cluster_config_backend", config.BACKENDS),
+                                 ("cluster_config", "cluster_config_shared_fs_type", config.FS_TYPES),
+                                 ("training", "training_distributed_mode", config.MODES)]:
+        assert set(entry_points(role)["main"][option]["choices"]) == set(values), option
+    prefixes = load(REPO / "roles/cluster_config/vars/main.yml")["cluster_config_passthrough_prefixes"]
+    assert tuple(prefixes) == config.PASSTHROUGH_PREFIXES
