@@ -223,6 +223,16 @@ def test_cluster_config_world_size_and_passthrough(tmp_path):
     assert "NODE_RANK" not in env
 
 
+def test_a_role_variable_in_group_vars_wins_over_the_shared_name(tmp_path):
+    # docs/OPERATIONS.md, Variables: the roles' defaults read the shared names and no play sets a role
+    # variable, so one set in the inventory takes effect (the other keys still follow the shared names).
+    inv = make_inventory(tmp_path, spec_hosts(), cluster_config_master_port=29600)
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", inv, local(tmp_path, venv_path=str(VENV)))
+    assert rc == 0, out
+    env = read_env(tmp_path / "shared/checkpoint4/config/distributed.physical.env")
+    assert (env["MASTER_PORT"], env["MASTER_ADDR"], env["WORLD_SIZE"]) == ("29600", "192.168.1.100", "4")
+
+
 def test_cluster_config_is_idempotent(tmp_path):
     args = (tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
             local(tmp_path, venv_path=str(VENV)))
