@@ -116,7 +116,7 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
     """A touched uint8 tensor in 2 MiB-aligned memory backed by huge pages where the kernel gives
     them, nbytes rounded up to whole pages (O_DIRECT moves whole, aligned blocks; in scattered 4 KiB
     pages a 4 MiB transfer is cut into ~1 MiB requests and the "limit" would measure that instead)."""
-    from pyckpt.writer import aligned_buffers
+    from pyckpt.sysio import aligned_buffers
     return torch.frombuffer(aligned_buffers(1, max(nbytes, 1) + (-nbytes % mmap.PAGESIZE))[0], dtype=torch.uint8)
 
 

@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from .config import load_config
 from .errors import IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError
@@ -56,7 +56,7 @@ def expected_errors(command: Callable) -> Callable:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", EXIT_FAILED)
         except KeyboardInterrupt:
             fail("interrupted", 130)
-        except (typer.Exit, typer.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, TyperException):   # typer's own exits and usage errors
             raise
         except Exception as exc:  # a bug in pyckpt: one line to report, the traceback on request
             if os.environ.get("PYCKPT_DEBUG") == "1":

@@ -39,8 +39,10 @@ from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, ch
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot, TreeRead
 from .runtime import TrainingRuntime
-from .storage import SPARE_DIR, SnapshotStore, _crash_point
-from .writer import byte_view, helper_pool, write_file
+from .storage import SPARE_DIR, SnapshotStore
+from .testhooks import crash_point
+from .sysio import byte_view, helper_pool
+from .writer import write_file
 
 log = logging.getLogger("pyckpt")
 DEFAULT_KEEP_LAST = 2
@@ -452,7 +454,7 @@ class DistributedCoordinator:
                 pass        # another writer holds the path: its begin() removes unlisted versions
             except (PyckptError, OSError) as exc:   # e.g. an entry gc refuses to touch: the next snapshot says so
                 log.warning("could not delete old versions under %s: %s (the next snapshot retries)", store.root, exc)
-            _crash_point("pruned")
+            crash_point("pruned")
 
         self._pruning = threading.Thread(target=prune, name="pyckpt-prune", daemon=False)
         self._pruning.start()

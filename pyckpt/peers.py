@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .reader import DONE, TensorRead
-from .writer import libc_function
+from .sysio import libc_function
 
 Offer = tuple[int, int, dict[int, list[tuple[int, int]]]]   # pid, address of progress bytes, extents per job
 

@@ -29,7 +29,7 @@ from .errors import IntegrityError, PyckptError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .messages import as_read_error
 from .storage import SnapshotStore
-from .writer import aligned_buffers, byte_view, helper_pool, libc_function
+from .sysio import aligned_buffers, byte_view, helper_pool, libc_function
 
 
 @dataclass

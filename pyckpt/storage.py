@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import time
 import uuid
@@ -24,6 +23,7 @@ from contextlib import contextmanager, suppress
 from typing import Iterator
 
 from . import safe_fs
+from .testhooks import crash_point
 from .errors import (IntegrityError, PyckptError, SnapshotError, SnapshotLockedError, SnapshotNotFoundError,
                      SnapshotPathError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum
@@ -38,17 +38,6 @@ _DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
 _MAX_VERSION = 99_999_999     # version names have 8 digits (docs/FORMAT.md)
 _MAX_RECORD = 1 << 20
 _DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
-_crash_hits: dict[str, int] = {}
-
-
-def _crash_point(name: str) -> None:
-    """Test hook (tests/reliability): PYCKPT_TEST_CRASH_AT=name[:n] SIGKILLs this process at the n-th `name`."""
-    wanted = os.environ.get("PYCKPT_TEST_CRASH_AT")
-    if not wanted or wanted.partition(":")[0] != name:
-        return
-    _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] == int(wanted.partition(":")[2] or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SnapshotStore:
@@ -177,7 +166,7 @@ class SnapshotStore:
         name = f"v{number:08d}"
         stage = os.path.join(self.root, f"{name}.stage-{uuid.uuid4().hex[:12]}")
         safe_fs.make_dir(stage, _DIR_MODE)
-        _crash_point("stage-created")
+        crash_point("stage-created")
         return name, stage
 
     def keep_spares(self, keep_last: int | None) -> None:
@@ -211,7 +200,7 @@ class SnapshotStore:
         If this fails, the version is removed again unless the record already names it."""
         safe_fs.write_new_file(os.path.join(stage, MANIFEST), manifest)
         safe_fs.fsync_dir(stage)
-        _crash_point("manifest-written")
+        crash_point("manifest-written")
         ref = VersionRef(name, checksum(manifest), len(manifest), meta.get("step"), meta.get("epoch"),
                          meta.get("created"))
         previous = self.committed()
@@ -219,12 +208,12 @@ class SnapshotStore:
         os.rename(stage, self.version_dir(name))
         try:
             safe_fs.fsync_dir(self.root)
-            _crash_point("stage-renamed")
+            crash_point("stage-renamed")
             self._replace_record(record)
         except BaseException:
             self._drop_unpublished(name)
             raise
-        _crash_point("record-renamed")
+        crash_point("record-renamed")
         return record
 
     def _drop_unpublished(self, name: str) -> None:
@@ -242,7 +231,7 @@ class SnapshotStore:
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
         safe_fs.write_new_file(tmp, record.to_json())
         try:
-            _crash_point("record-tmp-written")
+            crash_point("record-tmp-written")
             os.rename(tmp, self.path)
         except BaseException:
             with suppress(OSError):

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pyckpt import (DistributedCoordinator, SnapshotLockedError, TrainingRuntime, coordinator, load_config,  # noqa: E402
-                    storage, writer)
+                    testhooks, writer)
 from state import Blob, loss, rng_seed  # noqa: E402
 
 
@@ -40,7 +40,7 @@ class _OsWithCrashPoint:
         except OSError:
             target = ""
         if os.path.basename(target).startswith("data-"):
-            storage._crash_point("data-written")
+            testhooks.crash_point("data-written")
         os.fsync(fd)
 
 
@@ -50,7 +50,7 @@ def _install_hooks() -> None:
 
     def write_file(*args, **kwargs):
         digests = original(*args, **kwargs)
-        storage._crash_point("data-fsynced")
+        testhooks.crash_point("data-fsynced")
         return digests
 
     coordinator.write_file = write_file

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyckpt
-from pyckpt import DistributedCoordinator, IntegrityError, TrainingRuntime, load_config
+from pyckpt import DistributedCoordinator, IntegrityError, SnapshotError, TrainingRuntime, load_config
 from pyckpt.runtime import _fast_membership, _IdList
 
 
@@ -102,7 +102,7 @@ def test_a_spare_that_is_not_a_regular_file_is_refused_and_left_alone(snap_path,
         c.snapshot(snap_path, runtime)
         os.makedirs(os.path.dirname(_spare(snap_path)), exist_ok=True)
         os.symlink(victim, _spare(snap_path))
-        with pytest.raises(IntegrityError, match="data-0.bin: is a symlink"):
+        with pytest.raises(SnapshotError, match="data-0.bin: is a symlink"):
             c.snapshot(snap_path, runtime)
     assert os.path.islink(_spare(snap_path))
     assert victim.read_bytes() == b"keep me"
