@@ -20,6 +20,7 @@ from .errors import (
     SnapshotLockedError,
     SnapshotNotFoundError,
     SnapshotPathError,
+    SnapshotReadError,
     StateMismatchError,
 )
 
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "DistributedCoordinator", "DistributedInitError", "IntegrityError", "PyckptError",
     "Snapshot", "SnapshotAccessError", "SnapshotError", "SnapshotInfo", "SnapshotLockedError", "SnapshotNotFoundError",
-    "SnapshotPathError", "StateMismatchError", "TrainingRuntime", "load", "load_config",
+    "SnapshotPathError", "SnapshotReadError", "StateMismatchError", "TrainingRuntime", "load", "load_config",
 ]
 
 # These import torch (over a second): loaded on first use, so that `pyckpt config validate`, which
