@@ -26,11 +26,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import pyckpt
-from helpers import copy_snapshot, current_dir, manifest_json, rewrite_record, worker_env, write_manifest
+from helpers import copy_snapshot, current_dir, manifest_json, worker_env, write_manifest
 from pyckpt import DistributedCoordinator, IntegrityError, PyckptError, TrainingRuntime, load_config
 from pyckpt.cli import app
 from pyckpt.manifest import Manifest, checksum
-from pyckpt.storage import SnapshotStore
 
 pytestmark = pytest.mark.reliability
 runner = CliRunner()
