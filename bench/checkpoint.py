@@ -150,11 +150,11 @@ def divergence_check_cost(res: Results, kind: str, model, optimizer, repeat: int
     """What pyckpt adds to every snapshot of a job of several ranks, on the training thread, to catch
     "replicated" state that differs between ranks (checksums of samples of every tensor): measured here
     on the same state, as it does not depend on the number of ranks (off with one rank)."""
-    from pyckpt.coordinator import _divergence_samples
+    from pyckpt.capture import divergence_samples
     from pyckpt.sysio import byte_view
     views = [byte_view(t) for t in st.state_tensors(model, optimizer)]
     for _ in range(repeat):
-        res.add(f"{kind}.pyckpt.divergence_check", timed(lambda: _divergence_samples(views))[0])
+        res.add(f"{kind}.pyckpt.divergence_check", timed(lambda: divergence_samples(views))[0])
 
 
 def run_single(args, workdir: str, res: Results) -> None:

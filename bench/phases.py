@@ -25,7 +25,7 @@ from . import state as st
 
 
 def _timers(acc: dict) -> None:
-    from pyckpt import coordinator, fitting, reader, runtime, writer
+    from pyckpt import commit, coordinator, fitting, posix_store, reader, runtime, writer
 
     def wrap(owner, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -39,11 +39,11 @@ def _timers(acc: dict) -> None:
                 acc[label] += time.perf_counter() - start
         setattr(owner, name, timed)
 
-    coord = coordinator.DistributedCoordinator
-    wrap(coord, "_capture", "save.capture")
-    wrap(coord, "_stage", "async.stage_copy")
-    wrap(coord, "_commit", "save.commit")
-    wrap(coordinator, "write_file", "save.write")
+    wrap(coordinator, "capture", "save.capture")
+    wrap(coordinator, "stage", "async.stage_copy")
+    wrap(commit, "_manifest", "save.commit.manifest")
+    wrap(posix_store.PosixStore, "publish", "save.commit.publish")
+    wrap(posix_store, "write_file", "save.write")
     wrap(writer, "_write_direct", "save.write.direct")
     wrap(writer, "_write_buffered", "save.write.buffered")
     wrap(writer.os, "fsync", "save.write.fsync")

@@ -150,10 +150,10 @@ def _opt(value) -> str:
 def _open(snapshot: Path, version: str | None):
     """Snapshot.open, with an unknown --version reported as a usage error (exit 2)."""
     from .reader import Snapshot
-    from .storage import SnapshotStore
+    from .stores import open_store
 
     if version is not None:
-        names = [v.name for v in SnapshotStore(snapshot).read_commit().versions]
+        names = [v.name for v in open_store(snapshot).read_commit().versions]
         if version not in names:
             fail(f"{os.path.abspath(snapshot)}: no version {version!r}; committed versions: {', '.join(names)}",
                  EXIT_USAGE)
@@ -189,7 +189,7 @@ def ls(
         from rich.table import Table
 
         where = os.path.abspath(path)
-        base = where if os.path.isdir(where) and not where.endswith(".pyckpt") else os.path.dirname(where)
+        base = os.path.commonpath([os.path.dirname(r.path) for r in rows]) if rows else where
         table = Table(title=f"snapshots in {_esc(base)}", title_justify="left")
         for column in ("path", "version", "status", "step", "epoch", "loss", "world", "size", "time"):
             table.add_column(column, justify="right" if column in ("step", "epoch", "loss", "world", "size")
@@ -248,7 +248,7 @@ def inspect_cmd(
         table.add_column(column, justify="right" if column in ("#", "bytes") else "left")
     for t in infos:
         table.add_row(str(t.index), _esc(t.name), _esc(t.dtype), "x".join(map(str, t.shape)) or "scalar",
-                      _size(t.nbytes), ",".join(f.removeprefix("data-").removesuffix(".bin") for f in t.files) or "-")
+                      _size(t.nbytes), ",".join(map(str, t.ranks)) or "-")
     console.print(table)
 
 
@@ -265,9 +265,9 @@ def verify_cmd(
     """Read every byte and check every checksum. Exit 0 if intact, 1 naming the bad file and tensor."""
     from .inspect import verify
     from .reader import Snapshot
-    from .storage import SnapshotStore
+    from .stores import open_store
 
-    record = SnapshotStore(snapshot).read_commit()
+    record = open_store(snapshot).read_commit()
     committed = [v.name for v in record.versions]
     names = committed if all_versions else (version or [record.current.name])
     unknown = [n for n in names if n not in committed]
@@ -325,13 +325,13 @@ def gc_cmd(
     Takes the writer's lock: exit 1 (nothing removed) while a snapshot is being written. Exit 1 also
     when a path cannot be cleaned (its error is shown; the other paths are still cleaned)."""
     from .inspect import snapshot_paths
-    from .storage import SnapshotStore
+    from .stores import open_store
 
     report = []
     for snapshot_path in snapshot_paths(path):
         entry = {"path": snapshot_path, "removed": [], "busy": False, "error": None}
         try:
-            entry["removed"] = SnapshotStore(snapshot_path).gc(keep, spares=True, dry_run=dry_run)
+            entry["removed"] = open_store(snapshot_path).gc(keep, spares=True, dry_run=dry_run)
         except SnapshotLockedError as exc:
             entry.update(busy=True, error=str(exc))
         except PyckptError as exc:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -16,16 +14,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import PyckptError, SnapshotNotFoundError
-from . import safe_fs
+from .errors import PyckptError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord
 from .reader import Snapshot
-from .storage import MANIFEST, SnapshotStore
+from .stores import open_store, snapshot_paths
 
-SUFFIX = ".pyckpt"
-_ENTRY = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 BATCH_BYTES = 64 << 20   # verify/export read this much at a time: memory stays bounded
-_LEFTOVER_MANIFEST = 64 << 20   # ls shows step/epoch of a stage from its manifest only up to this size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,94 +46,32 @@ class VersionRow:
         return dict(self.__dict__)
 
 
-def snapshot_paths(path: str | os.PathLike) -> list[str]:
-    """PATH itself if it is a snapshot path, else every snapshot path directly inside directory PATH."""
-    path = os.path.abspath(os.fspath(path))
-    if path.endswith(SUFFIX) and _is_root(path):
-        return [path[: -len(SUFFIX)]]
-    if not os.path.isdir(path):
-        if not (os.path.lexists(path) or os.path.lexists(path + SUFFIX)):
-            raise SnapshotNotFoundError(f"{path}: no such snapshot path or directory")
-        return [path]
-    return sorted(os.path.join(path, entry[: -len(SUFFIX)]) for entry in safe_fs.list_dir(path, user_dir=True)
-                  if entry.endswith(SUFFIX) and entry != SUFFIX and _is_root(os.path.join(path, entry)))
-
-
-def _is_root(path: str) -> bool:
-    """Whether path is a P.pyckpt directory, or a link in its place (listed so that the commands refuse
-    it by name instead of skipping it)."""
-    info = safe_fs.lstat(path)
-    return info is not None and (stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode))
-
-
-def _dir_bytes(directory: str) -> int:
-    """Bytes of the regular files in a real directory (links are not followed)."""
-    total = 0
-    for entry in safe_fs.list_dir(directory):
-        info = safe_fs.lstat(os.path.join(directory, entry))
-        if info is not None and stat.S_ISREG(info.st_mode):
-            total += info.st_size
-    return total
-
-
 def list_versions(path: str) -> list[VersionRow]:
-    """Every version directory of one snapshot path, newest first; committed ones validated. What
-    cannot be read (a damaged record, a link or an unreadable directory) is a "broken" row."""
-    store = SnapshotStore(path)
+    """Every version of one snapshot path, newest first; committed ones validated. What cannot be
+    read (a damaged record, a link or an unreadable directory) is a "broken" row."""
+    store = open_store(path)
     rows: list[VersionRow] = []
-    listed: set[str] = set()
     try:
         record = store.read_commit() if store.exists() else None
     except PyckptError as exc:
         record = None
         rows.append(VersionRow(store.path, "-", "broken", False, error=str(exc)))
     for position, ref in enumerate(record.versions if record else []):
-        listed.add(ref.name)
         row = VersionRow(store.path, ref.name, "current" if position == 0 else "committed", True,
                          step=ref.step, epoch=ref.epoch, created=ref.created)
         try:
-            manifest = store.read_manifest(ref)
-            _fill_from_manifest(row, manifest)
+            _fill_from_manifest(row, store.read_manifest(ref))
         except PyckptError as exc:
             row.status, row.complete, row.error = "broken", False, str(exc)
         rows.append(row)
-    try:
-        entries = sorted(safe_fs.list_dir(store.root))
-    except FileNotFoundError:
-        entries = []
-    except PyckptError as exc:
-        entries = []
-        rows.append(VersionRow(store.path, "-", "broken", False, error=str(exc)))
-    for entry in entries:
-        match = _ENTRY.match(entry)
-        if not match or entry in listed:
-            continue
-        row = _leftover_row(store, entry, "stage" if match.group(2) else "orphan")
-        if row is not None:
-            rows.append(row)
+    for entry in store.uncommitted():
+        row = VersionRow(store.path, entry.name, entry.status, False, created=entry.created, bytes=entry.bytes,
+                         error=entry.error)
+        if entry.manifest is not None:
+            _fill_from_leftover(row, entry.manifest)
+        rows.append(row)
     rows.sort(key=lambda r: (r.version.split(".")[0] if r.version != "-" else "~"), reverse=True)
     return rows
-
-
-def _leftover_row(store: SnapshotStore, entry: str, status: str) -> VersionRow | None:
-    """The row of a stage or unlisted version (None if it was removed meanwhile)."""
-    directory = os.path.join(store.root, entry)
-    row = VersionRow(store.path, entry, status, False)
-    try:
-        info = safe_fs.lstat(directory)
-        if info is None:
-            return None
-        row.created = info.st_mtime
-        if not stat.S_ISDIR(info.st_mode):
-            raise safe_fs.refused(directory, info.st_mode, "directory")
-        row.bytes = _dir_bytes(directory)
-    except FileNotFoundError:
-        return None
-    except PyckptError as exc:
-        row.status, row.error = "broken", str(exc)
-        return row
-    _fill_from_leftover(row, os.path.join(directory, MANIFEST))
-    return row
 
 
 def _fill_from_manifest(row: VersionRow, manifest: Manifest) -> None:
@@ -152,13 +84,8 @@ def _fill_from_manifest(row: VersionRow, manifest: Manifest) -> None:
             setattr(row, key, meta[key])
 
 
-def _fill_from_leftover(row: VersionRow, manifest_path: str) -> None:
+def _fill_from_leftover(row: VersionRow, manifest: Manifest) -> None:
     """A crash between writing the manifest and publishing leaves it in the stage: show its step/epoch."""
-    try:
-        data = safe_fs.read_file(manifest_path, _LEFTOVER_MANIFEST, "manifest")
-        manifest = Manifest.from_json(data, manifest_path)
-    except (OSError, PyckptError):
-        return
     row.world_size = manifest.world_size
     meta = manifest.meta
     row.step = meta.get("step") if isinstance(meta.get("step"), int) else None
@@ -189,6 +116,7 @@ class TensorInfo:
     shape: list[int]
     nbytes: int
     files: list[str] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)      # the ranks whose data files hold its pieces
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -198,8 +126,9 @@ def tensors(snap: Snapshot) -> list[TensorInfo]:
     names = snap.manifest.tensor_names()
     out = []
     for i, rec in enumerate(snap.manifest.tensors):
-        files = sorted({snap.manifest.files[p.file].name for p in rec.pieces})
-        out.append(TensorInfo(i, names.get(i, f"#{i}"), rec.dtype, list(rec.shape), rec.nbytes, files))
+        ranks = sorted({p.file for p in rec.pieces})
+        files = [snap.manifest.files[r].name for r in ranks]
+        out.append(TensorInfo(i, names.get(i, f"#{i}"), rec.dtype, list(rec.shape), rec.nbytes, files, ranks))
     return out
 
 
@@ -335,7 +264,7 @@ def export_safetensors(snap: Snapshot, out: str, obj: str | None = None,
     placeholders = [None] * len(snap.manifest.tensors)
     for index, key in keys:
         placeholders[index] = f"<tensor {key}>"
-    plain = unflatten(tree, placeholders, os.path.join(snap.directory, MANIFEST))
+    plain = unflatten(tree, placeholders, snap.manifest_where)
     header["__metadata__"] = {"format": "pt", "pyckpt_version": snap.ref.name,
                               "pyckpt_state": json.dumps(plain, default=str)}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -410,7 +339,7 @@ def export_torch(snap: Snapshot, out: str, obj: str | None = None,
                 continue
             mapped = np.memmap(scratch, dtype=np.uint8, mode="c", offset=start, shape=(record.nbytes,))
             values[index] = torch.from_numpy(mapped).view(dtype).reshape(record.shape)
-        state = unflatten(tree, values, os.path.join(snap.directory, MANIFEST))
+        state = unflatten(tree, values, snap.manifest_where)
         torch.save(state, tmp)
         _replace_atomically(tmp, out)
     except BaseException:

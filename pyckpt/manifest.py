@@ -57,6 +57,11 @@ NUMPY_KINDS = "biufc"           # bool, signed, unsigned, float, complex: plain 
 checksum = xxhash.xxh3_64_hexdigest
 
 
+def data_file_name(rank: int) -> str:
+    """The format names rank r's data file data-r.bin (inside its version)."""
+    return f"data-{rank}.bin"
+
+
 def align(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 
@@ -304,7 +309,7 @@ class Manifest:
         files = [FileRecord(v.file_name(f.get("name") if isinstance(f, dict) else None),
                             v.int(f.get("size"), "file size", 0, 1 << 62))
                  for f in v.list(body.get("files"), "files")]
-        v.check([f.name for f in files] == [f"data-{r}.bin" for r in range(len(files))] and len(files) == world,
+        v.check([f.name for f in files] == [data_file_name(r) for r in range(len(files))] and len(files) == world,
                 "files must be data-0.bin .. data-<world_size-1>.bin")
         total = sum(f.size for f in files)
         tensors = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 import weakref
@@ -24,22 +23,22 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import safe_fs
 from .errors import IntegrityError, PyckptError
 from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
 from .messages import as_read_error
-from .storage import SnapshotStore
-from .sysio import aligned_buffers, byte_view, helper_pool, libc_function
+from .storage import DataSource, Store
+from .stores import open_store
+from .sysio import aligned_buffers, byte_view, helper_pool
 
 
 @dataclass
 class Snapshot:
     """One committed version, opened for reading."""
 
-    store: SnapshotStore
+    store: Store
     ref: VersionRef
     manifest: Manifest
-    files: dict[int, int] = field(default_factory=dict, repr=False)  # data files, open while this lives
+    files: dict[int, DataSource] = field(default_factory=dict, repr=False)  # data files, open while this lives
 
     @classmethod
     def open(cls, path: str | os.PathLike, version: str | None = None) -> "Snapshot":
@@ -47,13 +46,13 @@ class Snapshot:
         which stay open so that a writer pruning the version afterwards cannot take them away. If the
         current version is pruned while being opened (a newer one was committed meanwhile, keep_last=1),
         the newer one is opened instead, up to _OPEN_TRIES times."""
-        store = SnapshotStore(path)
+        store = open_store(path)
         tries = 1
         while True:
             ref = _pick(store.path, store.read_commit(), version)
             try:
                 manifest = store.read_manifest(ref)
-                files = _open_data_files(store.version_dir(ref.name), manifest)
+                files = store.open_data(ref, manifest)
             except IntegrityError:
                 if version is None and tries < _OPEN_TRIES and _superseded(store, ref):
                     tries += 1
@@ -64,15 +63,16 @@ class Snapshot:
             return snap
 
     @property
-    def directory(self) -> str:
-        return self.store.version_dir(self.ref.name)
+    def manifest_where(self) -> str:
+        """Where the manifest is, for messages."""
+        return self.store.where(self.ref.name, "manifest.json")
 
     @property
     def meta(self) -> dict:
         return self.manifest.meta
 
     def file_path(self, index: int) -> str:
-        return os.path.join(self.directory, self.manifest.files[index].name)
+        return self.files[index].where
 
     def reading(self, tree: Any, into: dict[int, torch.Tensor] | None = None) -> "TreeRead":
         """Plan the read of a state tree (files opened and size-checked, buffers allocated); run it
@@ -114,14 +114,14 @@ class TensorRead:
     ranks sharing a machine each run a share of the jobs and copy the rest from one another."""
 
     def __init__(self, snap: Snapshot, indices: list[int], out: list[torch.Tensor | None] | None = None):
-        where = os.path.join(snap.directory, "manifest.json")
+        where = snap.manifest_where
         count = len(snap.manifest.tensors)
         if any(not 0 <= i < count for i in indices):
             raise IntegrityError(f"{where}: state tree references a tensor that does not exist", file=where)
         self.snap, self.indices, self.out = snap, indices, out
         self.records = [snap.manifest.tensors[i] for i in indices]
         self._names = _LazyNames(snap.manifest, indices)
-        self._fds = _open_files(snap)
+        self._sources = _copies(snap)
         try:
             self.buffers = [out[k] if out is not None and out[k] is not None
                             else torch.empty(r.nbytes, dtype=torch.uint8) for k, r in enumerate(self.records)]
@@ -154,9 +154,8 @@ class TensorRead:
         self.close()
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        sources, self._sources = self._sources, {}
+        _close_all(sources.values())
 
     def job_sizes(self) -> list[int]:
         return [sum(piece.length for _, piece, _, _ in batch) for _, batch in self.jobs]
@@ -181,14 +180,14 @@ class TensorRead:
         DONE (read and verified) or FAILED as each finishes; .wait() on the result ends it."""
         jobs = list(range(len(self.jobs))) if jobs is None else jobs
         files = {self.jobs[j][0] for j in jobs}
-        direct_fds = _open_direct({f: self._fds[f] for f in files}) if direct else {}
-        futures = [helper_pool().submit(self._read_job, j, direct_fds.get(self.jobs[j][0])) for j in jobs]
-        return _Running(futures, direct_fds)
+        direct_sources = _open_direct({f: self._sources[f] for f in files}) if direct else {}
+        futures = [helper_pool().submit(self._read_job, j, direct_sources.get(self.jobs[j][0])) for j in jobs]
+        return _Running(futures, direct_sources)
 
-    def _read_job(self, j: int, direct_fd: int | None) -> None:
+    def _read_job(self, j: int, direct: DataSource | None) -> None:
         file, batch = self.jobs[j]
         try:
-            self._read_batch(self._fds[file], direct_fd, batch)
+            self._read_batch(self._sources[file], direct, batch)
         except BaseException:
             self.progress[j] = FAILED
             raise
@@ -205,12 +204,13 @@ class TensorRead:
         return [buf if given is not None else _as_value(rec, buf)
                 for rec, buf, given in zip(self.records, self.buffers, self.out)]
 
-    def _read_batch(self, fd: int, direct_fd: int | None, batch: list) -> None:
-        """Read a run of pieces (direct through the bounce buffer, else one preadv), then checksums."""
+    def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list) -> None:
+        """Read a run of pieces (direct through the bounce buffer unless cached, else one read into the
+        tensors), then verify their checksums."""
         first, last = batch[0][1], batch[-1][1]
         start, end = first.offset, last.offset + last.length
-        if direct_fd is None or _in_page_cache(fd, start, end) or not _read_direct(direct_fd, batch, start, end):
-            self._read_buffered(fd, batch, start, end)
+        if direct is None or source.cached(start, end) or not _read_direct(direct, batch, start, end):
+            self._read_buffered(source, batch, start, end)
         for offset, piece, view, k in batch:
             if not _intact(piece, view):
                 path = self.snap.file_path(piece.file)
@@ -219,8 +219,8 @@ class TensorRead:
                     f"{piece.offset + piece.length}); the snapshot is corrupted: restore an older version or take "
                     "a new snapshot", file=path, tensor=self._names[k])
 
-    def _read_buffered(self, fd: int, batch: list, start: int, end: int) -> None:
-        """One preadv for the run (gaps between pieces land in a scratch buffer)."""
+    def _read_buffered(self, source: DataSource, batch: list, start: int, end: int) -> None:
+        """One read for the run (gaps between pieces land in a scratch buffer)."""
         iov: list[memoryview] = []
         pos = start
         for offset, piece, view, _ in batch:
@@ -231,7 +231,7 @@ class TensorRead:
             pos = offset + piece.length
         done = 0
         while done < end - start:
-            got = os.preadv(fd, iov, start + done)
+            got = source.read_into(start + done, iov)
             if got == 0:
                 offset, piece, _, k = next(item for item in batch if item[0] + item[1].length > start + done)
                 path, name = self.snap.file_path(piece.file), self._names[k]
@@ -251,7 +251,7 @@ class TreeRead(TensorRead):
         tensors: list[Any] = [None] * len(self.snap.manifest.tensors)
         for index, value in zip(self.indices, self.values()):
             tensors[index] = value
-        return unflatten(self._tree, tensors, os.path.join(self.snap.directory, "manifest.json"))
+        return unflatten(self._tree, tensors, self.snap.manifest_where)
 
 
 DONE, FAILED = 1, 2
@@ -260,21 +260,20 @@ DONE, FAILED = 1, 2
 class _Running:
     """Read jobs under way on the helper threads."""
 
-    def __init__(self, futures: list, direct_fds: dict[int, int]):
-        self.futures, self.direct_fds = futures, direct_fds
+    def __init__(self, futures: list, direct_sources: dict[int, DataSource]):
+        self.futures, self.direct_sources = futures, direct_sources
 
     def done(self) -> bool:
         return all(future.done() for future in self.futures)
 
     def wait(self) -> None:
-        """Until every job is done (they use the descriptors, closed here); the first error is raised."""
+        """Until every job is done (they use the direct sources, closed here); the first error is raised."""
         try:
             wait(self.futures)
             for future in self.futures:
                 future.result()
         finally:
-            for fd in self.direct_fds.values():
-                os.close(fd)
+            _close_all(self.direct_sources.values())
 
 
 def _intact(piece, view: memoryview) -> bool:
@@ -295,7 +294,7 @@ def _pick(path: str, record, version: str | None) -> VersionRef:
     return matches[0]
 
 
-def _superseded(store: SnapshotStore, ref: VersionRef) -> bool:
+def _superseded(store: Store, ref: VersionRef) -> bool:
     """Whether the record now names another current version than `ref` (it was replaced meanwhile)."""
     try:
         return store.read_commit().current.name != ref.name
@@ -303,42 +302,21 @@ def _superseded(store: SnapshotStore, ref: VersionRef) -> bool:
         return False
 
 
-def _open_data_files(directory: str, manifest: Manifest) -> dict[int, int]:
-    """Open every data file of a version (regular files, no links) and check its size against the
-    manifest before any tensor memory is allocated."""
-    fds: dict[int, int] = {}
+def _copies(snap: Snapshot) -> dict[int, DataSource]:
+    """Handles on the snapshot's data files for one read: copies of those Snapshot.open opened."""
+    sources: dict[int, DataSource] = {}
     try:
-        for index, record in enumerate(manifest.files):
-            path = os.path.join(directory, record.name)
-            try:
-                fd, info = safe_fs.open_file(path)
-            except FileNotFoundError:
-                raise IntegrityError(f"{path}: data file missing", file=path) from None
-            fds[index] = fd
-            if info.st_size != record.size:
-                raise IntegrityError(f"{path}: {info.st_size} bytes on disk, manifest says {record.size} "
-                                     "(truncated or replaced)", file=path)
+        for index, source in snap.files.items():
+            sources[index] = source.copy()
     except BaseException:
-        _close_all(fds.values())
+        _close_all(sources.values())
         raise
-    return fds
+    return sources
 
 
-def _open_files(snap: Snapshot) -> dict[int, int]:
-    """Descriptors of the snapshot's data files for one read: copies of those Snapshot.open opened."""
-    fds: dict[int, int] = {}
-    try:
-        for index, fd in snap.files.items():
-            fds[index] = os.dup(fd)
-    except BaseException:
-        _close_all(fds.values())
-        raise
-    return fds
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+def _close_all(sources: Iterable[DataSource]) -> None:
+    for source in sources:
+        source.close()
 
 
 _DIRECT_WINDOW = 4 << 20     # one O_DIRECT read: a common max request size of block devices
@@ -346,45 +324,19 @@ _DIRECT_ALIGN = 4096          # file offsets of direct reads (any logical block 
 _bounce = threading.local()   # each helper thread's window buffer, kept for its life
 
 
-def _open_direct(fds: dict[int, int]) -> dict[int, int]:
-    """A second, O_DIRECT descriptor per data file; none where the filesystem refuses the flag."""
-    out: dict[int, int] = {}
-    try:
-        for file, fd in fds.items():
-            out[file] = safe_fs.reopen(fd, os.O_RDONLY | os.O_DIRECT)  # the same, size-checked file
-    except OSError:
-        _close_all(out.values())
-        return {}
+def _open_direct(sources: dict[int, DataSource]) -> dict[int, DataSource]:
+    """A direct (uncached) source per data file; none at all where one of them has no direct reads."""
+    out: dict[int, DataSource] = {}
+    for file, source in sources.items():
+        direct = source.direct()
+        if direct is None:
+            _close_all(out.values())
+            return {}
+        out[file] = direct
     return out
 
 
-_mmap = libc_function("mmap", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                ctypes.c_long], ctypes.c_void_p)
-_mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
-_munmap = libc_function("munmap", [ctypes.c_void_p, ctypes.c_size_t])
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _in_page_cache(fd: int, start: int, end: int) -> bool:
-    """Whether every page of [start, end) of the file is in the page cache (mincore on a mapping that
-    is never touched: no I/O). Such a range is copied from the cache, not read from the disk again."""
-    if _mmap is None or _mincore is None or _munmap is None or end <= start:
-        return False
-    first = start - start % mmap.PAGESIZE
-    length = end - first
-    addr = _mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, first)
-    if addr in (None, _MAP_FAILED):
-        return False
-    try:
-        pages = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
-        if _mincore(addr, length, pages) != 0:
-            return False
-        return bool((np.frombuffer(pages, dtype=np.uint8) & 1).all())   # bit 0: resident
-    finally:
-        _munmap(addr, length)
-
-
-def _read_direct(fd: int, batch: list, start: int, end: int) -> bool:
+def _read_direct(source: DataSource, batch: list, start: int, end: int) -> bool:
     """Read [start, end) in aligned windows into this thread's buffer and copy each piece's bytes out.
     False (the caller reads buffered) where the filesystem turns the direct read down."""
     window = getattr(_bounce, "buffer", None)
@@ -396,7 +348,7 @@ def _read_direct(fd: int, batch: list, start: int, end: int) -> bool:
     while pos < end:
         want = min(_DIRECT_WINDOW, end - pos + -(end - pos) % _DIRECT_ALIGN)   # not past the run's last block
         try:
-            got = os.preadv(fd, [window[:want]], pos)
+            got = source.read_into(pos, [window[:want]])
         except OSError as exc:
             if exc.errno == errno.EINVAL and todo == 0:
                 return False
@@ -404,13 +356,13 @@ def _read_direct(fd: int, batch: list, start: int, end: int) -> bool:
         if got <= 0:
             return False                       # ends early: the buffered read names the tensor
         stop = pos + got
-        source = np.frombuffer(window, dtype=np.uint8, count=got)
+        data = np.frombuffer(window, dtype=np.uint8, count=got)
         k = todo
         while k < len(batch) and batch[k][0] < stop:
             offset, piece, _, _ = batch[k]
             lo, hi = max(offset, pos), min(offset + piece.length, stop)
             if hi > lo:
-                arrays[k][lo - offset: hi - offset] = source[lo - pos: hi - pos]
+                arrays[k][lo - offset: hi - offset] = data[lo - pos: hi - pos]
             if offset + piece.length <= stop:   # pieces do not overlap: all before it are done too
                 todo = k + 1
             k += 1

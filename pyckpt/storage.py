@@ -1,299 +1,116 @@
-"""Where snapshots live: a POSIX directory (local disk or NFS), published atomically.
+"""The storage seam: what pyckpt asks of the place where snapshots live, whatever that place is.
 
-For a user path P (e.g. /shared/snapshots/checkpoint.bin):
-  P                      the commit record: names the committed versions, newest first
-  P.pyckpt/v00000012/    one committed version: manifest.json + data-<rank>.bin
-  P.pyckpt/v00000013.stage-<id>/   a snapshot being written (ignored by readers)
-  P.pyckpt/.lock         flock held by the writing leader or gc; it names its holder (pid, host, since)
-A version becomes visible only when the record at P is atomically replaced (write, fsync, rename,
-fsync dir) after every data file and the manifest are durable.
+The coordinator, the reader, inspect and the CLI talk only to a `Store` and the `DataSource`s it opens;
+every name and layout on the medium (directories, data file names, the lock, spares) belongs to the
+backend. `stores.open_store(path)` picks the backend for a path; the POSIX directory (posix_store.py,
+local disk or NFS) is the first. A new backend implements these two protocols and passes the contract
+suite in tests/unit/test_store_contract.py (one fixture per backend).
+
+The guarantees every backend gives (the contract suite checks them):
+- a version is visible (read_commit/read_manifest) only after publish(), never half-made;
+- publish() keeps the newest `keep_last` versions in the record; gc() deletes what the record no
+  longer names, stages of crashed writers, and (spares=True) the spare data files;
+- locked() admits one writer (SnapshotLockedError for the other), and gc waits briefly for it;
+- a DataSource reads exactly the bytes written by write_data(), and says where it reads from.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
-import logging
-import os
-import re
-import socket
-import time
-import uuid
-from contextlib import contextmanager, suppress
-from typing import Iterator
+from typing import ContextManager, NamedTuple, Protocol
 
-from . import safe_fs
-from .testhooks import crash_point
-from .errors import (IntegrityError, PyckptError, SnapshotError, SnapshotLockedError, SnapshotNotFoundError,
-                     SnapshotPathError)
-from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum
-
-log = logging.getLogger("pyckpt")
-MANIFEST = "manifest.json"
-SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
-LOCK = ".lock"
-LOCK_WAIT = 5.0               # seconds a writer waits while gc (short maintenance) holds the lock
-_NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
-_DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
-_MAX_VERSION = 99_999_999     # version names have 8 digits (docs/FORMAT.md)
-_MAX_RECORD = 1 << 20
-_DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
+from .manifest import CommitRecord, Manifest, VersionRef
+from .planner import Slice
 
 
-class SnapshotStore:
-    def __init__(self, path: str | os.PathLike):
-        raw = os.fspath(path)
-        if os.path.basename(raw) in ("", ".", ".."):  # "", "/", "dir/": the store would land beside or above it
-            raise SnapshotPathError(f"{raw!r} cannot be a snapshot path: it must name a file, e.g. "
-                                    "/shared/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
-        self.path = os.path.abspath(raw)
-        self.root = self.path + ".pyckpt"
+class Stage(NamedTuple):
+    """A version being written: its name (v00000012) and the backend's handle for it."""
 
-    # -- reading ---------------------------------------------------------------------------
-    def exists(self) -> bool:
-        """Whether anything is at P (read_commit says whether it is a valid record)."""
-        return safe_fs.lstat(self.path) is not None
+    name: str
+    handle: str
+
+
+class Uncommitted(NamedTuple):
+    """Something under the snapshot path that no commit names: a stage left by a writer that crashed
+    ("stage") or a version the record dropped but nobody deleted yet ("orphan"); for `pyckpt ls`."""
+
+    name: str
+    status: str                    # "stage" | "orphan" | "broken" (what it is cannot be read)
+    created: float | None
+    bytes: int
+    manifest: Manifest | None      # when one was written (a crash between manifest and publish)
+    error: str | None = None
+
+
+class DataSource(Protocol):
+    """One data file of a committed version, opened for ranged reads (and kept open: a version pruned
+    meanwhile stays readable through it on backends that allow it)."""
+
+    where: str                     # for messages: the path or URL of the file
+    size: int
+
+    def read_into(self, offset: int, buffers: list[memoryview]) -> int:
+        """Read from `offset` into the buffers in order; returns the bytes read (short only at the end
+        of the file, 0 past it)."""
+
+    def cached(self, start: int, end: int) -> bool:
+        """Whether [start, end) is already in memory (reading it costs no I/O)."""
+
+    def direct(self) -> "DataSource | None":
+        """A source of the same file whose reads bypass the cache (buffers and offsets aligned to
+        4096), or None where the backend has no such reads."""
+
+    def copy(self) -> "DataSource":
+        """An independent handle on the same file (closed separately)."""
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """One snapshot path: its commit record, its versions and their data."""
+
+    path: str                      # the user's path, as given (absolute), for messages
+
+    # -- reading -------------------------------------------------------------------------------
+    def exists(self) -> bool: ...
 
     def read_commit(self) -> CommitRecord:
-        try:
-            data = safe_fs.read_file(self.path, _MAX_RECORD, "commit record")
-        except FileNotFoundError:
-            raise SnapshotNotFoundError(
-                f"no snapshot at {self.path}; check the path (and that the shared filesystem is mounted), "
-                "or pass missing_ok=True to start fresh"
-            ) from None
-        return CommitRecord.from_json(data, self.path)
-
-    def version_dir(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def read_manifest(self, ref: VersionRef) -> Manifest:
-        directory = self.version_dir(ref.name)
-        where = os.path.join(directory, MANIFEST)
-        if not (safe_fs.is_dir(self.root) and safe_fs.is_dir(directory)):
-            raise IntegrityError(f"{directory}: directory of version {ref.name}, committed in {self.path}, is "
-                                 "missing (deleted, or the record was edited)", file=where)
-        try:
-            data = safe_fs.read_file(where, min(ref.manifest_size, MAX_MANIFEST), "manifest")
-        except FileNotFoundError:
-            raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
-                                 file=where) from None
-        if len(data) != ref.manifest_size:
-            raise IntegrityError(f"{where}: manifest is {len(data)} bytes, {self.path} says {ref.manifest_size} "
-                                 "(truncated, replaced or corrupted)", file=where)
-        if checksum(data) != ref.manifest_xxh3:
-            raise IntegrityError(f"{where}: manifest does not match its checksum in {self.path} "
-                                 "(corrupted or replaced)", file=where)
-        return Manifest.from_json(data, where)
-
-    # -- writing (leader only, under lock) -------------------------------------------------
-    @contextmanager
-    def locked(self, what: str = "snapshot") -> Iterator[None]:
-        """Hold the path's lock (P.pyckpt/.lock) for `what` ("snapshot" or "gc"), writing who holds it
-        into the file for the messages of the others. Held by a snapshot: SnapshotLockedError at once
-        (another job); held by gc (short maintenance): wait up to LOCK_WAIT seconds first."""
-        safe_fs.is_file(self.path)  # P is a record or nothing: refused before P.pyckpt is made next to it
-        safe_fs.make_dirs(self.root, _DIR_MODE)
-        where = os.path.join(self.root, LOCK)
-        fd, _ = safe_fs.open_file(where, os.O_RDWR | os.O_CREAT)
-        try:
-            self._acquire(fd, where)
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()}
-            with suppress(OSError):  # only for messages: gc must run on a full disk
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(holder).encode(), 0)
-            try:
-                yield
-            finally:
-                with suppress(OSError):  # an empty file: free, or being taken (waiters read it that way)
-                    os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
-
-    def _acquire(self, fd: int, where: str) -> None:
-        """flock the lock file, waiting while gc holds it (or its holder has not said who it is yet)."""
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            holder = _holder(fd)
-            if holder.get("what") == "snapshot":
-                raise SnapshotLockedError(
-                    f"another process is writing a snapshot to {self.path} (lock {where} held by "
-                    f"{_who(holder)}); two jobs must not share one snapshot path: give each job its own")
-            if time.monotonic() >= deadline:
-                raise SnapshotLockedError(
-                    f"{self.path} is locked by {_who(holder)} (lock {where}) for more than {LOCK_WAIT:g} s; "
-                    "nothing was done: try again once it has finished")
-            time.sleep(0.05)
+        """The record; SnapshotNotFoundError only when nothing is there, IntegrityError if damaged."""
 
     def committed(self) -> CommitRecord | None:
-        """The record, or None if there is none yet. A record that is there but cannot be read raises:
-        whoever deletes versions must never take it for "no snapshot yet"."""
-        try:
-            return self.read_commit()
-        except SnapshotNotFoundError:  # raised only when nothing is at P
-            return None
+        """read_commit(), or None when there is no record yet."""
 
-    def _leftovers(self, keep: set[str]) -> list[str]:
-        """Version and stage directories in P.pyckpt that are not in `keep`, sorted; an entry of such a
-        name that is not a real directory is refused before anything is removed."""
-        names = sorted(e for e in safe_fs.list_dir(self.root) if _NUMBERED.match(e) and e not in keep)
-        return [e for e in names if safe_fs.is_dir(os.path.join(self.root, e))]
+    def read_manifest(self, ref: VersionRef) -> Manifest:
+        """A committed version's manifest, size- and checksum-verified against the record."""
 
-    def begin(self) -> tuple[str, str]:
-        """Clean leftovers of crashed writers, then create a stage; returns (version name, stage dir)."""
-        record = self.committed()
-        committed = [int(v.name[1:]) for v in record.versions] if record else []
-        leftovers = self._leftovers({v.name for v in record.versions} if record else set())
-        tmps = self._record_tmps()
-        for entry in leftovers:
-            safe_fs.remove_tree(os.path.join(self.root, entry))
-        for tmp in tmps:
-            safe_fs.remove_file(tmp)
-        # Leftovers' numbers are not reused while there is room; past the 8 digits of the format only the
-        # committed ones count (a stray "v99999999" is gone now).
-        number = max(committed + [int(e[1:9]) for e in leftovers], default=0) + 1
-        if number > _MAX_VERSION:
-            number = max(committed, default=0) + 1
-        if number > _MAX_VERSION:
-            raise SnapshotError(f"{self.path}: version numbers are used up (v{_MAX_VERSION} is committed); "
-                                "snapshot to a new path")
-        name = f"v{number:08d}"
-        stage = os.path.join(self.root, f"{name}.stage-{uuid.uuid4().hex[:12]}")
-        safe_fs.make_dir(stage, _DIR_MODE)
-        crash_point("stage-created")
-        return name, stage
+    def open_data(self, ref: VersionRef, manifest: Manifest) -> dict[int, DataSource]:
+        """Every data file of the version, opened and size-checked against the manifest."""
+
+    def where(self, name: str, file: str | None = None) -> str:
+        """For messages: where a version (or one of its files) lives."""
+
+    def uncommitted(self) -> list[Uncommitted]:
+        """Everything that looks like a version but is not committed."""
+
+    # -- writing -------------------------------------------------------------------------------
+    def locked(self, what: str = "snapshot") -> ContextManager[None]:
+        """The path's writer lock: "snapshot" (a job) or "gc" (maintenance)."""
+
+    def begin(self) -> Stage:
+        """Leader, under the lock: clean leftovers of crashed writers and start a new version."""
+
+    def write_data(self, stage: Stage, rank: int, segments: list[tuple[Slice, memoryview]], size: int,
+                   reuse: bool = False) -> list[str]:
+        """Any rank: write and make durable this rank's data file of the stage; returns the xxh3 of
+        each segment. `reuse`: overwrite a spare file of a dropped version where one is kept."""
 
     def keep_spares(self, keep_last: int | None) -> None:
-        """Leader, under the lock, before publishing: hard-link the data files of the newest version that
-        this commit drops from the record into P.pyckpt/.spare/, so deleting that version only removes
-        names and the next snapshot overwrites these files in place (writer._take_spare). Until the new
-        record is in place the spares are still linked from their committed version (st_nlink 2), and a
-        writer never overwrites such a file. keep_last None: remove the spares (reuse turned off)."""
-        spare_dir = os.path.join(self.root, SPARE_DIR)
-        if safe_fs.is_dir(spare_dir):
-            for entry in safe_fs.list_dir(spare_dir):  # spares nobody took (fewer ranks now, or reuse turned off)
-                safe_fs.remove_file(os.path.join(spare_dir, entry))
-        if keep_last is None:
-            return
-        record = self.committed()
-        dropped = record.versions[keep_last - 1:] if record else []
-        if not dropped:
-            return
-        source = self.version_dir(dropped[0].name)
-        try:
-            safe_fs.make_dir(spare_dir, _DIR_MODE)
-            for entry in safe_fs.list_dir(source):
-                if _DATA_FILE.match(entry):
-                    safe_fs.link_file(os.path.join(source, entry), os.path.join(spare_dir, entry))
-        except OSError as exc:  # no hard links (some filesystems): the old version is simply deleted
-            log.debug("pyckpt: no spare data files kept: %s", exc)
+        """Leader, under the lock, before publish: keep the data files of the version this commit drops
+        for reuse (None: drop any kept)."""
 
-    def publish(self, stage: str, name: str, manifest: bytes, meta: dict, keep_last: int) -> CommitRecord:
-        """Make the staged version the current one. Data files must already be durable. The versions
-        the new record drops stay on disk until gc() (the coordinator runs it on a helper thread).
-        If this fails, the version is removed again unless the record already names it."""
-        safe_fs.write_new_file(os.path.join(stage, MANIFEST), manifest)
-        safe_fs.fsync_dir(stage)
-        crash_point("manifest-written")
-        ref = VersionRef(name, checksum(manifest), len(manifest), meta.get("step"), meta.get("epoch"),
-                         meta.get("created"))
-        previous = self.committed()
-        record = CommitRecord([ref] + (previous.versions[: max(0, keep_last - 1)] if previous else []))
-        os.rename(stage, self.version_dir(name))
-        try:
-            safe_fs.fsync_dir(self.root)
-            crash_point("stage-renamed")
-            self._replace_record(record)
-        except BaseException:
-            self._drop_unpublished(name)
-            raise
-        crash_point("record-renamed")
-        return record
+    def publish(self, stage: Stage, manifest: bytes, meta: dict, keep_last: int) -> CommitRecord:
+        """Leader, under the lock, after every rank's data is durable: make the stage the current version."""
 
-    def _drop_unpublished(self, name: str) -> None:
-        """After a failed publish: remove the version unless the record names it (the failure may have
-        come after the rename over P). If the record cannot be read, gc decides later."""
-        try:
-            record = self.committed()
-        except (PyckptError, OSError):
-            return
-        if record is None or name not in {v.name for v in record.versions}:
-            safe_fs.remove_tree(self.version_dir(name))
-
-    def _replace_record(self, record: CommitRecord) -> None:
-        """Atomically replace the record at P: write a tmp file, fsync, rename over P, fsync the dir."""
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-        safe_fs.write_new_file(tmp, record.to_json())
-        try:
-            crash_point("record-tmp-written")
-            os.rename(tmp, self.path)
-        except BaseException:
-            with suppress(OSError):
-                safe_fs.remove_file(tmp)
-            raise
-        safe_fs.fsync_dir(os.path.dirname(self.path))
-
-    def _record_tmps(self) -> list[str]:
-        """Record tmp files left next to P by writers that crashed; one that is not a regular file is
-        refused before anything is removed."""
-        parent, base = os.path.split(self.path)
-        pattern = re.compile(re.escape(base) + r"\.tmp-[0-9a-f]{12}$")
-        try:
-            names = sorted(e for e in safe_fs.list_dir(parent, user_dir=True) if pattern.match(e))
-        except FileNotFoundError:
-            return []
-        return [os.path.join(parent, e) for e in names if safe_fs.is_file(os.path.join(parent, e))]
-
-    def abort(self, stage: str) -> None:
-        safe_fs.remove_tree(stage)
+    def abort(self, stage: Stage) -> None:
+        """Remove a stage that will never be published."""
 
     def gc(self, keep_last: int, spares: bool = False, dry_run: bool = False) -> list[str]:
-        """Trim history to keep_last versions and remove stages, unlisted versions and stale record tmps;
-        with spares=True also the spare data files kept for reuse_files (SPARE_DIR). Returns the names
-        removed under P.pyckpt/; dry_run=True decides the same way (under the lock) and removes nothing.
-
-        Takes the path's lock (SnapshotLockedError while a snapshot is being written): never call it
-        from inside `locked()`. A record that cannot be read raises: nothing is removed then.
-        """
-        if not safe_fs.is_dir(self.root) and not self.exists():
-            return []
-        with self.locked("gc"):
-            record = self.committed()
-            kept = record.versions[: max(1, keep_last)] if record else []
-            removed = self._leftovers({v.name for v in kept})
-            if spares and safe_fs.is_dir(os.path.join(self.root, SPARE_DIR)):
-                removed.append(SPARE_DIR)  # only names: committed versions keep their links
-            tmps = self._record_tmps()
-            if dry_run:
-                return removed
-            if record and len(kept) < len(record.versions):
-                self._replace_record(CommitRecord(kept))
-            for tmp in tmps:
-                safe_fs.remove_file(tmp)
-            for entry in removed:
-                safe_fs.remove_tree(os.path.join(self.root, entry))
-            return removed
-
-
-def _holder(fd: int) -> dict:
-    """Who holds the lock, as its holder wrote it into the lock file ({} if not (yet) written)."""
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def _who(holder: dict) -> str:
-    if not holder:
-        return "a process that has not said who it is (it is just taking the lock, or is an older pyckpt)"
-    since = holder.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) \
-        if type(since) in (int, float) and 0 <= since < 1e11 else "?"
-    return f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('what')} since {when})"
+        """Trim the record to keep_last versions and delete what no record names; returns what it removed."""

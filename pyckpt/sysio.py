@@ -1,15 +1,17 @@
 """What the writer and the reader share below pyckpt's logic: the helper thread pool, system calls
 through ctypes (fallocate, sync_file_range, any libc function), page-aligned huge-page buffers for
-O_DIRECT, and the flat byte view of a tensor."""
+O_DIRECT, the flat byte view of a tensor, and pausing the cyclic garbage collector."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import errno
 import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -133,3 +135,16 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
     if t.dtype in _NUMPY_NATIVE:  # numpy's reshape/view cost half of torch's per call (20k tensors)
         return memoryview(t.numpy().reshape(-1).view(np.uint8))
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+@contextmanager
+def gc_paused():
+    """No cyclic GC while tens of thousands of small objects are built (it cost seconds at 20k tensors);
+    nothing created here forms cycles that need it, and the collector resumes right after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import pyckpt
 from pyckpt.cli import app
 from pyckpt.inspect import verify
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 
 from .conftest import run_cli
 
@@ -223,10 +223,10 @@ def test_gc_keep_2_trims_history(snapdir):
 
 
 def test_gc_waits_for_no_live_writer(snapdir):
-    """A writer holds the path's lock (SnapshotStore.locked, as the coordinator does while it writes):
+    """A writer holds the path's lock (PosixStore.locked, as the coordinator does while it writes):
     gc must not remove its stage."""
     path = snapdir / "checkpoint.bin"
-    store = SnapshotStore(path)
+    store = PosixStore(path)
     with store.locked():
         name, stage = store.begin()  # exactly what a live writer has on disk
         result = cli("gc", path, "--keep", "1")

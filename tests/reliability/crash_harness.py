@@ -9,7 +9,7 @@ Then, in this process:
   - the restored step S must be the last step the job reported committed, or the one in flight;
   - every tensor and every rank's private state (loss, RNG) must equal the reference of step S
     bit for bit (so a mix of two snapshots cannot pass);
-  - leftovers (stages, unlisted versions, record tmp files) are removed by SnapshotStore.gc on even
+  - leftovers (stages, unlisted versions, record tmp files) are removed by PosixStore.gc on even
     trials and must be gone after the next trial's first commit on odd trials.
 
 Long run (documented in docs/RELIABILITY.md):
@@ -42,7 +42,7 @@ from state import Blob, loss, reference_for, rng_seed, same  # noqa: E402
 
 from pyckpt import DistributedCoordinator, TrainingRuntime, load_config  # noqa: E402
 from pyckpt.reader import Snapshot  # noqa: E402
-from pyckpt.storage import SnapshotStore  # noqa: E402
+from pyckpt.posix_store import PosixStore  # noqa: E402
 
 WORKER = os.path.join(HERE, "crash_worker.py")
 STORAGE_POINTS = ["stage-created", "manifest-written", "stage-renamed", "record-tmp-written", "record-renamed",
@@ -82,7 +82,7 @@ def _free_port() -> int:
 
 def leftovers(path: str) -> list[str]:
     """Stages, versions the record does not list, and record tmp files."""
-    store = SnapshotStore(path)
+    store = PosixStore(path)
     record = store.committed()
     listed = {v.name for v in record.versions} if record else set()
     out = [e for e in os.listdir(store.root) if re.match(r"^v[0-9]{8}", e) and e not in listed] \
@@ -94,7 +94,7 @@ def leftovers(path: str) -> list[str]:
 
 def _inode(path: str, name: str) -> int | None:
     """Inode of a leftover (a version dir under path.pyckpt, or a record tmp file next to path)."""
-    for where in (SnapshotStore(path).root, os.path.dirname(path)):
+    for where in (PosixStore(path).root, os.path.dirname(path)):
         try:
             return os.lstat(os.path.join(where, name)).st_ino
         except FileNotFoundError:
@@ -245,11 +245,11 @@ def run(trials: int, seed: int = 0, workdir: str | None = None, log=print) -> di
                 if still:
                     raise HarnessFailure(
                         f"trial {index}: leftovers of the previous crash survived a commit: {still}; now "
-                        f"{sorted(os.listdir(SnapshotStore(path).root))}, record "
-                        f"{[v.name for v in SnapshotStore(path).read_commit().versions]}, trial {asdict(trial)}")
+                        f"{sorted(os.listdir(PosixStore(path).root))}, record "
+                        f"{[v.name for v in PosixStore(path).read_commit().versions]}, trial {asdict(trial)}")
             pending = {}
             if index % 2 == 0:
-                SnapshotStore(path).gc(KEEP_LAST)
+                PosixStore(path).gc(KEEP_LAST)
                 if leftovers(path):
                     raise HarnessFailure(f"trial {index}: gc left {leftovers(path)}")
             else:
@@ -259,7 +259,7 @@ def run(trials: int, seed: int = 0, workdir: str | None = None, log=print) -> di
             log(f"trial {index:4d} {trial.job:6s} {trial.kill:6s} {str(trial.point):19s} victims={trial.victims} "
                 f"last={trial.last_reported} restored={trial.restored} ({trial.outcome}) "
                 f"leftovers={len(trial.leftovers)} {' '.join(trial.survivors_exit)} {trial.seconds:.1f}s")
-        SnapshotStore(path).gc(KEEP_LAST)
+        PosixStore(path).gc(KEEP_LAST)
         if leftovers(path):
             raise HarnessFailure(f"final gc left {leftovers(path)}")
     return summarize(results)

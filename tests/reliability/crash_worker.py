@@ -4,7 +4,7 @@
 
 Prints "ready" once initialised and "committed <step>" (rank 0) after each snapshot is committed.
 The harness SIGKILLs it at random moments, or sets PYCKPT_TEST_CRASH_AT=<point>[:n] so that it kills
-itself right after a named phase. Points in pyckpt.storage: stage-created, manifest-written,
+itself right after a named phase. Points in pyckpt.posix_store: stage-created, manifest-written,
 stage-renamed, record-tmp-written, record-renamed; in pyckpt.coordinator: pruned (after the background
 deletion of the versions a commit dropped). Points added here by wrapping the
 writer (so coordinator.py needs no hook): data-written (data file written, before its fsync) and
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pyckpt import (DistributedCoordinator, SnapshotLockedError, TrainingRuntime, coordinator, load_config,  # noqa: E402
+from pyckpt import (DistributedCoordinator, SnapshotLockedError, TrainingRuntime, load_config, posix_store,  # noqa: E402
                     testhooks, writer)
 from state import Blob, loss, rng_seed  # noqa: E402
 
@@ -46,14 +46,14 @@ class _OsWithCrashPoint:
 
 def _install_hooks() -> None:
     writer.os = _OsWithCrashPoint()
-    original = coordinator.write_file
+    original = posix_store.write_file
 
     def write_file(*args, **kwargs):
         digests = original(*args, **kwargs)
         testhooks.crash_point("data-fsynced")
         return digests
 
-    coordinator.write_file = write_file
+    posix_store.write_file = write_file
 
 
 def main() -> int:

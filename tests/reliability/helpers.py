@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from pyckpt.manifest import CommitRecord, checksum
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "crash_worker.py")
@@ -58,7 +58,7 @@ def copy_snapshot(src: str, dst_dir: str) -> str:
 
 
 def current_dir(path: str) -> str:
-    store = SnapshotStore(path)
+    store = PosixStore(path)
     return store.version_dir(store.read_commit().current.name)
 
 
@@ -78,7 +78,7 @@ def write_manifest(path: str, body: dict | bytes, *, recompute_record: bool) -> 
 
 
 def rewrite_record(path: str, *, manifest: bytes | None = None, edit=None) -> None:
-    store = SnapshotStore(path)
+    store = PosixStore(path)
     record = store.read_commit()
     if manifest is not None:
         record.versions[0].manifest_xxh3 = checksum(manifest)

@@ -13,7 +13,7 @@ import pytest
 from crash_harness import leftovers, verify
 from helpers import WORKER, worker_env
 from pyckpt import DistributedCoordinator, SnapshotError, SnapshotLockedError, TrainingRuntime, load_config
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 from state import Blob, loss, rng_seed
 
 import torch
@@ -68,11 +68,11 @@ def test_a_held_lock_gives_snapshot_locked_error_and_keeps_the_previous(tmp_path
     path = str(tmp_path / "checkpoint.bin")
     job = Job(64 << 10)
     job.snapshot(path, 1)
-    with SnapshotStore(path).locked():
+    with PosixStore(path).locked():
         with pytest.raises(SnapshotLockedError, match="another process is writing"):
             job.snapshot(path, 2)
         with pytest.raises(SnapshotLockedError):
-            SnapshotStore(path).gc(1)
+            PosixStore(path).gc(1)
     assert verify(path) == 1
     job.snapshot(path, 3)
     assert verify(path) == 3
@@ -89,7 +89,7 @@ def test_200_snapshots_keep_exactly_n_versions_and_bounded_disk(tmp_path, keep_l
             usage.append(_du(tmp_path))
         versions = [e for e in os.listdir(path + ".pyckpt") if e.startswith("v")]
         assert len(versions) == min(step, keep_last), (step, versions)
-    record = SnapshotStore(path).read_commit()
+    record = PosixStore(path).read_commit()
     assert [v.step for v in record.versions] == list(range(200, 200 - keep_last, -1))
     assert verify(path) == 200
     assert usage[1] == usage[0] and usage[2] == usage[0], f"disk use grew: {usage}"
@@ -157,7 +157,7 @@ def test_disk_full_at_every_phase_of_the_commit():
                 print(f"free {leave}: {str(exc)[-160:]}")
             assert verify(path) == step
             os.unlink(filler)
-            SnapshotStore(path).gc(1)
+            PosixStore(path).gc(1)
             assert not leftovers(path)
     assert outcomes["failed"] >= 1 and outcomes["committed"] >= 1, outcomes
 
@@ -170,7 +170,7 @@ def test_snapshot_files_and_dirs_are_not_world_writable(tmp_path, umask):
         job = Job(16 << 10)
         for step in (1, 2, 3):
             job.snapshot(path, step)
-        SnapshotStore(path).gc(1)
+        PosixStore(path).gc(1)
     finally:
         os.umask(old)
     checked = []

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from crash_harness import leftovers, verify
 from helpers import WORKER, worker_env
 from pyckpt import PyckptError, SnapshotError, SnapshotLockedError
-from pyckpt import storage
+from pyckpt import posix_store
 from pyckpt.cli import app
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 from test_concurrency_disk import Job, small_tmpfs
 
 pytestmark = pytest.mark.reliability
@@ -84,7 +84,7 @@ def test_a_symlink_in_the_snapshot_dir_is_refused_by_snapshot_and_gc_and_left_al
     with pytest.raises(PyckptError, match=refused):
         job.snapshot(path, 3)
     with pytest.raises(PyckptError, match=refused):
-        SnapshotStore(path).gc(1, spares=True)
+        PosixStore(path).gc(1, spares=True)
     assert os.readlink(link) == str(target)
     assert (victim_dir / "keep.txt").read_text() == "keep" and victim_file.read_text() == "keep"
     assert not lock_target.exists()
@@ -117,7 +117,7 @@ import json, sys
 import torch
 import pyckpt
 from pyckpt.inspect import list_versions, verify
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 
 def snapshot(path):
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
@@ -128,7 +128,7 @@ def snapshot(path):
 
 ops = {"load": pyckpt.load, "verify": lambda p: verify(pyckpt.Snapshot.open(p)),
        "ls": lambda p: [row.error for row in list_versions(p) if row.error],
-       "gc": lambda p: SnapshotStore(p).gc(1, spares=True), "snapshot": snapshot}
+       "gc": lambda p: PosixStore(p).gc(1, spares=True), "snapshot": snapshot}
 out = {}
 for path in sys.argv[1:]:
     for name, op in ops.items():
@@ -215,7 +215,7 @@ def test_a_directory_at_the_record_path_stops_snapshots_and_deletes_nothing(tmp_
         job.snapshot(path, 3)
     assert sorted(os.listdir(path + ".pyckpt")) == before   # v1 and v2 kept, no orphan v3
     with pytest.raises(PyckptError, match="is a directory"):
-        SnapshotStore(path).gc(1)
+        PosixStore(path).gc(1)
     assert sorted(os.listdir(path + ".pyckpt")) == before
 
 
@@ -232,7 +232,7 @@ def test_a_committed_v99999999_ends_the_path_with_a_clear_error(tmp_path):
     path = str(tmp_path / "checkpoint.bin")
     job = Job(16 << 10)
     job.snapshot(path, 1)
-    store = SnapshotStore(path)
+    store = PosixStore(path)
     record = store.read_commit()
     os.rename(store.version_dir("v00000001"), store.version_dir("v99999999"))
     record.versions[0].name = "v99999999"
@@ -249,7 +249,7 @@ def test_paths_that_name_no_file_are_refused_before_anything_is_made(tmp_path, m
     (work / "snapshots").mkdir(parents=True)
     monkeypatch.chdir(work)
     with pytest.raises(PyckptError, match="cannot be a snapshot path"):
-        SnapshotStore(bad)
+        PosixStore(bad)
     if bad != "/":   # "/" is only constructed: an old pyckpt would make /.pyckpt
         with pytest.raises(PyckptError, match="cannot be a snapshot path"):
             Job(1024).snapshot(bad, 1)
@@ -261,7 +261,7 @@ def test_paths_that_name_no_file_are_refused_before_anything_is_made(tmp_path, m
 
 HOLD_PROBE = r"""
 import shutil, sys, time
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 path, what, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 if what == "gc":   # a real gc whose deleting takes a while (a big version on NFS)
     real = shutil.rmtree
@@ -270,9 +270,9 @@ if what == "gc":   # a real gc whose deleting takes a while (a big version on NF
         time.sleep(seconds)
         return real(*args, **kwargs)
     shutil.rmtree = slow
-    SnapshotStore(path).gc(1)
+    PosixStore(path).gc(1)
 else:
-    with SnapshotStore(path).locked():
+    with PosixStore(path).locked():
         print("holding", flush=True)
         time.sleep(seconds)
 print('{"done": true}', flush=True)
@@ -306,7 +306,7 @@ def test_a_snapshot_waits_for_a_short_gc_instead_of_failing(tmp_path):
 def test_the_lock_error_says_who_holds_it(tmp_path, monkeypatch, what):
     path = str(tmp_path / "checkpoint.bin")
     job = two_versions(path)
-    monkeypatch.setattr(storage, "LOCK_WAIT", 1.0, raising=False)   # raising=False: an old pyckpt has none
+    monkeypatch.setattr(posix_store, "LOCK_WAIT", 1.0, raising=False)   # raising=False: an old pyckpt has none
     holder = hold_lock(path, what, 30)
     try:
         start = time.monotonic()
@@ -331,9 +331,9 @@ PERMISSION_PROBE = r"""
 import json, sys
 import pyckpt
 from pyckpt.inspect import list_versions
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 out = {}
-for name, op in {"load": pyckpt.load, "gc": lambda p: SnapshotStore(p).gc(1),
+for name, op in {"load": pyckpt.load, "gc": lambda p: PosixStore(p).gc(1),
                  "ls": lambda p: [r.error for r in list_versions(p) if r.error]}.items():
     try:
         out[name] = {"ok": True, "value": repr(op(sys.argv[1]))}

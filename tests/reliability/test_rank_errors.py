@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyckpt
-import pyckpt.coordinator
+import pyckpt.commit
+import pyckpt.posix_store
 import pyckpt.reader
 from tests.conftest import StateHolder, clean_env, free_port, run
 
@@ -71,7 +72,7 @@ def test_after_a_failed_background_snapshot_whose_error_was_read_the_next_snapsh
     path = str(tmp_path / "ck.bin")
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", StateHolder({"w": torch.arange(1000.0)}))
-    real_write = pyckpt.coordinator.write_file
+    real_write = pyckpt.posix_store.write_file
     calls = []
 
     def full_disk_once(*args, **kwargs):
@@ -80,7 +81,7 @@ def test_after_a_failed_background_snapshot_whose_error_was_read_the_next_snapsh
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(pyckpt.coordinator, "write_file", full_disk_once)
+    monkeypatch.setattr(pyckpt.posix_store, "write_file", full_disk_once)
     c = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}))
     runtime.set_step(1)
     with pytest.raises(pyckpt.SnapshotError, match="No space left"):
@@ -95,7 +96,7 @@ def test_an_unread_background_failure_is_raised_by_the_next_snapshot(tmp_path, m
     path = str(tmp_path / "ck.bin")
     runtime = pyckpt.TrainingRuntime(capture_rng=False)
     runtime.register("holder", StateHolder({"w": torch.arange(10.0)}))
-    monkeypatch.setattr(pyckpt.coordinator, "write_file",
+    monkeypatch.setattr(pyckpt.posix_store, "write_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     c = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}))
     c.snapshot(path, runtime, blocking=False)
@@ -212,7 +213,7 @@ def test_any_error_while_committing_leaves_no_stage_and_keeps_the_previous_snaps
 
     def broken(self):
         raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
-    monkeypatch.setattr(pyckpt.coordinator.Manifest, "to_json", broken)
+    monkeypatch.setattr(pyckpt.commit.Manifest, "to_json", broken)
     runtime.set_step(2)
     with pytest.raises(pyckpt.SnapshotError, match="previous snapshot is intact"):
         c.snapshot(path, runtime)

@@ -108,12 +108,12 @@ def test_readable_by_peers_withdraws_the_permission_it_granted(monkeypatch, tmp_
 def test_processes_in_another_pid_namespace_are_not_peers():
     """Containers on one host share the kernel (boot id) but not pids: they must not be taken for
     peers whose memory can be read by pid. A real pid namespace from `unshare --pid` (root)."""
-    from pyckpt.coordinator import _process_space
-    code = "from pyckpt.coordinator import _process_space; print(_process_space())"
+    from pyckpt.collectives import process_space
+    code = "from pyckpt.collectives import process_space; print(process_space())"
     proc = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot create a pid namespace here: {proc.stderr.strip()[-200:]}")
-    theirs, mine = proc.stdout.strip(), _process_space()
+    theirs, mine = proc.stdout.strip(), process_space()
     assert theirs.split()[0] == mine.split()[0]     # the same kernel
     assert theirs != mine
     same = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

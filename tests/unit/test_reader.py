@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyckpt
-from pyckpt import IntegrityError, reader
+from pyckpt import IntegrityError, posix_store, reader
 from tests.conftest import StateHolder, accepts_direct_io
 
 
@@ -82,8 +82,8 @@ def test_ranges_in_the_page_cache_are_copied_from_it(saved, monkeypatch):
     snap = pyckpt.Snapshot.open(path)
     snap.replicated(direct=False)            # through the page cache: now it holds the files
     cached = []                               # one verdict per read job
-    real_in_page_cache = reader._in_page_cache
-    monkeypatch.setattr(reader, "_in_page_cache",
+    real_in_page_cache = posix_store._in_page_cache
+    monkeypatch.setattr(posix_store, "_in_page_cache",
                         lambda *a: cached.append(real_in_page_cache(*a)) or cached[-1])
     results = _count_direct(monkeypatch)
     _assert_exact(snap.replicated()["objects"]["holder"], state)
@@ -105,9 +105,9 @@ def test_direct_reads_turned_down_fall_back_to_buffered(saved, monkeypatch):
     direct_fds: set[int] = set()
     real_open_direct, real_preadv = reader._open_direct, os.preadv
 
-    def open_direct(fds):
-        out = real_open_direct(fds)
-        direct_fds.update(out.values())
+    def open_direct(sources):
+        out = real_open_direct(sources)
+        direct_fds.update(source.fd for source in out.values())
         return out
 
     def preadv(fd, iov, offset):

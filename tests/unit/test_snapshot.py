@@ -19,7 +19,7 @@ from pyckpt import (
     load_config,
 )
 from pyckpt.planner import plan_replicated
-from pyckpt.storage import SnapshotStore
+from pyckpt.posix_store import PosixStore
 
 
 def make(seed: int = 0, hidden: int = 16):
@@ -94,8 +94,8 @@ def test_dropped_version_is_deleted_behind_the_returned_snapshot(snap_path, monk
     on a helper thread (held back here), and wait() / the next snapshot wait for it."""
     *_, runtime = make()
     release = threading.Event()
-    gc = SnapshotStore.gc
-    monkeypatch.setattr(SnapshotStore, "gc", lambda self, keep: release.wait(30) and gc(self, keep))
+    gc = PosixStore.gc
+    monkeypatch.setattr(PosixStore, "gc", lambda self, keep: release.wait(30) and gc(self, keep))
     dropped = os.path.join(snap_path + ".pyckpt", "v00000001")
     with DistributedCoordinator(load_config(environ={}), keep_last=1) as c:
         runtime.set_step(1)

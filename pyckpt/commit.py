@@ -1,0 +1,148 @@
+"""The commit protocol of one snapshot, on every rank (rank 0 leads):
+  1. the leader takes the path's lock, cleans leftovers of crashed writers and begins a stage;
+  2. every rank writes its share of the replicated bytes plus its private state to its data file
+     in the stage and makes it durable;
+  3. the leader gathers every rank's report; only if every rank succeeded and all ranks hold the
+     same replicated state does it write the manifest and publish the version atomically;
+  4. the outcome is broadcast, so every rank returns or raises together.
+Every rank reaches every collective whatever fails where, so a failure on one rank is raised on all
+of them, naming that rank, instead of a hang until the process group times out.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+
+from . import messages
+from .capture import Captured, PlanCache
+from .collectives import Comm
+from .errors import SnapshotError
+from .manifest import FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name, tensor_paths
+from .planner import plan_private
+from .storage import Stage, Store
+
+
+def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reuse_files: bool,
+                    plans: PlanCache) -> tuple[str, int]:
+    """Run the protocol; returns the committed version's name and the bytes this rank wrote."""
+    with ExitStack() as held:
+        begun = comm.broadcast(_begin(store, cap, held) if comm.rank == 0 else None)
+        if begun.error is not None:
+            raise _failure(comm, begun.error, f"snapshot to {store.path} could not start", cap)
+        stage = Stage(begun.name, begun.stage)
+        report = _write_share(comm, store, stage, cap, reuse_files)
+        reports = comm.gather(report)
+        failure: messages.RankError | None = None
+        if comm.rank == 0:
+            try:
+                manifest = _manifest(cap, reports, plans)
+                store.keep_spares(keep_last if reuse_files else None)
+                store.publish(stage, manifest.to_json(), cap.meta, keep_last)
+            except Exception as exc:  # nothing half-made stays behind, whatever went wrong
+                store.abort(stage)
+                failure = next((r.error for r in reports if r.error is not None), None) \
+                    or messages.RankError.of(0, exc)
+        failure = comm.broadcast(failure)
+        if failure is not None:
+            raise _failure(comm, failure, f"snapshot to {store.path} failed, the previous snapshot is intact", cap)
+    return begun.name, report.size
+
+
+def _begin(store: Store, cap: Captured, held: ExitStack) -> messages.Begun:
+    """Leader: take the path's lock (held until `held` closes) and begin the stage."""
+    if cap.error is not None:
+        return messages.Begun(error=messages.RankError.of(0, cap.error))
+    try:
+        held.enter_context(store.locked())
+        stage = store.begin()
+    except Exception as exc:
+        held.close()
+        return messages.Begun(error=messages.RankError.of(0, exc))
+    return messages.Begun(stage.name, stage.handle)
+
+
+def _write_share(comm: Comm, store: Store, stage: Stage, cap: Captured, reuse_files: bool) -> messages.RankReport:
+    """Write this rank's data file into the stage; the report says what the leader needs to commit."""
+    rank = comm.rank
+    if cap.error is not None:
+        return messages.RankReport(rank, messages.RankError.of(rank, cap.error))
+    try:
+        digests = store.write_data(stage, rank, cap.segments, cap.size, reuse=reuse_files)
+        # Only several ranks need to compare their replicated structure (and it costs ~50 ms at 20k tensors).
+        structure = checksum(repr(cap.replicated_tree).encode() +
+                             repr([(r.dtype, r.shape) for r in cap.records]).encode()) \
+            if comm.world_size > 1 else ""
+    except Exception as exc:
+        return messages.RankReport(rank, messages.RankError.of(rank, exc))
+    return messages.RankReport(rank, None, cap.size, digests, structure, cap.samples, cap.private_tree,
+                               [(r.dtype, r.shape, r.nbytes) for r in cap.private_records])
+
+
+def _failure(comm: Comm, error: messages.RankError, what: str, cap: Captured) -> Exception:
+    """The exception this rank raises for a failed snapshot: the original one on the rank where it
+    happened (single process: exactly what the script caused), the same pyckpt error elsewhere."""
+    if cap.error is not None and (comm.world_size == 1 or error.rank == comm.rank):
+        if comm.world_size == 1:
+            return cap.error
+        exc = error.error(what, SnapshotError)
+        exc.__cause__ = cap.error
+        return exc
+    return error.error(what, SnapshotError)
+
+
+def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCache) -> Manifest:
+    """Leader: the manifest of the snapshot, once every rank reported success with the same state."""
+    failed = [r.error for r in reports if r.error is not None]
+    if failed:
+        raise SnapshotError("; ".join(f.message for f in failed))
+    if len({r.structure for r in reports}) != 1:
+        raise SnapshotError("ranks hold different replicated state (different models/optimizers per rank); "
+                            "pyckpt stores replicated (DDP) state once and needs it identical on every rank; "
+                            "register state that differs per rank with per_rank=True")
+    _check_same_bytes(reports, cap.replicated_tree)
+    # Replicated pieces: every rank planned the same layout, so the leader recomputes it and
+    # fills in each rank's checksums in plan order.
+    tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, []) for r in cap.records]
+    per_rank_trees = []
+    for rank, (plan, report) in enumerate(zip(plans([r.nbytes for r in cap.records], len(reports)), reports)):
+        digests = iter(report.digests)
+        for s in plan.slices:
+            tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
+        base = len(tensors)
+        tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
+        private_sizes = [n for _, _, n in report.private_records]
+        for s in plan_private(private_sizes, plan.size).slices:
+            tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
+        per_rank_trees.append(_shift(report.private_tree, base))
+    files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
+    return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
+
+
+def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:
+    """Refuse "replicated" tensors whose sampled bytes differ between ranks, naming the first one."""
+    first = np.frombuffer(reports[0].samples, dtype=np.uint64)
+    for report in reports[1:]:
+        differ = np.flatnonzero(np.frombuffer(report.samples, dtype=np.uint64) != first)
+        if len(differ):
+            names = tensor_paths(tree)
+            keys = ", ".join(repr(names.get(int(i), f"tensor {i}")) for i in differ[:5])
+            raise SnapshotError(
+                f"replicated state differs between rank 0 and rank {report.rank} in {len(differ)} tensor(s): {keys}. "
+                "pyckpt writes replicated state once, from the ranks' shares, so it must be identical on every "
+                "rank. If this state is meant to differ per rank (a per-rank generator, a pipeline stage), "
+                "register it with per_rank=True; if it should be identical (DDP), the ranks have diverged")
+
+
+def _shift(node: Any, base: int) -> Any:
+    """Renumber a private tree's tensor references after the tensors before it."""
+    if isinstance(node, dict) and len(node) == 1:
+        (kind, value), = node.items()
+        if kind in ("T", "N"):
+            return {kind: value + base}
+        if kind == "D":
+            return {"D": [[k, _shift(v, base)] for k, v in value]}
+        if kind in ("L", "U"):
+            return {kind: [_shift(v, base) for v in value]}
+    return node
