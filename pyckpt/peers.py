@@ -15,14 +15,21 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from .reader import DONE, TensorRead
 from .sysio import libc_function
 
-Offer = tuple[int, int, dict[int, list[tuple[int, int]]]]   # pid, address of progress bytes, extents per job
-
 log = logging.getLogger("pyckpt")
+
+
+class Offer(NamedTuple):
+    """What the peers need to copy one rank's share out of its memory."""
+
+    pid: int
+    progress_address: int                      # its TensorRead.progress bytes
+    extents: dict[int, list[tuple[int, int]]]  # per job of its share: (address, length) of each piece
+
 
 # Once its own share is read, a rank waits this long (or as long as its own share took, if longer)
 # for the next peer job to finish, then reads what is still missing itself: a peer stuck in a read
@@ -46,7 +53,8 @@ def share(sizes: list[int], parts: int, part: int) -> list[int]:
 def offer(read: TensorRead, parts: int, part: int) -> Offer:
     """What the peers need to copy this rank's share: its pid, where its progress bytes are, and
     where each piece of its jobs lives in its memory."""
-    return os.getpid(), read.progress_address, {j: read.extents([j]) for j in share(read.job_sizes(), parts, part)}
+    return Offer(os.getpid(), read.progress_address,
+                 {j: read.extents([j]) for j in share(read.job_sizes(), parts, part)})
 
 
 def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
@@ -54,8 +62,8 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
     them (offers[i]: peer i's, from offer()), as each finishes; what peers still have not read
     PEER_PATIENCE s after our own share (and their last finished job) is read from the files. Raises
     the first error of this rank's own reads."""
-    running = read.start(list(offers[part][2]))           # our own offer lists the jobs of our share
-    waiting = {i: list(peer[2]) for i, peer in enumerate(offers) if i != part}
+    running = read.start(list(offers[part].extents))      # our own offer lists the jobs of our share
+    waiting = {i: list(peer.extents) for i, peer in enumerate(offers) if i != part}
     from_files: list[int] = []
     progress = bytearray(len(read.jobs))               # a peer's progress bytes, fetched on each pass
     progress_extent = [(ctypes.addressof((ctypes.c_char * len(progress)).from_buffer(progress)), len(progress))]
@@ -89,7 +97,7 @@ def read_shared(read: TensorRead, offers: list[Offer], part: int) -> None:
                     now - max(last_ready, own_done_at) > max(PEER_PATIENCE, own_done_at - started):
                 stuck = [j for jobs in waiting.values() for j in jobs]
                 log.warning("peer processes %s on this machine finished no read job for %.1f s; reading "
-                            "their %d remaining jobs (%.0f MiB) from the files", sorted(offers[i][0] for i in waiting),
+                            "their %d remaining jobs (%.0f MiB) from the files", sorted(offers[i].pid for i in waiting),
                             now - last_ready, len(stuck), sum(read.job_sizes()[j] for j in stuck) / (1 << 20))
                 from_files += stuck
                 waiting.clear()

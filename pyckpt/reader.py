@@ -18,13 +18,13 @@ import threading
 import weakref
 from concurrent.futures import wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
 
 from .errors import IntegrityError, PyckptError
-from .manifest import TORCH_DTYPES, Manifest, TensorRecord, VersionRef, checksum, unflatten
+from .manifest import TORCH_DTYPES, Manifest, Piece, TensorRecord, VersionRef, checksum, unflatten
 from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
@@ -107,6 +107,22 @@ class Snapshot:
             return read.values()
 
 
+class PieceRead(NamedTuple):
+    """One piece of a planned read: where it is in its file, its record, and where its bytes go."""
+
+    offset: int            # in the data file
+    piece: Piece
+    view: memoryview       # the destination bytes (a slice of the tensor's buffer)
+    slot: int              # which of the read's tensors it belongs to (for messages)
+
+
+class ReadJob(NamedTuple):
+    """Neighbouring pieces of one data file, read with one request and verified together."""
+
+    file: int
+    pieces: list[PieceRead]
+
+
 class TensorRead:
     """The read of some tensors of a snapshot, planned: data files open (their sizes checked before
     any memory is allocated), buffers allocated, pieces grouped into read jobs (neighbouring pieces
@@ -135,14 +151,14 @@ class TensorRead:
             pieces = rec.pieces
             if len(pieces) == 1:  # the common case: a tensor of at most 16 MiB in one file
                 p = pieces[0]
-                by_file.setdefault(p.file, []).append((p.offset, p, view, k))
+                by_file.setdefault(p.file, []).append(PieceRead(p.offset, p, view, k))
                 continue
             for p, start in _piece_starts(rec):
-                by_file.setdefault(p.file, []).append((p.offset, p, view[start: start + p.length], k))
-        self.jobs: list[tuple[int, list]] = []
+                by_file.setdefault(p.file, []).append(PieceRead(p.offset, p, view[start: start + p.length], k))
+        self.jobs: list[ReadJob] = []
         for file, pieces in by_file.items():
-            pieces.sort(key=lambda item: item[0])   # linear when already in order
-            self.jobs.extend((file, batch) for batch in _batches(pieces))
+            pieces.sort(key=lambda item: item.offset)   # linear when already in order
+            self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces))
         # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
         self.progress = bytearray(len(self.jobs))
         self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
@@ -158,15 +174,15 @@ class TensorRead:
         _close_all(sources.values())
 
     def job_sizes(self) -> list[int]:
-        return [sum(piece.length for _, piece, _, _ in batch) for _, batch in self.jobs]
+        return [sum(item.piece.length for item in job.pieces) for job in self.jobs]
 
     def extents(self, jobs: list[int]) -> list[tuple[int, int]]:
         """(address, length) in this process of every non-empty piece of those jobs, in job order."""
         out = []
         for j in jobs:
-            for _, piece, view, _ in self.jobs[j][1]:
-                if piece.length:
-                    out.append((np.frombuffer(view, dtype=np.uint8).ctypes.data, piece.length))
+            for item in self.jobs[j].pieces:
+                if item.piece.length:
+                    out.append((np.frombuffer(item.view, dtype=np.uint8).ctypes.data, item.piece.length))
         return out
 
     def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
@@ -179,9 +195,9 @@ class TensorRead:
         """run() without waiting: the jobs are read on the helper threads, and progress[j] turns to
         DONE (read and verified) or FAILED as each finishes; .wait() on the result ends it."""
         jobs = list(range(len(self.jobs))) if jobs is None else jobs
-        files = {self.jobs[j][0] for j in jobs}
+        files = {self.jobs[j].file for j in jobs}
         direct_sources = _open_direct({f: self._sources[f] for f in files}) if direct else {}
-        futures = [helper_pool().submit(self._read_job, j, direct_sources.get(self.jobs[j][0])) for j in jobs]
+        futures = [helper_pool().submit(self._read_job, j, direct_sources.get(self.jobs[j].file)) for j in jobs]
         return _Running(futures, direct_sources)
 
     def _read_job(self, j: int, direct: DataSource | None) -> None:
@@ -196,7 +212,7 @@ class TensorRead:
     def intact(self, jobs: list[int]) -> bool:
         """Whether every piece of those jobs (filled some other way: copied from a peer) matches its
         checksum."""
-        return all(_intact(piece, view) for j in jobs for _, piece, view, _ in self.jobs[j][1])
+        return all(_intact(item.piece, item.view) for j in jobs for item in self.jobs[j].pieces)
 
     def values(self) -> list[torch.Tensor | np.ndarray]:
         if self.out is None:
@@ -204,10 +220,10 @@ class TensorRead:
         return [buf if given is not None else _as_value(rec, buf)
                 for rec, buf, given in zip(self.records, self.buffers, self.out)]
 
-    def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list) -> None:
+    def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list[PieceRead]) -> None:
         """Read a run of pieces (direct through the bounce buffer unless cached, else one read into the
         tensors), then verify their checksums."""
-        first, last = batch[0][1], batch[-1][1]
+        first, last = batch[0].piece, batch[-1].piece
         start, end = first.offset, last.offset + last.length
         if direct is None or source.cached(start, end) or not _read_direct(direct, batch, start, end):
             self._read_buffered(source, batch, start, end)
@@ -233,7 +249,7 @@ class TensorRead:
         while done < end - start:
             got = source.read_into(start + done, iov)
             if got == 0:
-                offset, piece, _, k = next(item for item in batch if item[0] + item[1].length > start + done)
+                offset, piece, _, k = next(item for item in batch if item.offset + item.piece.length > start + done)
                 path, name = self.snap.file_path(piece.file), self._names[k]
                 raise IntegrityError(f"{path}: ends early while reading tensor {name}", file=path, tensor=name)
             done += got
@@ -342,7 +358,7 @@ def _read_direct(source: DataSource, batch: list, start: int, end: int) -> bool:
     window = getattr(_bounce, "buffer", None)
     if window is None:
         window = _bounce.buffer = aligned_buffers(1, _DIRECT_WINDOW)[0]
-    arrays = [np.frombuffer(view, dtype=np.uint8) if len(view) else None for _, _, view, _ in batch]
+    arrays = [np.frombuffer(item.view, dtype=np.uint8) if len(item.view) else None for item in batch]
     pos = start - start % _DIRECT_ALIGN
     todo = 0                                   # first piece not yet copied in full
     while pos < end:
@@ -358,7 +374,7 @@ def _read_direct(source: DataSource, batch: list, start: int, end: int) -> bool:
         stop = pos + got
         data = np.frombuffer(window, dtype=np.uint8, count=got)
         k = todo
-        while k < len(batch) and batch[k][0] < stop:
+        while k < len(batch) and batch[k].offset < stop:
             offset, piece, _, _ = batch[k]
             lo, hi = max(offset, pos), min(offset + piece.length, stop)
             if hi > lo:
@@ -378,11 +394,11 @@ _MAX_GAP = 4096               # bytes of other data between two pieces that one 
 _SCRATCH = memoryview(bytearray(_MAX_GAP))  # shared by every read: gap bytes are discarded
 
 
-def _batches(pieces: list) -> list[list]:
+def _batches(pieces: list[PieceRead]) -> list[list[PieceRead]]:
     """Cut file-ordered pieces into read jobs: contiguous runs, at most ~_BATCH_BYTES and _BATCH_IOV each."""
     out, current, size, end = [], [], 0, None
     for item in pieces:
-        offset, piece = item[0], item[1]
+        offset, piece = item.offset, item.piece
         joins = current and 0 <= offset - end <= _MAX_GAP and size + piece.length <= _BATCH_BYTES \
             and len(current) < _BATCH_IOV // 2
         if not joins and current:

@@ -37,9 +37,9 @@ def record_reads_and_copies() -> tuple[list[str], list[int]]:
     copied: list[int] = []
     real_read_batch, real_copy_from = pyckpt.reader.TensorRead._read_batch, pyckpt.peers.copy_from
 
-    def read_batch(self, fd, direct_fd, batch):
-        read.extend(f"{piece.file}:{piece.offset}" for _, piece, _, _ in batch if piece.length)
-        return real_read_batch(self, fd, direct_fd, batch)
+    def read_batch(self, source, direct, batch):
+        read.extend(f"{item.piece.file}:{item.piece.offset}" for item in batch if item.piece.length)
+        return real_read_batch(self, source, direct, batch)
 
     def copy_from(pid, remote, local):
         copied.append(sum(n for _, n in local))

@@ -152,7 +152,7 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, case: str) -> N
 
 def _inject_read_error(case: str) -> None:
     if case == "read-error-data":      # EIO reading a data file
-        def failing_read(self, fd, direct_fd, batch):
+        def failing_read(self, source, direct, batch):
             raise OSError(errno.EIO, "Input/output error", self.snap.file_path(batch[0][1].file))
         pyckpt.reader.TensorRead._read_batch = failing_read
     else:                              # ESTALE opening the commit record
@@ -240,7 +240,7 @@ def test_load_turns_an_io_error_into_a_pyckpt_error_naming_the_path(tmp_path, mo
     runtime.register("holder", StateHolder({"w": torch.arange(10.0)}))
     pyckpt.DistributedCoordinator(pyckpt.load_config(environ={})).snapshot(path, runtime)
 
-    def failing_read(self, fd, direct_fd, batch):
+    def failing_read(self, source, direct, batch):
         raise OSError(errno.EIO, "Input/output error", self.snap.file_path(batch[0][1].file))
     monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch", failing_read)
     with pytest.raises(pyckpt.PyckptError, match=rf"reading {path} failed: .*data-0.bin: Input/output error"):

@@ -146,8 +146,8 @@ def test_jobs_of_a_peer_that_never_finishes_are_read_from_the_files(snap_path, m
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             stuck_progress = int(proc.stdout.readline())
-            offers = [peers.offer(read, 2, 0), (proc.pid, stuck_progress, peers.offer(read, 2, 1)[2])]
-            assert offers[0][2] and offers[1][2]            # both have a share
+            offers = [peers.offer(read, 2, 0), peers.Offer(proc.pid, stuck_progress, peers.offer(read, 2, 1).extents)]
+            assert offers[0].extents and offers[1].extents  # both have a share
             errors: list = []
             worker = threading.Thread(target=lambda: _capture(errors, peers.read_shared, read, offers, 0))
             worker.start()
