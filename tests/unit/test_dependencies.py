@@ -42,3 +42,44 @@ def test_pyckpt_imports_only_the_standard_library_and_its_declared_requirements(
     foreign = {top: where for top, where in _imported().items()
                if top not in sys.stdlib_module_names and top not in declared and top != "pyckpt"}
     assert not foreign, f"pyckpt imports packages missing from requirements.txt: {foreign}"
+
+
+# pyckpt's modules from the top (what scripts and the CLI call) down: a module imports only modules of
+# lower layers (imports only for type checking excepted), so there is no cycle and nothing below knows
+# what uses it.
+LAYERS = [
+    ["__init__", "cli"],
+    ["doctor"],
+    ["coordinator", "inspect"],
+    ["commit", "restore"],
+    ["capture", "peers"],
+    ["runtime", "reader"],
+    ["fitting", "stores"],
+    ["posix_store"],
+    ["writer", "storage", "messages", "config"],
+    ["planner", "safe_fs"],
+    ["manifest", "sysio", "testhooks", "collectives"],
+    ["errors"],
+]
+
+
+def _pyckpt_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+            out.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+    return out
+
+
+def test_pyckpt_modules_import_only_from_the_layers_below_and_say_their_job():
+    layer = {module: depth for depth, modules in enumerate(LAYERS) for module in modules}
+    found = {p.stem for p in (REPO / "pyckpt").glob("*.py")}
+    assert found == set(layer), f"modules missing from LAYERS: {found - set(layer)}; gone: {set(layer) - found}"
+    upward = [f"{module} -> {dep}" for module in found for dep in _pyckpt_imports(REPO / "pyckpt" / f"{module}.py")
+              if layer[dep] <= layer[module]]
+    assert not upward, f"imports that do not go down a layer: {sorted(upward)}"
+    silent = [m for m in found if not ast.get_docstring(ast.parse((REPO / "pyckpt" / f"{m}.py").read_text()))]
+    assert not silent, f"modules without a docstring saying their job: {silent}"
