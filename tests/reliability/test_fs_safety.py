@@ -410,8 +410,8 @@ import json, sys, time
 import pyckpt
 path, seconds = sys.argv[1], float(sys.argv[2])
 errors, reads, versions = [], 0, set()
-end = time.monotonic() + seconds
-while time.monotonic() < end:
+end = time.monotonic() + seconds   # or sooner, once enough versions were read (a loaded machine is slow)
+while time.monotonic() < end and not (reads > 50 and len(versions) > 10):
     try:
         snap = pyckpt.Snapshot.open(path)
         snap.replicated()
@@ -432,7 +432,7 @@ def test_readers_never_see_files_vanish_while_the_writer_prunes_with_keep_last_1
                               stderr=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "ready"
-        got = probe(READER_PROBE, path, "8")
+        got = probe(READER_PROBE, path, "90", timeout=150)
     finally:
         writer.kill()
         writer.communicate()
