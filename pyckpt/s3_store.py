@@ -590,14 +590,14 @@ class S3Source:
         self.where = f"s3://{bucket}/{key}"
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> int:
-        end = min(offset + sum(len(b) for b in buffers), self.size)
+        views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in buffers]
+        end = min(offset + sum(len(v) for v in views), self.size)
         if end <= offset:
             return 0
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{end - 1}")["Body"]
             done = 0
-            for buf in buffers:
-                view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+            for view in views:
                 filled = 0
                 while filled < len(view) and done < end - offset:
                     got = body.readinto(view[filled: filled + (end - offset - done)])

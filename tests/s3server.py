@@ -18,7 +18,8 @@ import uuid
 from tests.conftest import free_port
 
 _server: tuple[subprocess.Popen, str] | None = None
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}
+ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
+       "AWS_EC2_METADATA_DISABLED": "true"}     # never ask a cloud metadata address for credentials
 
 
 def endpoint() -> str:
