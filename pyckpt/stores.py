@@ -21,11 +21,6 @@ def open_store(path: str | os.PathLike) -> Store:
     return PosixStore(path)
 
 
-def shown(path: str | os.PathLike) -> str:
-    """A snapshot path as messages show it: the URL, or the absolute path."""
-    return path if is_s3(path) else os.path.abspath(path)
-
-
 def snapshot_paths(path: str | os.PathLike) -> list[str]:
     """PATH itself if it is a snapshot path, else every snapshot path directly inside directory PATH."""
     if is_s3(path):
