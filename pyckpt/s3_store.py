@@ -61,7 +61,6 @@ _MAX_PARTS = 9000
 _MAX_RECORD = 1 << 20
 _LEFTOVER_MANIFEST = 64 << 20
 _VERSION = re.compile(r"^v([0-9]{8})$")
-_DATA = re.compile(r"^data-[0-9]+\.bin$")
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict"}   # 412, and AWS's 409 on a race
 _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled"}
@@ -83,6 +82,7 @@ def client():
     key = (os.getpid(), env)
     with _clients_lock:
         if key not in _clients:
+            # standard retries: 5xx, SlowDown/throttling and connection errors, with backoff
             config = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32,
                             request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
@@ -109,7 +109,11 @@ def s3_error(exc: Exception, bucket: str, doing: str, kind: type[PyckptError] = 
     botocore's messages carry none)."""
     endpoint = client().meta.endpoint_url
     code = _code(exc)
-    if isinstance(exc, botocore.exceptions.NoCredentialsError) or code in _ACCESS:
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return SnapshotAccessError(
+            f"s3://{bucket}: {doing} needs credentials for {endpoint} and none were found; set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or ~/.aws/credentials)")
+    if code in _ACCESS:
         return SnapshotAccessError(
             f"s3://{bucket}: {doing} was refused ({code or exc}) by {endpoint}; check the credentials "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that they may use this bucket")
@@ -310,14 +314,16 @@ class S3Store:
             except botocore.exceptions.ClientError:
                 pass                                        # held (or just being taken): see by whom
             found = self._lock_holder(key)
-            if found is None:
-                continue                                    # released meanwhile
+            if found is None:                               # released meanwhile: try again
+                time.sleep(0.05)
+                continue
             holder, etag, age = found
             if age > LOCK_LEASE:
                 try:
                     taken = self._put(key, body, f"locking {self.path}", IfMatch=etag)
-                except botocore.exceptions.ClientError:
-                    continue                                # someone else took it first
+                except botocore.exceptions.ClientError:    # someone else took it first
+                    time.sleep(0.05)
+                    continue
                 log.warning("pyckpt: took over the lock of %s from %s: not renewed for %.0f s (a writer that died)",
                             self.path, _who(holder), age)
                 return taken
