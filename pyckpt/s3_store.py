@@ -126,6 +126,9 @@ def s3_error(exc: Exception, bucket: str, doing: str, kind: type[PyckptError] = 
 
 
 _ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_STREAM_ERRORS = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.ReadTimeoutError,
+                  botocore.exceptions.IncompleteReadError, botocore.exceptions.ConnectionClosedError)
+_READ_RETRIES = 3
 
 
 def _list(s3, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
@@ -596,26 +599,32 @@ class S3Source:
         self.where = f"s3://{bucket}/{key}"
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> int:
+        """One ranged GET read into the buffers; a connection dropped mid-body is asked again for the
+        rest (botocore retries a request, not a body being read), up to _READ_RETRIES times."""
         views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in buffers]
         end = min(offset + sum(len(v) for v in views), self.size)
-        if end <= offset:
-            return 0
-        try:
-            body = self.s3.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{end - 1}")["Body"]
-            done = 0
-            for view in views:
-                filled = 0
-                while filled < len(view) and done < end - offset:
-                    got = body.readinto(view[filled: filled + (end - offset - done)])
-                    if not got:
-                        return done
-                    filled, done = filled + got, done + got
-            return done
-        except _ERRORS as exc:
-            if _missing(exc):
-                raise SnapshotReadError(f"{self.where}: deleted while being read (a newer snapshot was committed "
-                                        "and this version pruned): restore again") from None
-            raise s3_error(exc, self.bucket, f"reading {self.where}", SnapshotReadError) from exc
+        done, drops = 0, 0
+        while offset + done < end:
+            try:
+                body = self.s3.get_object(Bucket=self.bucket, Key=self.key,
+                                          Range=f"bytes={offset + done}-{end - 1}")["Body"]
+                for view in _window(views, done, end - offset):
+                    filled = 0
+                    while filled < len(view):
+                        got = body.readinto(view[filled:])
+                        if not got:         # the object is shorter than it was (replaced): a short read
+                            return done
+                        filled, done = filled + got, done + got
+            except _STREAM_ERRORS as exc:
+                drops += 1
+                if drops > _READ_RETRIES:
+                    raise s3_error(exc, self.bucket, f"reading {self.where}", SnapshotReadError) from exc
+            except _ERRORS as exc:
+                if _missing(exc):
+                    raise SnapshotReadError(f"{self.where}: deleted while being read (a newer snapshot was "
+                                            "committed and this version pruned): restore again") from None
+                raise s3_error(exc, self.bucket, f"reading {self.where}", SnapshotReadError) from exc
+        return done
 
     def cached(self, start: int, end: int) -> bool:
         return False
@@ -628,6 +637,17 @@ class S3Source:
 
     def close(self) -> None:
         pass
+
+
+def _window(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
+    """The parts of the buffers that hold bytes [start, stop) of their concatenation."""
+    out, pos = [], 0
+    for view in views:
+        lo, hi = max(start - pos, 0), min(stop - pos, len(view))
+        if hi > lo:
+            out.append(view[lo:hi])
+        pos += len(view)
+    return out
 
 
 def snapshot_paths(url: str) -> list[str]:

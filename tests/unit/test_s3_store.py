@@ -69,6 +69,33 @@ def test_a_large_data_object_goes_up_in_parts_and_reads_back_at_any_range(url, m
     assert source.read_into(size, [memoryview(x)]) == 0
 
 
+def test_a_read_whose_connection_drops_mid_body_asks_again_for_the_rest(url, monkeypatch):
+    store = S3Store(url)
+    data = np.random.default_rng(1).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    client().put_object(Bucket=store.bucket, Key="obj", Body=data)
+    real, ranges = store.s3.get_object, []
+
+    class Dropping:                    # the first body breaks after 3000 bytes, as a reset connection does
+        def __init__(self, body):
+            self.body, self.left = body, 3000
+
+        def readinto(self, view):
+            if self.left <= 0:
+                raise s3_store.botocore.exceptions.ResponseStreamingError(error="connection reset")
+            got = self.body.readinto(view[: self.left])
+            self.left -= got
+            return got
+
+    def get_object(**kwargs):
+        ranges.append(kwargs["Range"])
+        got = real(**kwargs)
+        return {**got, "Body": Dropping(got["Body"])} if len(ranges) == 1 else got
+    monkeypatch.setattr(store.s3, "get_object", get_object)
+    a, b = bytearray(2000), bytearray(50_000)
+    assert S3Source(store.s3, store.bucket, "obj", len(data)).read_into(10, [memoryview(a), memoryview(b)]) == 52_000
+    assert bytes(a + b) == data[10: 52_010] and ranges == ["bytes=10-52009", "bytes=3010-52009"]
+
+
 def test_a_failed_part_aborts_the_upload_and_names_bucket_and_endpoint(url, monkeypatch):
     monkeypatch.setattr(s3_store, "PART_SIZE", 5 << 20)
     segments, size, _ = _big_segments()
