@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import posixpath
 import time
 import warnings
 from pathlib import Path
@@ -62,7 +63,7 @@ def expected_errors(command: Callable) -> Callable:
             if os.environ.get("PYCKPT_DEBUG") == "1":
                 raise
             target = kwargs.get("snapshot") or kwargs.get("path")
-            fail(f"{f'{os.path.abspath(target)}: ' if target else ''}internal error in pyckpt "
+            fail(f"{f'{_shown(target)}: ' if target else ''}internal error in pyckpt "
                  f"({type(exc).__name__}: {str(exc)[:300]}); please report it with the command that failed, "
                  "and run it again with PYCKPT_DEBUG=1 for the traceback", EXIT_BUG)
 
@@ -147,7 +148,21 @@ def _opt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _open(snapshot: Path, version: str | None):
+def _shown(path: str) -> str:
+    """A snapshot path as messages show it: an s3:// URL as given, a file path absolute."""
+    return path if path.startswith("s3://") else os.path.abspath(path)
+
+
+def _relative(paths: list[str], where: str) -> tuple[str, list[str]]:
+    """The directory (or S3 prefix) that snapshot paths share, and each path relative to it."""
+    if where.startswith("s3://"):
+        base = "s3://" + posixpath.commonpath([posixpath.dirname(p[5:]) for p in paths]) if paths else where
+        return base, [p[len(base):].lstrip("/") for p in paths]
+    base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else os.path.abspath(where)
+    return base, [os.path.relpath(p, base) for p in paths]
+
+
+def _open(snapshot: str, version: str | None):
     """Snapshot.open, with an unknown --version reported as a usage error (exit 2)."""
     from .reader import Snapshot
     from .stores import open_store
@@ -155,7 +170,7 @@ def _open(snapshot: Path, version: str | None):
     if version is not None:
         names = [v.name for v in open_store(snapshot).read_commit().versions]
         if version not in names:
-            fail(f"{os.path.abspath(snapshot)}: no version {version!r}; committed versions: {', '.join(names)}",
+            fail(f"{_shown(snapshot)}: no version {version!r}; committed versions: {', '.join(names)}",
                  EXIT_USAGE)
     return Snapshot.open(snapshot, version)
 
@@ -175,7 +190,8 @@ def _progress():
 @app.command("ls")
 @expected_errors
 def ls(
-    path: Path = typer.Argument(..., help="a snapshot path (e.g. /shared/snapshots/checkpoint.bin) or a directory"),
+    path: str = typer.Argument(..., help="a snapshot path (e.g. /shared/snapshots/checkpoint.bin or "
+                                          "s3://bucket/snapshots/checkpoint.bin), a directory or an S3 prefix"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """List snapshot versions: committed ones and stages left by crashed writers. Exit 1 if one is broken."""
@@ -188,17 +204,16 @@ def ls(
     else:
         from rich.table import Table
 
-        where = os.path.abspath(path)
-        base = os.path.commonpath([os.path.dirname(r.path) for r in rows]) if rows else where
+        base, relative = _relative([r.path for r in rows], path)
         table = Table(title=f"snapshots in {_esc(base)}", title_justify="left")
         for column in ("path", "version", "status", "step", "epoch", "loss", "world", "size", "time"):
             table.add_column(column, justify="right" if column in ("step", "epoch", "loss", "world", "size")
                              else "left")
-        for r in rows:
+        for r, shown in zip(rows, relative):
             status = {"current": "[green]current[/]", "committed": "committed",
                       "stage": "[yellow]incomplete (stage)[/]", "orphan": "[yellow]incomplete (orphan)[/]",
                       "broken": "[red]broken[/]"}[r.status]
-            table.add_row(_esc(os.path.relpath(r.path, base)), r.version, status,
+            table.add_row(_esc(shown), r.version, status,
                           _opt(r.step), _opt(r.epoch), _opt(r.loss), _opt(r.world_size), _size(r.bytes),
                           _when(r.created))
         console = _console()
@@ -218,7 +233,7 @@ def ls(
 @app.command("inspect")
 @expected_errors
 def inspect_cmd(
-    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    snapshot: str = typer.Argument(..., help="the snapshot path (a file path or s3://bucket/key)"),
     version: Optional[str] = typer.Option(None, "--version", "-v", help="a committed version (default: current)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
@@ -255,7 +270,7 @@ def inspect_cmd(
 @app.command("verify")
 @expected_errors
 def verify_cmd(
-    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    snapshot: str = typer.Argument(..., help="the snapshot path (a file path or s3://bucket/key)"),
     version: Optional[list[str]] = typer.Option(None, "--version", "-v",
                                                 help="version(s) to check (default: current)"),
     all_versions: bool = typer.Option(False, "--all", help="check every committed version"),
@@ -272,12 +287,12 @@ def verify_cmd(
     names = committed if all_versions else (version or [record.current.name])
     unknown = [n for n in names if n not in committed]
     if unknown:
-        fail(f"{os.path.abspath(snapshot)}: no version {', '.join(unknown)}; committed versions: "
+        fail(f"{_shown(snapshot)}: no version {', '.join(unknown)}; committed versions: "
              f"{', '.join(committed)}", EXIT_USAGE)
     results = []
     for name in names:
         start = time.perf_counter()
-        result = {"path": os.path.abspath(snapshot), "version": name, "ok": False, "bytes": 0, "tensors": 0,
+        result = {"path": _shown(snapshot), "version": name, "ok": False, "bytes": 0, "tensors": 0,
                   "seconds": 0.0, "error": None, "file": None, "tensor": None}
         try:
             snap = Snapshot.open(snapshot, name)
@@ -314,7 +329,7 @@ def verify_cmd(
 @app.command("gc")
 @expected_errors
 def gc_cmd(
-    path: Path = typer.Argument(..., help="a snapshot path or a directory of snapshots"),
+    path: str = typer.Argument(..., help="a snapshot path or a directory (or S3 prefix) of snapshots"),
     keep: int = typer.Option(..., "--keep", "-k", min=1, help="committed versions to keep per path (>= 1)"),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would be removed"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -357,7 +372,7 @@ def gc_cmd(
 @app.command("export")
 @expected_errors
 def export_cmd(
-    snapshot: Path = typer.Argument(..., help="the snapshot path"),
+    snapshot: str = typer.Argument(..., help="the snapshot path (a file path or s3://bucket/key)"),
     out: Path = typer.Argument(..., help="output file: .pt/.pth (torch) or .safetensors"),
     version: Optional[str] = typer.Option(None, "--version", "-v", help="a committed version (default: current)"),
     obj: Optional[str] = typer.Option(None, "--object", "-o",

@@ -55,6 +55,7 @@ LAYERS = [
     ["capture", "peers"],
     ["runtime", "reader"],
     ["fitting", "stores"],
+    ["s3_store"],
     ["posix_store"],
     ["writer", "storage", "messages", "config"],
     ["planner", "safe_fs"],

@@ -2,7 +2,9 @@
 the Store and DataSource protocols only. A new backend passes by adding one entry to BACKENDS (a
 function that makes an empty store for a test); nothing here may know a backend's layout.
 
-Backends run for real: the POSIX directory on this machine's disk (tmp_path)."""
+Backends run for real: the POSIX directory on this machine's disk (tmp_path); S3 on moto's S3 server
+(tests/s3server.py: an emulator over real HTTP, a bucket per test; its conditional writes are not
+atomic, which no test here races)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +20,12 @@ from pyckpt.manifest import FileRecord, Manifest, Piece, TensorRecord, checksum,
 from pyckpt.planner import Slice
 from pyckpt.posix_store import PosixStore
 from pyckpt.storage import Stage, Store
+from pyckpt.stores import open_store
+from tests.s3server import new_bucket
 
 BACKENDS = {
     "posix": lambda tmp_path: PosixStore(tmp_path / "ck.bin"),
+    "s3": lambda tmp_path: open_store(f"s3://{new_bucket()}/snapshots/ck.bin"),
 }
 
 

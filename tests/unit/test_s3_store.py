@@ -1,0 +1,245 @@
+"""The S3 backend beyond the storage contract (tests/unit/test_store_contract.py runs that against it):
+multipart uploads, the leased lock, the conditional commit, abandoned uploads, errors.
+
+Server: moto's standalone S3 server (tests/s3server.py), an emulator over real HTTP. Its conditional
+PUT is check-then-write, not atomic, so no test here races two PUTs: the conflicts are made by
+changing the record or the lock between a writer's steps, which any server must answer the same way."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from xxhash import xxh3_64_hexdigest
+
+import pyckpt.s3_store as s3_store
+from pyckpt.errors import SnapshotAccessError, SnapshotError, SnapshotLockedError, SnapshotReadError
+from pyckpt.manifest import CommitRecord, VersionRef, checksum
+from pyckpt.planner import Slice
+from pyckpt.s3_store import LOCK, S3Source, S3Store, client
+from tests.conftest import REPO
+from tests.s3server import ENV, endpoint, new_bucket
+from tests.unit.test_store_contract import _write_version
+
+
+@pytest.fixture
+def url() -> str:
+    return f"s3://{new_bucket()}/runs/ck.bin"
+
+
+def _keys(store: S3Store, prefix: str) -> list[str]:
+    return [o["Key"] for o in client().list_objects_v2(Bucket=store.bucket, Prefix=prefix).get("Contents", [])]
+
+
+def _uploads(store: S3Store) -> list[dict]:
+    return client().list_multipart_uploads(Bucket=store.bucket, Prefix=store.root).get("Uploads", [])
+
+
+def _big_segments() -> tuple[list[tuple[Slice, memoryview]], int, bytes]:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, 7 << 20, dtype=np.uint8).tobytes()
+    b = rng.integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    segments = [(Slice(0, 0, 0, len(a)), memoryview(a)), (Slice(1, 0, len(a) + 4096, len(b)), memoryview(b))]
+    return segments, len(a) + 4096 + len(b) + 100, a + bytes(4096) + b + bytes(100)
+
+
+def test_a_large_data_object_goes_up_in_parts_and_reads_back_at_any_range(url, monkeypatch):
+    monkeypatch.setattr(s3_store, "PART_SIZE", 5 << 20)        # S3's (and moto's) smallest part
+    segments, size, expected = _big_segments()
+    store = S3Store(url)
+    with store.locked():
+        stage = store.begin()
+        digests = store.write_data(stage, 0, segments, size)
+    assert digests == [xxh3_64_hexdigest(v) for _, v in segments]
+    key = stage.handle + "data-0.bin"
+    head = client().head_object(Bucket=store.bucket, Key=key)
+    assert head["ContentLength"] == size and head["ETag"].strip('"').endswith("-3")   # a 3-part upload
+    source = S3Source(store.s3, store.bucket, key, size)
+    x, y = bytearray(1000), np.zeros(250, dtype=np.float32)   # a read across a part boundary, two buffers
+    offset = (5 << 20) - 600
+    assert source.read_into(offset, [memoryview(x), memoryview(y)]) == 2000
+    assert bytes(x) + y.tobytes() == expected[offset: offset + 2000]
+    whole = bytearray(size + 10)
+    assert source.read_into(0, [memoryview(whole)]) == size and bytes(whole[:size]) == expected
+    assert source.read_into(size, [memoryview(x)]) == 0
+
+
+def test_a_read_whose_connection_drops_mid_body_asks_again_for_the_rest(url, monkeypatch):
+    store = S3Store(url)
+    data = np.random.default_rng(1).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    client().put_object(Bucket=store.bucket, Key="obj", Body=data)
+    real, ranges = store.s3.get_object, []
+
+    class Dropping:                    # the first body breaks after 3000 bytes, as a reset connection does
+        def __init__(self, body):
+            self.body, self.left = body, 3000
+
+        def readinto(self, view):
+            if self.left <= 0:
+                raise s3_store.botocore.exceptions.ResponseStreamingError(error="connection reset")
+            got = self.body.readinto(view[: self.left])
+            self.left -= got
+            return got
+
+    def get_object(**kwargs):
+        ranges.append(kwargs["Range"])
+        got = real(**kwargs)
+        return {**got, "Body": Dropping(got["Body"])} if len(ranges) == 1 else got
+    monkeypatch.setattr(store.s3, "get_object", get_object)
+    a, b = bytearray(2000), bytearray(50_000)
+    assert S3Source(store.s3, store.bucket, "obj", len(data)).read_into(10, [memoryview(a), memoryview(b)]) == 52_000
+    assert bytes(a + b) == data[10: 52_010] and ranges == ["bytes=10-52009", "bytes=3010-52009"]
+
+
+def test_a_failed_part_aborts_the_upload_and_names_bucket_and_endpoint(url, monkeypatch):
+    monkeypatch.setattr(s3_store, "PART_SIZE", 5 << 20)
+    segments, size, _ = _big_segments()
+    store = S3Store(url)
+    _write_version(store, step=1)
+    real, calls = store.s3.upload_part, []
+
+    def failing(**kwargs):
+        calls.append(kwargs["PartNumber"])
+        if kwargs["PartNumber"] == 2:
+            raise s3_store.botocore.exceptions.ClientError(
+                {"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+        return real(**kwargs)
+    monkeypatch.setattr(store.s3, "upload_part", failing)
+    with store.locked():
+        stage = store.begin()
+        with pytest.raises(SnapshotError) as err:
+            store.write_data(stage, 0, segments, size)
+        store.abort(stage)
+    assert 2 in calls and store.bucket in str(err.value) and endpoint() in str(err.value)
+    assert _uploads(store) == [] and store.read_commit().current.step == 1
+
+
+def test_publish_refuses_when_the_record_changed_since_begin(url):
+    """Two writers never both win: the commit is a PUT conditional on the record begin() read."""
+    store = S3Store(url)
+    _write_version(store, step=1)
+    with store.locked():
+        stage = store.begin()
+        store.write_data(stage, 0, [], 0)
+        other = CommitRecord([VersionRef("v00000007", checksum(b"x"), 1, 99, None, None)])
+        client().put_object(Bucket=store.bucket, Key=store.key, Body=other.to_json())   # another writer's commit
+        with pytest.raises(SnapshotLockedError, match="another writer committed"):
+            store.publish(stage, b"{}", {"step": 2}, 2)
+    assert store.read_commit().current.step == 99 and _keys(store, stage.handle) == []
+
+
+def test_the_first_commit_refuses_a_record_that_appeared_since_begin(url):
+    store = S3Store(url)
+    with store.locked():
+        stage = store.begin()
+        other = CommitRecord([VersionRef("v00000007", checksum(b"x"), 1, 99, None, None)])
+        client().put_object(Bucket=store.bucket, Key=store.key, Body=other.to_json())
+        with pytest.raises(SnapshotLockedError):
+            store.publish(stage, b"{}", {"step": 1}, 2)
+    assert store.read_commit().current.step == 99
+
+
+def test_a_writer_whose_lock_was_taken_over_does_not_publish(url):
+    store = S3Store(url)
+    _write_version(store, step=1)
+    with store.locked():
+        stage = store.begin()
+        taker = {"pid": 4242, "host": "elsewhere", "what": "snapshot", "since": time.time()}
+        client().put_object(Bucket=store.bucket, Key=store.root + LOCK, Body=json.dumps(taker).encode())
+        with pytest.raises(SnapshotLockedError, match="lost the lock.*pid 4242 on host elsewhere"):
+            store.publish(stage, b"{}", {"step": 2}, 2)
+    assert store.read_commit().current.step == 1 and _keys(store, stage.handle) == []
+    assert _keys(store, store.root + LOCK) == [store.root + LOCK]    # the release left the other's lock alone
+
+
+def test_a_live_writer_keeps_its_lock_by_renewing_it(url, monkeypatch):
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 1.5)
+    store = S3Store(url)
+    with store.locked():
+        time.sleep(3.5)                  # two leases: only renewals keep it
+        with pytest.raises(SnapshotLockedError, match="another process is writing"):
+            with S3Store(url).locked():
+                pass
+    assert _keys(store, store.root + LOCK) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from pyckpt.s3_store import S3Store
+held = S3Store(sys.argv[1]).locked()   # kept referenced: a dropped context manager would release it
+held.__enter__()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_left_by_a_killed_writer_is_taken_over_once_its_lease_ran_out(url, monkeypatch):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, url], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    store = S3Store(url)
+    with pytest.raises(SnapshotLockedError, match=f"pid {holder.pid}"):   # within the lease: still its lock
+        with store.locked():
+            pass
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 2.0)
+    time.sleep(3.2)
+    with store.locked():                                                 # not renewed for 2 s: taken over
+        lock = json.loads(client().get_object(Bucket=store.bucket, Key=store.root + LOCK)["Body"].read())
+        assert lock["pid"] == os.getpid()
+    assert _keys(store, store.root + LOCK) == []
+
+
+def test_abandoned_multipart_uploads_are_aborted_by_the_next_writer_and_by_gc(url):
+    store = S3Store(url)
+    _write_version(store, step=1)
+
+    def abandon() -> None:             # what a rank killed mid-upload leaves: an open upload with a part
+        key = store.root + "v00000009/data-1.bin"
+        upload = client().create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+        client().upload_part(Bucket=store.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1000)
+    abandon()
+    assert len(_uploads(store)) == 1
+    store.gc(2)
+    assert _uploads(store) == []
+    abandon()
+    with store.locked():
+        store.abort(store.begin())
+    assert _uploads(store) == [] and store.read_commit().current.step == 1
+
+
+def test_a_missing_bucket_is_named_with_the_endpoint_and_no_secret():
+    store = S3Store("s3://no-such-bucket-here/runs/ck.bin")
+    with pytest.raises(SnapshotReadError) as err:
+        store.read_commit()
+    text = str(err.value)
+    assert "no-such-bucket-here" in text and endpoint() in text and "AWS_ENDPOINT_URL" in text
+    assert ENV["AWS_SECRET_ACCESS_KEY"] not in text
+    with pytest.raises(SnapshotError, match="no-such-bucket-here"):
+        with store.locked():
+            pass
+
+
+def test_missing_credentials_say_where_they_are_read_from(url, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(SnapshotAccessError) as err:
+        S3Store(url).read_commit()
+    assert url.split("/")[2] in str(err.value) and "AWS_ACCESS_KEY_ID" in str(err.value)
+
+
+def test_paths_that_name_no_object_are_refused():
+    for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"):
+        with pytest.raises(s3_store.SnapshotPathError):
+            S3Store(bad)
