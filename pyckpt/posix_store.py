@@ -31,26 +31,22 @@ import numpy as np
 
 from . import safe_fs
 from .testhooks import crash_point
-from .errors import (IntegrityError, PyckptError, SnapshotError, SnapshotLockedError, SnapshotNotFoundError,
+from .errors import (IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError,
                      SnapshotPathError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
 from .planner import Slice
-from .storage import DataSource, Stage, Uncommitted
+from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
+                      next_version)
 from .sysio import libc_function
 from .writer import write_file
 
 log = logging.getLogger("pyckpt")
-MANIFEST = "manifest.json"
 SPARE_DIR = ".spare"          # under P.pyckpt/: data files of a dropped version, overwritten by the next snapshot
-LOCK = ".lock"
-LOCK_WAIT = 5.0               # seconds a writer waits while gc (short maintenance) holds the lock
 _NUMBERED = re.compile(r"^v([0-9]{8})(\.stage-[0-9a-f]+)?$")
 _DATA_FILE = re.compile(r"^data-[0-9]+\.bin$")
-_MAX_VERSION = 99_999_999     # version names have 8 digits (docs/FORMAT.md)
 _MAX_RECORD = 1 << 20
 _DIR_MODE = 0o755           # snapshots are readable by the cluster, writable only by their owner
 _LEFTOVER_MANIFEST = 64 << 20   # ls shows step/epoch of a stage from its manifest only up to this size
-SUFFIX = ".pyckpt"
 
 
 class PosixStore:
@@ -200,10 +196,10 @@ class PosixStore:
             if holder.get("what") == "snapshot":
                 raise SnapshotLockedError(
                     f"another process is writing a snapshot to {self.path} (lock {where} held by "
-                    f"{_who(holder)}); two jobs must not share one snapshot path: give each job its own")
+                    f"{lock_holder_text(holder)}); two jobs must not share one snapshot path: give each job its own")
             if time.monotonic() >= deadline:
                 raise SnapshotLockedError(
-                    f"{self.path} is locked by {_who(holder)} (lock {where}) for more than {LOCK_WAIT:g} s; "
+                    f"{self.path} is locked by {lock_holder_text(holder)} (lock {where}) for more than {LOCK_WAIT:g} s; "
                     "nothing was done: try again once it has finished")
             time.sleep(0.05)
 
@@ -231,15 +227,7 @@ class PosixStore:
             safe_fs.remove_tree(os.path.join(self.root, entry))
         for tmp in tmps:
             safe_fs.remove_file(tmp)
-        # Leftovers' numbers are not reused while there is room; past the 8 digits of the format only the
-        # committed ones count (a stray "v99999999" is gone now).
-        number = max(committed + [int(e[1:9]) for e in leftovers], default=0) + 1
-        if number > _MAX_VERSION:
-            number = max(committed, default=0) + 1
-        if number > _MAX_VERSION:
-            raise SnapshotError(f"{self.path}: version numbers are used up (v{_MAX_VERSION} is committed); "
-                                "snapshot to a new path")
-        name = f"v{number:08d}"
+        name = next_version(self.path, committed, [int(e[1:9]) for e in leftovers])
         stage = os.path.join(self.root, f"{name}.stage-{uuid.uuid4().hex[:12]}")
         safe_fs.make_dir(stage, _DIR_MODE)
         crash_point("stage-created")
@@ -371,15 +359,6 @@ def _holder(fd: int) -> dict:
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _who(holder: dict) -> str:
-    if not holder:
-        return "a process that has not said who it is (it is just taking the lock, or is an older pyckpt)"
-    since = holder.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) \
-        if type(since) in (int, float) and 0 <= since < 1e11 else "?"
-    return f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('what')} since {when})"
 
 
 def _dir_bytes(directory: str) -> int:

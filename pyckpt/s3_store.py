@@ -47,8 +47,8 @@ from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotE
                      SnapshotNotFoundError, SnapshotPathError, SnapshotReadError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
 from .planner import Slice
-from .posix_store import _MAX_VERSION, LOCK, LOCK_WAIT, MANIFEST, SUFFIX, _who
-from .storage import DataSource, Stage, Uncommitted
+from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
+                      next_version)
 from .sysio import helper_pool
 from .testhooks import crash_point
 
@@ -328,15 +328,15 @@ class S3Store:
                     time.sleep(0.05)
                     continue
                 log.warning("pyckpt: took over the lock of %s from %s: not renewed for %.0f s (a writer that died)",
-                            self.path, _who(holder), age)
+                            self.path, lock_holder_text(holder), age)
                 return taken
             if holder.get("what") == "snapshot":
                 raise SnapshotLockedError(
                     f"another process is writing a snapshot to {self.path} (lock {self._url(key)} held by "
-                    f"{_who(holder)}); two jobs must not share one snapshot path: give each job its own")
+                    f"{lock_holder_text(holder)}); two jobs must not share one snapshot path: give each job its own")
             if time.monotonic() >= deadline:
                 raise SnapshotLockedError(
-                    f"{self.path} is locked by {_who(holder)} (lock {self._url(key)}) for more than "
+                    f"{self.path} is locked by {lock_holder_text(holder)} (lock {self._url(key)}) for more than "
                     f"{LOCK_WAIT:g} s; nothing was done: try again once it has finished")
             time.sleep(0.05)
 
@@ -366,7 +366,7 @@ class S3Store:
         if lease.lost or found is None or found[1] != lease.etag:
             raise SnapshotLockedError(
                 f"{self.path}: this writer lost the lock (not renewed for {LOCK_LEASE:g} s, then taken over by "
-                f"{_who(found[0]) if found else 'nobody'}); this snapshot was not committed")
+                f"{lock_holder_text(found[0]) if found else 'nobody'}); this snapshot was not committed")
 
     # -- writing (leader only, under lock) ---------------------------------------------------
     def begin(self) -> Stage:
@@ -379,13 +379,7 @@ class S3Store:
         leftovers = [n for n in self._versions() if n not in listed]
         self._delete_prefixes(leftovers)
         self._abort_uploads(self.root)
-        number = max(committed + [int(n[1:]) for n in leftovers], default=0) + 1
-        if number > _MAX_VERSION:
-            number = max(committed, default=0) + 1
-        if number > _MAX_VERSION:
-            raise SnapshotError(f"{self.path}: version numbers are used up (v{_MAX_VERSION} is committed); "
-                                "snapshot to a new path")
-        name = f"v{number:08d}"
+        name = next_version(self.path, committed, [int(n[1:]) for n in leftovers])
         handle = self.root + name + "/"
         marker = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex[:12]}
         self._put(handle + MARKER, json.dumps(marker).encode(), f"starting a snapshot in {self.path}")

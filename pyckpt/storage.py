@@ -15,10 +15,43 @@ The guarantees every backend gives (the contract suite checks them):
 """
 from __future__ import annotations
 
+import time
 from typing import ContextManager, NamedTuple, Protocol
 
+from .errors import SnapshotError
 from .manifest import CommitRecord, Manifest, VersionRef
 from .planner import Slice
+
+# The layout every backend shares (docs/FORMAT.md): for a snapshot path P, the record at P and the
+# versions under P + SUFFIX, each holding MANIFEST and one data file per rank.
+SUFFIX = ".pyckpt"
+MANIFEST = "manifest.json"
+LOCK = ".lock"                # the writer's lock, under P + SUFFIX
+LOCK_WAIT = 5.0               # seconds a writer waits while gc (short maintenance) holds the lock
+MAX_VERSION = 99_999_999      # version names have 8 digits
+
+
+def next_version(path: str, committed: list[int], leftovers: list[int]) -> str:
+    """The name of the next version: after every number in use. Leftovers' numbers are not reused while
+    there is room; past the 8 digits of the format only the committed ones count (the caller has just
+    removed the leftovers)."""
+    number = max(committed + leftovers, default=0) + 1
+    if number > MAX_VERSION:
+        number = max(committed, default=0) + 1
+    if number > MAX_VERSION:
+        raise SnapshotError(f"{path}: version numbers are used up (v{MAX_VERSION} is committed); "
+                            "snapshot to a new path")
+    return f"v{number:08d}"
+
+
+def lock_holder_text(holder: dict) -> str:
+    """Who holds a lock, from what its holder wrote into it ({pid, host, what, since}), for messages."""
+    if not holder:
+        return "a process that has not said who it is (it is just taking the lock, or is an older pyckpt)"
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) \
+        if type(since) in (int, float) and 0 <= since < 1e11 else "?"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('what')} since {when})"
 
 
 class Stage(NamedTuple):
