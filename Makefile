@@ -24,7 +24,7 @@ lint: setup
 	ansible-lint --profile production
 
 pytest: setup setup-containers setup-docker
-	OMP_NUM_THREADS=1 $(PY) -m pytest -ra tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -ra --durations=30 tests
 
 test: lint pytest     ## everything CI runs
 

@@ -339,6 +339,10 @@ def test_nfs_export_is_served_through_the_firewall(cluster: Cluster):
 
 
 def test_killed_training_process_on_a_worker_resumes_bit_identical(cluster: Cluster, reference: str, tmp: Path):
+    if cluster.engine == "docker":
+        # A process killed inside a node is the same event whatever runs the containers; docker's own
+        # part (a container stopped and started again) is the next test. Saves a training run of CI time.
+        pytest.skip("engine-independent: run with podman only")
     since = start_training(cluster, tmp)
     reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
