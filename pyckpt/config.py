@@ -321,7 +321,7 @@ def _layout(merged: dict[str, Setting], mode: str, master_addr: str) -> dict:
     if "PHYSICAL_NODES" not in merged:
         nodes = max(1, world // nproc)
         merged["PHYSICAL_NODES"] = Setting(str(nodes), "derived from WORLD_SIZE / NPROC_PER_NODE")
-    counted = f"lists {nodes} nodes" if addrs else f"={nodes}"
+    counted = f" listing {nodes} nodes" if addrs else f"={nodes}"
 
     if mode == "single" and nodes != 1:
         raise _fail("PHYSICAL_NODES", merged["PHYSICAL_NODES"], "but DISTRIBUTED_MODE=single means one machine",
