@@ -164,13 +164,13 @@ def find_config_file(mode: str | None, config_dir: str | os.PathLike, environ: M
     how = (f"choose with DISTRIBUTED_MODE=<mode> (reads {config_dir}/distributed.<mode>.env), "
            f"PYCKPT_CONFIG=<file>, or a link: ln -s distributed.<mode>.env {config_dir}/distributed.env")
     if len(cluster) > 1:
-        raise ConfigError(f"no mode chosen and {config_dir} holds several cluster config files: "
+        raise ConfigError(f"no mode is chosen and {config_dir}/ holds several cluster config files: "
                           f"{', '.join(cluster)}; {how}")
     if cluster:
         return cluster[0]
     if "NODE_RANK" in environ and not launched_by_torchrun(environ):
         raise ConfigError(
-            f"NODE_RANK={environ['NODE_RANK']!r} (environment) but no mode is chosen and {config_dir} has no "
+            f"NODE_RANK={environ['NODE_RANK']!r} (environment) but no mode is chosen and {config_dir}/ has no "
             f"cluster config file (distributed.physical.env or distributed.docker.env), so this node would "
             f"train alone at world size 1; write {config_dir}/distributed.physical.env (or run "
             f"`ansible-playbook setup-cluster.yml`), or {how}; for one machine unset NODE_RANK")
