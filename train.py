@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import xxhash
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
@@ -34,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
     p.add_argument("--checkpoint-interval", type=int, default=20, help="snapshot every K steps (default 20)")
     p.add_argument("--snapshot-path", default=None,
-                   help="default: $SHARED_FS_PATH/snapshots/checkpoint.bin from the config")
+                   help="default: $SHARED_FS_PATH/checkpoint.bin (SHARED_FS_PATH: the snapshot directory)")
     p.add_argument("--config-dir", default=os.environ.get("PYCKPT_CONFIG_DIR", str(Path(__file__).parent / "config")))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # DDP re-buckets gradients after its first iteration, which changes gloo's summation order for
     # more than 2 ranks; a resumed job's first iteration would then round differently. Without the
     # rebuild (find_unused_parameters=True) the layout is the same in every run: bit-exact resumes.
-    ddp = (DistributedDataParallel(model, find_unused_parameters=True)
-           if dist.is_initialized() and world > 1 else model)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # initialize() made a group at any size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
     # Per-rank randomness (dropout) differs between ranks but is reproducible on resume.

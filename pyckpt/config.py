@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 from .errors import ConfigError
 
 MODES = ("single", "docker", "physical")
+CLUSTER_MODES = ("docker", "physical")
 BACKENDS = ("nccl", "gloo", "auto")
 FS_TYPES = ("local", "nfs")
 
@@ -25,7 +26,7 @@ DEFAULTS: dict[str, str] = {
     "MASTER_ADDR": "127.0.0.1",
     "MASTER_PORT": "29500",
     "BACKEND": "auto",
-    "SHARED_FS_PATH": "/shared",
+    "SHARED_FS_PATH": "/shared/snapshots",
     "SHARED_FS_TYPE": "local",
     "NODE_RANK": "0",
     "NPROC_PER_NODE": "1",
@@ -55,7 +56,7 @@ class Config:
     local_rank: int
     node_rank: int
     nproc_per_node: int
-    physical_nodes: int
+    physical_nodes: int  # the node count (PHYSICAL_NODES may also list the nodes' addresses)
     master_addr: str
     master_port: int
     backend: str  # resolved: "nccl" or "gloo"
@@ -66,6 +67,7 @@ class Config:
     source_file: str | None = None
     passthrough: tuple[tuple[str, str], ...] = ()
     origins: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    node_addrs: tuple[str, ...] = ()  # PHYSICAL_NODES as the spec writes it: master first
 
     @property
     def is_distributed(self) -> bool:
@@ -73,7 +75,8 @@ class Config:
 
     @property
     def snapshot_dir(self) -> str:
-        return os.path.join(self.shared_fs_path, "snapshots")
+        """SHARED_FS_PATH is the directory holding the snapshots (the spec's /shared/snapshots)."""
+        return self.shared_fs_path
 
     def origin(self, key: str) -> str:
         return dict(self.origins).get(key, "default")
@@ -88,7 +91,7 @@ class Config:
             "BACKEND": self.backend,
             "SHARED_FS_PATH": self.shared_fs_path,
             "SHARED_FS_TYPE": self.shared_fs_type,
-            "PHYSICAL_NODES": str(self.physical_nodes),
+            "PHYSICAL_NODES": ",".join(self.node_addrs) or str(self.physical_nodes),
             "NODE_RANK": str(self.node_rank),
             "NPROC_PER_NODE": str(self.nproc_per_node),
             "RANK": str(self.rank),
@@ -140,7 +143,11 @@ def _unquote(value: str, where: str) -> str:
 
 
 def find_config_file(mode: str | None, config_dir: str | os.PathLike, environ: Mapping[str, str]) -> str | None:
-    """PYCKPT_CONFIG, else config/distributed.<mode>.env, else the active config/distributed.env."""
+    """PYCKPT_CONFIG, else config/distributed.<mode>.env, else the active config/distributed.env, else
+    the one cluster file (docker/physical) in config_dir, else config/distributed.single.env if present.
+
+    A node told its rank (NODE_RANK) never falls back to single mode in silence: with no cluster file,
+    or with several and no way to choose, this raises a ConfigError that says how to choose."""
     if environ.get("PYCKPT_CONFIG"):
         return environ["PYCKPT_CONFIG"]
     config_dir = Path(config_dir)
@@ -150,7 +157,29 @@ def find_config_file(mode: str | None, config_dir: str | os.PathLike, environ: M
             return str(candidate)
         return None  # single mode runs on built-in defaults
     active = config_dir / "distributed.env"
-    return str(active) if active.exists() else None
+    if active.exists():
+        return str(active)
+    cluster = [config_dir / f"distributed.{m}.env" for m in CLUSTER_MODES]
+    cluster = [str(p) for p in cluster if p.exists()]
+    how = (f"choose with DISTRIBUTED_MODE=<mode> (reads {config_dir}/distributed.<mode>.env), "
+           f"PYCKPT_CONFIG=<file>, or a link: ln -s distributed.<mode>.env {config_dir}/distributed.env")
+    if len(cluster) > 1:
+        raise ConfigError(f"no mode is chosen and {config_dir}/ holds several cluster config files: "
+                          f"{', '.join(cluster)}; {how}")
+    if cluster:
+        return cluster[0]
+    if "NODE_RANK" in environ and not launched_by_torchrun(environ):
+        raise ConfigError(
+            f"NODE_RANK={environ['NODE_RANK']!r} (environment) but no mode is chosen and {config_dir}/ has no "
+            f"cluster config file (distributed.physical.env or distributed.docker.env), so this node would "
+            f"train alone at world size 1; write {config_dir}/distributed.physical.env (or run "
+            f"`ansible-playbook setup-cluster.yml`), or {how}; for one machine unset NODE_RANK")
+    single = config_dir / "distributed.single.env"
+    return str(single) if single.exists() else None
+
+
+def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
+    return "TORCHELASTIC_RUN_ID" in environ or ("LOCAL_WORLD_SIZE" in environ and "RANK" in environ)
 
 
 def load_config(
@@ -190,7 +219,7 @@ def load_config(
                     f"{setting.origin}: unknown key {key} ignored; known keys: {', '.join(sorted(KNOWN_KEYS))}",
                     stacklevel=2,
                 )
-    torchrun = "TORCHELASTIC_RUN_ID" in environ or ("LOCAL_WORLD_SIZE" in environ and "RANK" in environ)
+    torchrun = launched_by_torchrun(environ)
     for key in KNOWN_KEYS | {"RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}:
         if key in environ:
             origin = "torchrun" if torchrun and key in TORCHRUN_KEYS + ("GROUP_RANK",) else "environment"
@@ -236,10 +265,6 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
     backend_setting = merged["BACKEND"]
     backend = _choice(merged, "BACKEND", BACKENDS)
     port = _int(merged, "MASTER_PORT", 1, 65535, " (e.g. MASTER_PORT=29500)")
-    node_rank = _int(merged, "GROUP_RANK" if "GROUP_RANK" in merged else "NODE_RANK", 0)
-    local_rank = _int(merged, "LOCAL_RANK", 0) if "LOCAL_RANK" in merged else 0
-    nproc_key = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in merged else "NPROC_PER_NODE"
-    nproc = _int(merged, nproc_key, 1)
     try:
         timeout = float(merged["INIT_TIMEOUT_S"].value)
         if not 0 < timeout < float("inf"):  # also refuses nan
@@ -247,46 +272,12 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
     except ValueError:
         raise _fail("INIT_TIMEOUT_S", merged["INIT_TIMEOUT_S"], "is not a positive number of seconds",
                     "use e.g. INIT_TIMEOUT_S=300") from None
-
-    if "WORLD_SIZE" in merged:
-        world = _int(merged, "WORLD_SIZE", 1)
-    if "PHYSICAL_NODES" in merged:
-        nodes = _int(merged, "PHYSICAL_NODES", 1)
-    if "WORLD_SIZE" not in merged:
-        world = (nodes if "PHYSICAL_NODES" in merged else 1) * nproc
-        merged["WORLD_SIZE"] = Setting(str(world), "derived from PHYSICAL_NODES x NPROC_PER_NODE")
-    if "PHYSICAL_NODES" not in merged:
-        nodes = max(1, world // nproc)
-        merged["PHYSICAL_NODES"] = Setting(str(nodes), "derived from WORLD_SIZE / NPROC_PER_NODE")
-
-    if mode == "single" and nodes != 1:
-        raise _fail("PHYSICAL_NODES", merged["PHYSICAL_NODES"], "but DISTRIBUTED_MODE=single means one machine",
-                    "set PHYSICAL_NODES=1, or DISTRIBUTED_MODE=docker/physical for several machines")
-    if world != nodes * nproc:
-        raise _fail(
-            "WORLD_SIZE", merged["WORLD_SIZE"],
-            f"disagrees with PHYSICAL_NODES={nodes} ({_where(merged['PHYSICAL_NODES'])}) x "
-            f"processes per node {nproc} ({_where(merged[nproc_key])})",
-            f"set WORLD_SIZE={nodes * nproc} or fix PHYSICAL_NODES/NPROC_PER_NODE",
-        )
-    node_key = "GROUP_RANK" if "GROUP_RANK" in merged else "NODE_RANK"
-    if node_rank >= nodes:
-        raise _fail(node_key, merged[node_key], f"must be below PHYSICAL_NODES={nodes} (and WORLD_SIZE={world})",
-                    f"number the nodes 0..{nodes - 1}: the master is 0")
-    if local_rank >= nproc:
-        raise _fail("LOCAL_RANK", merged["LOCAL_RANK"], f"must be below {nproc_key}={nproc}",
-                    f"use LOCAL_RANK 0..{nproc - 1}")
-    if "RANK" in merged:
-        rank = _int(merged, "RANK", 0)
-        if rank >= world:
-            raise _fail("RANK", merged["RANK"], f"must be below WORLD_SIZE={world}", f"use RANK 0..{world - 1}")
-    else:
-        rank = node_rank * nproc + local_rank
-
     master_addr = merged["MASTER_ADDR"].value.strip()
     if not _is_address(master_addr):
         raise _fail("MASTER_ADDR", merged["MASTER_ADDR"], "is not a host name or address",
                     "use the master node's address, e.g. MASTER_ADDR=192.168.1.100")
+    layout = _layout(merged, mode, master_addr)
+    world, nodes = layout["world"], layout["nodes"]
     if mode == "physical" and nodes > 1 and _is_loopback(master_addr):
         raise _fail("MASTER_ADDR", merged["MASTER_ADDR"], f"is a loopback address but PHYSICAL_NODES={nodes}",
                     "use the master's cluster address that every node can reach")
@@ -299,16 +290,109 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
 
     shared = merged["SHARED_FS_PATH"].value.strip()
     if not shared:
-        raise _fail("SHARED_FS_PATH", merged["SHARED_FS_PATH"], "is empty", "use the shared directory, e.g. /shared")
+        raise _fail("SHARED_FS_PATH", merged["SHARED_FS_PATH"], "is empty",
+                    "use the directory that holds the snapshots, e.g. /shared/snapshots")
 
     return Config(
-        mode=mode, world_size=world, rank=rank, local_rank=local_rank, node_rank=node_rank,
-        nproc_per_node=nproc, physical_nodes=nodes, master_addr=master_addr, master_port=port,
-        backend=backend, shared_fs_path=shared, shared_fs_type=fs_type, init_timeout_s=timeout,
-        launched_by_torchrun=torchrun, source_file=file,
+        mode=mode, world_size=world, rank=layout["rank"], local_rank=layout["local_rank"],
+        node_rank=layout["node_rank"], nproc_per_node=layout["nproc"], physical_nodes=nodes,
+        master_addr=master_addr, master_port=port, backend=backend, shared_fs_path=shared,
+        shared_fs_type=fs_type, init_timeout_s=timeout, launched_by_torchrun=torchrun, source_file=file,
         passthrough=tuple(sorted(passthrough.items())),
-        origins=tuple(sorted((k, s.origin) for k, s in merged.items())),
+        origins=tuple(sorted((k, s.origin) for k, s in merged.items())), node_addrs=layout["addrs"],
     )
+
+
+def _layout(merged: dict[str, Setting], mode: str, master_addr: str) -> dict:
+    """World size, node count and this process's ranks, checked against each other."""
+    node_key = "GROUP_RANK" if "GROUP_RANK" in merged else "NODE_RANK"
+    node_rank = _int(merged, node_key, 0)
+    local_rank = _int(merged, "LOCAL_RANK", 0) if "LOCAL_RANK" in merged else 0
+    nproc_key = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in merged else "NPROC_PER_NODE"
+    nproc = _int(merged, nproc_key, 1)
+    addrs: tuple[str, ...] = ()
+    if "WORLD_SIZE" in merged:
+        world = _int(merged, "WORLD_SIZE", 1)
+    if "PHYSICAL_NODES" in merged:
+        nodes, addrs = _physical_nodes(merged["PHYSICAL_NODES"])
+    if "WORLD_SIZE" not in merged:
+        world = (nodes if "PHYSICAL_NODES" in merged else 1) * nproc
+        merged["WORLD_SIZE"] = Setting(str(world), "derived from PHYSICAL_NODES x NPROC_PER_NODE")
+    if "PHYSICAL_NODES" not in merged:
+        nodes = max(1, world // nproc)
+        merged["PHYSICAL_NODES"] = Setting(str(nodes), "derived from WORLD_SIZE / NPROC_PER_NODE")
+    counted = f" listing {nodes} nodes" if addrs else f"={nodes}"
+
+    if mode == "single" and nodes != 1:
+        raise _fail("PHYSICAL_NODES", merged["PHYSICAL_NODES"], "but DISTRIBUTED_MODE=single means one machine",
+                    "set PHYSICAL_NODES=1, or DISTRIBUTED_MODE=docker/physical for several machines")
+    if world != nodes * nproc:
+        raise _fail(
+            "WORLD_SIZE", merged["WORLD_SIZE"],
+            f"disagrees with PHYSICAL_NODES{counted} ({_where(merged['PHYSICAL_NODES'])}) x "
+            f"processes per node {nproc} ({_where(merged[nproc_key])})",
+            f"set WORLD_SIZE={nodes * nproc} or fix PHYSICAL_NODES/NPROC_PER_NODE",
+        )
+    if mode == "single" and node_rank > 0:
+        raise _fail(node_key, merged[node_key], "but DISTRIBUTED_MODE=single runs one node (rank 0)",
+                    "for several machines set DISTRIBUTED_MODE=physical (config/distributed.physical.env), "
+                    "for one machine unset NODE_RANK")
+    if node_rank >= nodes:
+        raise _fail(node_key, merged[node_key], f"must be below PHYSICAL_NODES{counted} (and WORLD_SIZE={world})",
+                    f"number the nodes 0..{nodes - 1}: the master is 0")
+    if local_rank >= nproc:
+        raise _fail("LOCAL_RANK", merged["LOCAL_RANK"], f"must be below {nproc_key}={nproc}",
+                    f"use LOCAL_RANK 0..{nproc - 1}")
+    if "RANK" in merged:
+        rank = _int(merged, "RANK", 0)
+        if rank >= world:
+            raise _fail("RANK", merged["RANK"], f"must be below WORLD_SIZE={world}", f"use RANK 0..{world - 1}")
+    else:
+        rank = node_rank * nproc + local_rank
+    # torchrun's --master_addr is what the job rendezvouses on; otherwise the list must start at the master.
+    if addrs and merged["MASTER_ADDR"].origin != "torchrun" and not _same_host(addrs[0], master_addr):
+        raise _fail("PHYSICAL_NODES", merged["PHYSICAL_NODES"],
+                    f"starts with {addrs[0]} but MASTER_ADDR={master_addr} ({_where(merged['MASTER_ADDR'])})",
+                    "list the master (node rank 0) first, spelled as in MASTER_ADDR, or fix MASTER_ADDR")
+    return {"world": world, "nodes": nodes, "addrs": addrs, "node_rank": node_rank, "local_rank": local_rank,
+            "nproc": nproc, "rank": rank}
+
+
+def _physical_nodes(setting: Setting) -> tuple[int, tuple[str, ...]]:
+    """PHYSICAL_NODES is a node count (4) or, as the spec writes it, the nodes' addresses, master first
+    (192.168.1.100,192.168.1.101,...): then its length is the count."""
+    value = setting.value.strip()
+    example = "use a node count (PHYSICAL_NODES=4) or the nodes' addresses, master first " \
+              "(PHYSICAL_NODES=192.168.1.100,192.168.1.101)"
+    if re.fullmatch(r"[+-]?\d+", value):
+        count = int(value)
+        if count < 1:
+            raise _fail("PHYSICAL_NODES", setting, "is out of range", example)
+        return count, ()
+    addrs = tuple(entry.strip() for entry in value.split(","))
+    for entry in addrs:
+        if not _is_address(entry) or re.fullmatch(r"[\d.]+", entry) and not _is_ip(entry):
+            raise _fail("PHYSICAL_NODES", setting, f"has {entry!r}, which is not a host name or address", example)
+    seen = [a.lower() for a in addrs]
+    duplicates = sorted({a for a in seen if seen.count(a) > 1})
+    if duplicates:
+        raise _fail("PHYSICAL_NODES", setting, f"lists {', '.join(duplicates)} more than once",
+                    "list each node once (one entry per machine; NPROC_PER_NODE sets the processes per node)")
+    return len(addrs), addrs
+
+
+def _same_host(a: str, b: str) -> bool:
+    if _is_ip(a) and _is_ip(b):
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
+def _is_ip(addr: str) -> bool:
+    try:
+        ipaddress.ip_address(addr)
+        return True
+    except ValueError:
+        return False
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")

@@ -97,7 +97,7 @@ class DistributedCoordinator:
             os.environ.setdefault(key, value)
         if dist.is_available() and dist.is_initialized():
             pass  # the script joined the group itself: use it
-        elif cfg.world_size > 1:
+        else:
             self._join(cfg)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Our own gloo group: snapshot traffic never interleaves with training collectives,
@@ -117,6 +117,12 @@ class DistributedCoordinator:
     def _join(self, cfg: Config) -> None:
         if cfg.backend == "nccl":
             torch.cuda.set_device(cfg.local_rank)
+        if cfg.world_size == 1:
+            # A one-rank group, so that the script's DDP(model) and collectives work at every world
+            # size (the spec's example). Its store lives in this process: no port, no network.
+            dist.init_process_group(cfg.backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._owns_group = True
+            return
         host = f"[{cfg.master_addr}]" if ":" in cfg.master_addr else cfg.master_addr
         init_method = "env://" if cfg.launched_by_torchrun else f"tcp://{host}:{cfg.master_port}"
         try:

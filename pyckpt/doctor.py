@@ -313,20 +313,32 @@ def check_shared_exists(path: str) -> Check:
     if os.path.exists(path):
         return Check("shared_path", FAIL, f"SHARED_FS_PATH={path} is not a directory", "point it at the shared dir")
     return Check("shared_path", FAIL, f"SHARED_FS_PATH={path} does not exist",
-                 "mount the shared filesystem there (setup-cluster.yml does), or fix SHARED_FS_PATH")
+                 "SHARED_FS_PATH is the directory holding the snapshots, on the shared filesystem: mount "
+                 "that filesystem and create the directory (setup-cluster.yml does), or fix SHARED_FS_PATH")
 
 
-def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode: str = "physical") -> Check:
+def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode: str = "physical",
+                  nodes: int = 1) -> Check:
     """Workers of an nfs cluster must see SHARED_FS_PATH through an NFS mount; the master exports it.
 
     Only physical clusters are held to it: a local container cluster (docker mode) may share the
     directory by bind mount, and the doctor playbook's markers prove the sharing either way.
+    SHARED_FS_TYPE=local skips the NFS checks, so it warns where they would matter.
     """
     mount = mount_of(os.path.realpath(path), mountinfo)
     if mount is None:
         return Check("shared_fs_type", WARN, f"no mount found for {path} in the mount table", "check `findmnt -T`")
     found = f"{path} is on {mount['fstype']} ({mount['source']} at {mount['mount_point']})"
     if fs_type != "nfs":
+        skipped = ("with SHARED_FS_TYPE=local the doctor skips the NFS checks (the master's export, each "
+                   "worker's mount); pyckpt writes the same either way")
+        if mount["fstype"] in NFS_TYPES:
+            return Check("shared_fs_type", WARN, f"{found}, but SHARED_FS_TYPE={fs_type}",
+                         f"set SHARED_FS_TYPE=nfs: {skipped}", mount)
+        if mode != "single" and nodes > 1:
+            return Check("shared_fs_type", WARN, f"{found}; SHARED_FS_TYPE={fs_type} but DISTRIBUTED_MODE={mode} "
+                         f"has {nodes} nodes, which must all see this directory",
+                         f"set SHARED_FS_TYPE=nfs (the spec's clusters share /shared over NFS): {skipped}", mount)
         return Check("shared_fs_type", PASS, f"{found}; SHARED_FS_TYPE={fs_type}", details=mount)
     if mode != "physical" and not is_master and mount["fstype"] not in NFS_TYPES:
         return Check("shared_fs_type", PASS, f"{found}; DISTRIBUTED_MODE={mode}: a non-NFS share (e.g. a bind "
@@ -339,7 +351,8 @@ def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode
     if mount["fstype"] in NFS_TYPES:
         return Check("shared_fs_type", PASS, found, details=mount)
     return Check("shared_fs_type", FAIL, f"{found}, expected nfs: snapshots written here stay on this node",
-                 f"mount the master's export: `mount -t nfs4 <master>:{path} {path}` (setup-cluster.yml does)",
+                 f"mount the master's export that holds {path}, e.g. `mount -t nfs4 <master>:/shared /shared` "
+                 "(setup-cluster.yml does)",
                  mount)
 
 
@@ -407,6 +420,11 @@ def run_tool(argv: list[str], timeout: float = 10.0) -> tuple[int, str] | None:
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
+def _inside(path: str, directory: str) -> bool:
+    path, directory = path.rstrip("/") or "/", directory.rstrip("/") or "/"
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
 def check_nfs_export(master_addr: str, path: str, fs_type: str, is_master: bool, run: Runner = run_tool) -> Check:
     """From a worker: the master's NFS server answers and (v3 showmount) lists the export."""
     if fs_type != "nfs":
@@ -417,11 +435,16 @@ def check_nfs_export(master_addr: str, path: str, fs_type: str, is_master: bool,
     if shown is not None:
         rc, out = shown
         exports = [line.split()[0] for line in out.splitlines() if line.strip() and rc == 0]
-        if rc == 0 and any(path == e.rstrip("/") or path.rstrip("/") == e.rstrip("/") for e in exports):
-            return Check("nfs_export", PASS, f"{master_addr} exports {path}", details={"exports": exports})
+        # SHARED_FS_PATH is the snapshot directory: the export is it or a directory above it (/shared).
+        holding = [e for e in exports if _inside(path, e)]
+        if rc == 0 and holding:
+            return Check("nfs_export", PASS, f"{master_addr} exports {holding[0]}, which holds {path}",
+                         details={"exports": exports})
         if rc == 0:
-            return Check("nfs_export", FAIL, f"{master_addr} exports {', '.join(exports) or 'nothing'}, not {path}",
-                         f"add {path} to /etc/exports on the master and run `exportfs -ra`", {"exports": exports})
+            return Check("nfs_export", FAIL, f"{master_addr} exports {', '.join(exports) or 'nothing'}, "
+                         f"none of which holds {path}",
+                         f"export {path} or a directory above it (e.g. /shared) in /etc/exports on the master "
+                         "and run `exportfs -ra`", {"exports": exports})
         # NFSv4-only servers (e.g. ganesha without mountd) do not answer showmount: ask rpcbind instead.
     probe = run(["rpcinfo", "-T", "tcp", master_addr, "nfs", "4"])
     if probe is not None:
@@ -496,7 +519,7 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     checks.append(exists)
     if exists.status == PASS:
         checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master,
-                                    config.mode))
+                                    config.mode, nodes))
         checks.append(check_writable(shared))
         try:
             last = newest_complete_bytes(config.snapshot_dir)

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DISTRIBUTED_MODE=single
-snapshots=runs/shared/snapshots             # SHARED_FS_PATH=runs/shared in config/distributed.single.env
+snapshots=runs/shared/snapshots             # SHARED_FS_PATH in config/distributed.single.env
 rm -rf "$snapshots" runs/reference
 args=(--steps 200 --checkpoint-interval 20 --log-every 20)
 

@@ -202,7 +202,7 @@ def test_cluster_config_renders_every_key(tmp_path, inventory):
     rendered = config / f"distributed.{inventory}.env"
     assert read_env(rendered) == {
         "DISTRIBUTED_MODE": inventory, "WORLD_SIZE": str(nodes), "MASTER_ADDR": master, "MASTER_PORT": "29500",
-        "BACKEND": "gloo", "SHARED_FS_PATH": str(tmp_path / "shared"),
+        "BACKEND": "gloo", "SHARED_FS_PATH": str(tmp_path / "shared/snapshots"),
         "SHARED_FS_TYPE": "local" if inventory == "single" else "nfs",
         "PHYSICAL_NODES": str(nodes), "NPROC_PER_NODE": "1",
     }

@@ -219,6 +219,18 @@ def test_fs_type_worker_needs_nfs_master_exports_local(tmp_path):
     assert real.status == d.PASS and real.details["fstype"]
 
 
+def test_fs_type_local_warns_on_an_nfs_mount_or_several_nodes():
+    """Issue 18: SHARED_FS_TYPE=local skips the NFS checks; where they matter it warns and says so."""
+    on_nfs = d.check_fs_type("/shared/snapshots", MOUNTINFO, "local", is_master=False, mode="physical", nodes=4)
+    assert on_nfs.status == d.WARN and "nfs4" in on_nfs.message and "SHARED_FS_TYPE=local" in on_nfs.message
+    assert "set SHARED_FS_TYPE=nfs" in on_nfs.hint and "skips the NFS checks" in on_nfs.hint
+    local = MOUNTINFO.replace("nfs4 10.77.0.1:/shared", "ext4 /dev/sdc1")
+    cluster = d.check_fs_type("/shared/snapshots", local, "local", is_master=True, mode="physical", nodes=4)
+    assert cluster.status == d.WARN and "DISTRIBUTED_MODE=physical has 4 nodes" in cluster.message
+    assert "set SHARED_FS_TYPE=nfs" in cluster.hint
+    assert d.check_fs_type("/shared/snapshots", local, "local", is_master=True, mode="single").status == d.PASS
+
+
 def test_shared_path_exists(tmp_path):
     assert d.check_shared_exists(str(tmp_path)).status == d.PASS
     assert d.check_shared_exists(str(tmp_path / "no")).status == d.FAIL
@@ -325,6 +337,11 @@ def test_nfs_export_from_a_worker():
 
     seen = d.check_nfs_export("10.77.0.1", "/shared", "nfs", False, tools((0, "/shared 10.77.0.0/24")))
     assert seen.status == d.PASS
+    # SHARED_FS_PATH is the snapshot directory (the spec's /shared/snapshots): the export above it holds it.
+    below = d.check_nfs_export("10.77.0.1", "/shared/snapshots", "nfs", False, tools((0, "/shared 10.77.0.0/24")))
+    assert below.status == d.PASS and "exports /shared, which holds /shared/snapshots" in below.message
+    beside = d.check_nfs_export("10.77.0.1", "/sharedx/snapshots", "nfs", False, tools((0, "/shared 10.77.0.0/24")))
+    assert beside.status == d.FAIL
     other = d.check_nfs_export("10.77.0.1", "/shared", "nfs", False, tools((0, "/export 10.77.0.0/24")))
     assert other.status == d.FAIL and "exportfs -ra" in other.hint
     v4_only = d.check_nfs_export("10.77.0.1", "/shared", "nfs", False,

@@ -64,7 +64,7 @@ def test_spec_launch_with_node_rank_and_config_file(tmp_path):
     config_dir.mkdir()
     (config_dir / "distributed.docker.env").write_text(
         f"DISTRIBUTED_MODE=docker\nWORLD_SIZE=2\nPHYSICAL_NODES=2\nMASTER_ADDR=127.0.0.1\nMASTER_PORT={free_port()}\n"
-        f"BACKEND=gloo\nSHARED_FS_PATH={tmp_path / 'shared'}\nSHARED_FS_TYPE=local\nINIT_TIMEOUT_S=60\n")
+        f"BACKEND=gloo\nSHARED_FS_PATH={tmp_path / 'shared/snapshots'}\nSHARED_FS_TYPE=local\nINIT_TIMEOUT_S=60\n")
     procs = [subprocess.Popen([sys.executable, str(TRAIN), "--steps", "60", "--checkpoint-interval", "20",
                                "--config-dir", str(config_dir)],
                               env=clean_env(NODE_RANK=str(k), DISTRIBUTED_MODE="docker"),

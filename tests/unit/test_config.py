@@ -147,3 +147,117 @@ def test_world_size_derived_from_nodes_and_processes(tmp_path):
         warnings.simplefilter("error")
         cfg = load_config(path, environ={"NODE_RANK": "1", "LOCAL_RANK": "1"}, cuda_available=NO_CUDA)
     assert (cfg.world_size, cfg.rank) == (6, 3)
+
+
+# -- issue 18: the spec followed by hand --------------------------------------------------------------
+
+# The spec's config/distributed.physical.env, with BACKEND=gloo (no GPU here).
+SPEC_PHYSICAL = """\
+DISTRIBUTED_MODE=physical
+WORLD_SIZE=4
+MASTER_ADDR=192.168.1.100
+MASTER_PORT=29500
+BACKEND=gloo
+SHARED_FS_PATH=/shared/snapshots
+SHARED_FS_TYPE=nfs
+PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103
+"""
+
+
+def test_node_rank_with_the_one_cluster_file_uses_it(tmp_path):
+    """The spec's way: config/distributed.physical.env written by hand, no distributed.env link, no
+    DISTRIBUTED_MODE, `NODE_RANK=k python train.py`: node k of the physical cluster, not single mode."""
+    write(tmp_path, SPEC_PHYSICAL)
+    write(tmp_path, "DISTRIBUTED_MODE=single\n", mode="single")  # the repo's own file is there too
+    for rank in (0, 1, 3):
+        cfg = load_config(config_dir=tmp_path / "config", environ={"NODE_RANK": str(rank)}, cuda_available=NO_CUDA)
+        assert (cfg.mode, cfg.world_size, cfg.rank, cfg.node_rank) == ("physical", 4, rank, rank)
+        assert cfg.source_file.endswith("distributed.physical.env")
+    # Without NODE_RANK the one cluster file is still the one meant (rank 0, the master).
+    assert load_config(config_dir=tmp_path / "config", environ={}, cuda_available=NO_CUDA).mode == "physical"
+
+
+def test_several_cluster_files_and_no_mode_fail_listing_them(tmp_path):
+    write(tmp_path, SPEC_PHYSICAL)
+    write(tmp_path, "DISTRIBUTED_MODE=docker\nPHYSICAL_NODES=2\nMASTER_ADDR=10.77.0.2\n", mode="docker")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_dir=tmp_path / "config", environ={"NODE_RANK": "1"}, cuda_available=NO_CUDA)
+    text = str(err.value)
+    assert "distributed.docker.env" in text and "distributed.physical.env" in text
+    assert "DISTRIBUTED_MODE=<mode>" in text and "PYCKPT_CONFIG=<file>" in text and "distributed.env" in text
+    # Any of the ways it names chooses.
+    cfg = load_config(config_dir=tmp_path / "config", environ={"NODE_RANK": "1", "DISTRIBUTED_MODE": "docker"},
+                      cuda_available=NO_CUDA)
+    assert (cfg.mode, cfg.world_size) == ("docker", 2)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_node_rank_without_a_cluster_file_never_trains_alone(tmp_path, rank):
+    write(tmp_path, "DISTRIBUTED_MODE=single\n", mode="single")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_dir=tmp_path / "config", environ={"NODE_RANK": rank}, cuda_available=NO_CUDA)
+    text = str(err.value)
+    assert f"NODE_RANK='{rank}'" in text and "world size 1" in text and "distributed.physical.env" in text
+    assert "unset NODE_RANK" in text
+
+
+def test_without_node_rank_or_cluster_file_the_single_file_is_read(tmp_path):
+    write(tmp_path, "DISTRIBUTED_MODE=single\nSHARED_FS_PATH=runs/snaps\n", mode="single")
+    cfg = load_config(config_dir=tmp_path / "config", environ={}, cuda_available=NO_CUDA)
+    assert (cfg.mode, cfg.world_size, cfg.shared_fs_path) == ("single", 1, "runs/snaps")
+    # torchrun's workers carry their world size: no file needed, NODE_RANK or not.
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "0"}
+    assert load_config(config_dir=tmp_path / "config", environ=torchrun, cuda_available=NO_CUDA).world_size == 2
+
+
+def test_single_mode_with_a_node_rank_says_single_runs_one_node(tmp_path):
+    with pytest.raises(ConfigError, match=r"NODE_RANK='1' but DISTRIBUTED_MODE=single runs one node.*"
+                                          r"DISTRIBUTED_MODE=physical"):
+        load_config(config_dir=tmp_path, environ={"NODE_RANK": "1", "DISTRIBUTED_MODE": "single"},
+                    cuda_available=NO_CUDA)
+
+
+def test_the_spec_physical_block_is_valid(tmp_path):
+    path = write(tmp_path, SPEC_PHYSICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(path, environ={"NODE_RANK": "2"}, cuda_available=NO_CUDA)
+    assert (cfg.world_size, cfg.physical_nodes, cfg.rank, cfg.master_addr) == (4, 4, 2, "192.168.1.100")
+    assert cfg.node_addrs == ("192.168.1.100", "192.168.1.101", "192.168.1.102", "192.168.1.103")
+    assert cfg.as_env()["PHYSICAL_NODES"] == "192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103"
+    # SHARED_FS_PATH means what the spec means: the directory that holds the snapshots.
+    assert cfg.shared_fs_path == cfg.snapshot_dir == "/shared/snapshots"
+
+
+LIST = "PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ((LIST, "PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102"),
+         r"WORLD_SIZE='4' disagrees with PHYSICAL_NODES listing 3 nodes .*set WORLD_SIZE=3"),
+        ((LIST, "PHYSICAL_NODES=192.168.1.101,192.168.1.100,192.168.1.102,192.168.1.103"),
+         r"physical\.env:8: PHYSICAL_NODES='192\.168\.1\.101,.*' starts with 192\.168\.1\.101 but "
+         r"MASTER_ADDR=192\.168\.1\.100 \(.*physical\.env:3\); list the master \(node rank 0\) first"),
+        ((LIST, "PHYSICAL_NODES=192.168.1.100,192.168.1.100,192.168.1.102,192.168.1.103"),
+         r"lists 192\.168\.1\.100 more than once"),
+        ((LIST, "PHYSICAL_NODES=192.168.1.100,,192.168.1.102,192.168.1.103"),
+         r"PHYSICAL_NODES='192\.168\.1\.100,,.*' has '', which is not a host name or address; use a node count"),
+        ((LIST, "PHYSICAL_NODES=192.168.1.100,192.168.1.300,192.168.1.102,192.168.1.103"),
+         r"has '192\.168\.1\.300', which is not a host name or address"),
+        ((LIST, "PHYSICAL_NODES=0"), r"PHYSICAL_NODES='0' is out of range; use a node count"),
+    ],
+)
+def test_bad_node_lists_name_the_key_the_entry_and_the_fix(tmp_path, change, expected):
+    path = write(tmp_path, SPEC_PHYSICAL.replace(*change))
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, environ={}, cuda_available=NO_CUDA)
+
+
+def test_node_list_accepts_host_names_and_agrees_with_nproc_per_node(tmp_path):
+    path = write(tmp_path, "DISTRIBUTED_MODE=docker\nPHYSICAL_NODES=node0,node1\nNPROC_PER_NODE=2\n"
+                           "MASTER_ADDR=NODE0\n", mode="docker")
+    cfg = load_config(path, environ={"NODE_RANK": "1"}, cuda_available=NO_CUDA)
+    assert (cfg.world_size, cfg.physical_nodes, cfg.rank, cfg.node_addrs) == (4, 2, 2, ("node0", "node1"))
