@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = coordinator.rank, coordinator.world_size
     device = torch.device(f"cuda:{config.local_rank}" if config.backend == "nccl" else "cpu")
     path = args.snapshot_path or os.path.join(config.snapshot_dir, "checkpoint.bin")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if "://" not in path:   # a directory on the shared filesystem; object storage (s3://) has none to make
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def say(message: str) -> None:
         if rank == 0:
