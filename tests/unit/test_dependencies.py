@@ -84,3 +84,11 @@ def test_pyckpt_modules_import_only_from_the_layers_below_and_say_their_job():
     assert not upward, f"imports that do not go down a layer: {sorted(upward)}"
     silent = [m for m in found if not ast.get_docstring(ast.parse((REPO / "pyckpt" / f"{m}.py").read_text()))]
     assert not silent, f"modules without a docstring saying their job: {silent}"
+
+
+def test_no_function_in_pyckpt_is_longer_than_60_lines():
+    """Functions a newcomer can read on one screen (the house rule of issue 14)."""
+    long = [f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((REPO / "pyckpt").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, f"functions over 60 lines: {long}"
