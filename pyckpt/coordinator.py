@@ -35,13 +35,14 @@ from . import fitting, messages, peers
 from .config import Config, load_config
 from .errors import (DistributedInitError, IntegrityError, PyckptError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError, StateMismatchError)
-from .manifest import DTYPE_NAMES, FileRecord, Manifest, Piece, TensorRecord, checksum, flatten, tensor_paths
+from .manifest import FileRecord, Manifest, Piece, TensorRecord, checksum
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .reader import Snapshot, TreeRead
 from .runtime import TrainingRuntime
 from .storage import SPARE_DIR, SnapshotStore
 from .testhooks import crash_point
 from .sysio import byte_view, helper_pool
+from .tree import DTYPE_NAMES, flatten, shift, tensor_paths
 from .writer import write_file
 
 log = logging.getLogger("pyckpt")
@@ -484,7 +485,7 @@ class DistributedCoordinator:
             private_sizes = [n for _, _, n in report.private_records]
             for s in plan_private(private_sizes, plan.size).slices:
                 tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
-            per_rank_trees.append(_shift(report.private_tree, base))
+            per_rank_trees.append(shift(report.private_tree, base))
         manifest = Manifest(len(reports), [FileRecord(f"data-{r}.bin", rep.size) for r, rep in enumerate(reports)],
                             tensors, cap.replicated_tree, per_rank_trees, cap.meta)
         store.keep_spares(keep_last if self.reuse_files else None)
@@ -746,17 +747,3 @@ def _record(tensor) -> TensorRecord:
     if isinstance(tensor, torch.Tensor):
         return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.nbytes)
     return TensorRecord(f"numpy:{tensor.dtype.str}", list(tensor.shape), tensor.nbytes)
-
-
-def _shift(node: Any, base: int) -> Any:
-    """Renumber a private tree's tensor references after the tensors before it."""
-    if isinstance(node, dict) and len(node) == 1:
-        (kind, value), = node.items()
-        if kind in ("T", "N"):
-            return {kind: value + base}
-        if kind == "D":
-            return {"D": [[k, _shift(v, base)] for k, v in value]}
-        if kind in ("L", "U"):
-            return {kind: [_shift(v, base) for v in value]}
-    return node
-
