@@ -92,7 +92,7 @@ def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Calla
     container). leaves[kind](value) gives a leaf's result (None: the node itself is); build(kind,
     items, results) a container's, from its value (a dict's [key, node] items, a sequence's nodes)
     and its children's results. open_node turns each node into a JSON node first (the encoder's
-    objects). The form of every node and the depth are checked here; Malformed (from here or from
+    objects; it checks their dict keys). The form of every node and the depth are checked here; Malformed (from here or from
     a leaf) is raised with the node's key chain. Messages are formatted on failure only: str() of a
     node is the text of its whole subtree, and this runs once per node of 20k-tensor states."""
     levels: list = []               # the enclosing containers: (children, kind, value, results)
@@ -112,7 +112,7 @@ def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Calla
                 if node_kind == DICT:
                     if type(value) is not list:
                         raise Malformed("malformed dict node")
-                    for item in value:
+                    for item in value if open_node is None else ():   # (open_node checks its own)
                         if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
                             raise Malformed(f"malformed dict item {str(item)[:80]!r}")
                     inner = map(_second, value)
@@ -156,6 +156,15 @@ def _node(kind: str, items: list, results: list) -> dict:
     return {kind: results}
 
 
+def _encoded(kind: str, items: list, results: list) -> dict:
+    """A container node from _classify's (its [key, object] items are its own: they take the nodes)."""
+    if kind == DICT:
+        for item, result in zip(items, results):
+            item[1] = result
+        return {DICT: items}
+    return {kind: results}
+
+
 def _nothing(*_: Any) -> None:
     return None
 
@@ -181,7 +190,10 @@ def _classify(obj: Any) -> dict:
     for anything the reader would refuse, so that a snapshot that was written can always be read back.
     Most common kinds first (state dicts are mostly dicts, tensors and plain numbers)."""
     if isinstance(obj, dict):
-        return {DICT: [[key if type(key) is str else _key(key), value] for key, value in obj.items()]}
+        for key in obj:
+            if type(key) is not str and (type(key) is not int or key.bit_length() > MAX_INT_BITS):
+                return {DICT: [[_key(key), value] for key, value in obj.items()]}   # refused, or a subclass
+        return {DICT: list(map(list, obj.items()))}
     if isinstance(obj, torch.Tensor):
         if obj.layout != torch.strided:
             raise Malformed(f"{obj.layout} tensors are not supported; convert to dense")
@@ -228,7 +240,7 @@ def flatten(obj: Any, tensors: list, path: str = "state") -> Any:
     # Plain leaves come out of _classify encoded (None: the node is its own result).
     leaves = {**dict.fromkeys(LEAVES), TENSOR: reference(TENSOR), ARRAY: reference(ARRAY)}
     try:
-        return fold(obj, leaves, _node, _classify)
+        return fold(obj, leaves, _encoded, _classify)
     except Malformed as exc:
         raise TypeError(f"cannot snapshot {path}{subscripts(exc.chain)}: {exc.problem}") from None
 
@@ -294,7 +306,9 @@ def references(root: Any, where: str = "the state tree") -> list[int]:
     out: list[int] = []
 
     def reference(value: Any) -> None:
-        out.append(_index(value))
+        if type(value) is not int or value < 0:
+            _index(value)
+        out.append(value)
 
     try:
         fold(root, {**LEAVES, TENSOR: reference, ARRAY: reference}, _nothing)
@@ -318,14 +332,16 @@ def _shape(root: Any) -> tuple[Any, list[int]]:
     """A tree's keys, node kinds and nesting (no values), and its tensor references in order."""
     refs: list[int] = []
 
-    def leaf(kind: str, value: Any) -> str:
-        if kind in REFERENCES:
-            refs.append(value)
-        return kind
+    def reference(kind: str) -> Callable[[Any], str]:
+        def leaf(value: Any) -> str:
+            refs.append(_index(value))
+            return kind
+        return leaf
 
     def build(kind: str, items: list, results: list) -> tuple:
         return kind, [item[0] for item in items] if kind == DICT else None, results
-    return fold(root, _checked(leaf), build), refs
+    leaves = {**_checked(lambda kind, value: kind), TENSOR: reference(TENSOR), ARRAY: reference(ARRAY)}
+    return fold(root, leaves, build), refs
 
 
 def matching_references(saved: Any, live: Any) -> list[tuple[int, int]] | None:
