@@ -27,7 +27,6 @@ TENSOR = "T"        # {"T": i}: torch tensor number i of Manifest.tensors
 ARRAY = "N"         # {"N": i}: numpy array number i
 VALUE = "V"         # {"V": v}: None, bool, int, float (NaN/inf allowed), str
 DTYPE = "dtype"     # {"dtype": "float32"}: a torch.dtype
-CONTAINERS = frozenset((DICT, LIST, TUPLE))
 REFERENCES = frozenset((TENSOR, ARRAY))     # leaves whose value is an index into Manifest.tensors
 
 MAX_DEPTH = 64                  # nesting limit of a state tree, written or read
@@ -92,9 +91,10 @@ def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Calla
     container). leaves[kind](value) gives a leaf's result (None: the node itself is); build(kind,
     items, results) a container's, from its value (a dict's [key, node] items, a sequence's nodes)
     and its children's results. open_node turns each node into a JSON node first (the encoder's
-    objects; it checks their dict keys). The form of every node and the depth are checked here; Malformed (from here or from
-    a leaf) is raised with the node's key chain. Messages are formatted on failure only: str() of a
-    node is the text of its whole subtree, and this runs once per node of 20k-tensor states."""
+    objects; it checks their dict keys). The form of every node and the depth are checked here;
+    Malformed (from here or from a leaf) is raised with the node's key chain. Messages are formatted
+    on failure only: str() of a node is the text of its whole subtree, and this runs once per node
+    of 20k-tensor states."""
     levels: list = []               # the enclosing containers: (children, kind, value, results)
     children, kind, items, results = iter((root,)), None, None, []
     try:
@@ -134,7 +134,8 @@ def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Calla
                 children, kind, items, results = levels.pop()
                 results.append(done)
     except Malformed as exc:
-        raise Malformed(exc.problem, _chain(levels[1:] + [(None, kind, items, results)] if levels else [])) from None
+        path = levels[1:] + [(None, kind, items, results)] if levels else []
+        raise Malformed(exc.problem, _chain(path)) from None
 
 
 def _chain(levels: list) -> tuple:
