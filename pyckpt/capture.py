@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from xxhash import xxh3_64_intdigest
 
-from .manifest import DTYPE_NAMES, TensorRecord, flatten
+from .manifest import TensorRecord
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .runtime import TrainingRuntime
 from .sysio import byte_view, helper_pool
+from .tree import DTYPE_NAMES, flatten
 
 SAMPLE_BYTES = 512   # bytes hashed in the middle of each replicated tensor (divergence check)
 

@@ -19,7 +19,8 @@ from . import messages
 from .capture import Captured, PlanCache
 from .collectives import Comm
 from .errors import SnapshotError
-from .manifest import FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name, tensor_paths
+from .manifest import FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
+from .tree import shift, tensor_paths
 from .planner import plan_private
 from .storage import Stage, Store
 
@@ -115,7 +116,7 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
         private_sizes = [n for _, _, n in report.private_records]
         for s in plan_private(private_sizes, plan.size).slices:
             tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
-        per_rank_trees.append(_shift(report.private_tree, base))
+        per_rank_trees.append(shift(report.private_tree, base))
     files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
     return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
 
@@ -133,16 +134,3 @@ def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:
                 "pyckpt writes replicated state once, from the ranks' shares, so it must be identical on every "
                 "rank. If this state is meant to differ per rank (a per-rank generator, a pipeline stage), "
                 "register it with per_rank=True; if it should be identical (DDP), the ranks have diverged")
-
-
-def _shift(node: Any, base: int) -> Any:
-    """Renumber a private tree's tensor references after the tensors before it."""
-    if isinstance(node, dict) and len(node) == 1:
-        (kind, value), = node.items()
-        if kind in ("T", "N"):
-            return {kind: value + base}
-        if kind == "D":
-            return {"D": [[k, _shift(v, base)] for k, v in value]}
-        if kind in ("L", "U"):
-            return {kind: [_shift(v, base) for v in value]}
-    return node

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .errors import StateMismatchError
-from .manifest import DTYPE_NAMES, Manifest, flatten, unflatten
+from .manifest import Manifest
+from .tree import DTYPE_NAMES, dict_items, flatten, matching_references, unflatten
 
 if TYPE_CHECKING:
     from .runtime import TrainingRuntime
@@ -375,12 +376,12 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
                                          if name not in runtime.per_rank_names}}, live_tensors, "live")
     except (TypeError, KeyError):
         return {}
-    saved_objects = _dict_items(_dict_items(manifest.replicated).get("objects"))
-    live_objects = _dict_items(_dict_items(live_tree).get("objects"))
+    saved_objects = dict_items(dict_items(manifest.replicated).get("objects"))
+    live_objects = dict_items(dict_items(live_tree).get("objects"))
     out: dict[int, torch.Tensor] = {}
     for name, live in live_objects.items():
-        pairs: list[tuple[int, int]] = []
-        if name not in saved_objects or not _same_structure(saved_objects[name], live, pairs):
+        pairs = matching_references(saved_objects[name], live) if name in saved_objects else None
+        if pairs is None:
             continue
         views = {}
         records = manifest.tensors
@@ -412,28 +413,3 @@ def _apart(destinations: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
             out[index] = tensor
             kept_end = start + tensor.nbytes
     return out
-
-
-def _dict_items(node: Any) -> dict:
-    if isinstance(node, dict) and isinstance(node.get("D"), list):
-        return {item[0]: item[1] for item in node["D"] if isinstance(item, list) and len(item) == 2}
-    return {}
-
-
-def _same_structure(saved: Any, live: Any, pairs: list[tuple[int, int]]) -> bool:
-    """Do two state trees have the same keys and tensor positions (plain values may differ)?"""
-    if not (isinstance(saved, dict) and isinstance(live, dict) and len(saved) == 1 and len(live) == 1):
-        return False
-    (kind, value), = saved.items()
-    (live_kind, live_value), = live.items()
-    if kind != live_kind:
-        return False
-    if kind in ("T", "N"):
-        pairs.append((value, live_value))
-        return kind == "T"
-    if kind == "D":
-        return (len(value) == len(live_value)
-                and all(a[0] == b[0] and _same_structure(a[1], b[1], pairs) for a, b in zip(value, live_value)))
-    if kind in ("L", "U"):
-        return len(value) == len(live_value) and all(_same_structure(a, b, pairs) for a, b in zip(value, live_value))
-    return True

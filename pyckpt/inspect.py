@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from .errors import PyckptError
-from .manifest import TORCH_DTYPES, Manifest, TensorRecord
+from .manifest import Manifest, TensorRecord
 from .reader import Snapshot
 from .stores import open_store, snapshot_paths
+from .tree import TORCH_DTYPES, dict_items, subscripts, tensor_chains, tensor_paths, unflatten
 
 BATCH_BYTES = 64 << 20   # verify/export read this much at a time: memory stays bounded
 
@@ -192,18 +193,15 @@ def export_selection(snap: Snapshot, obj: str | None) -> Any:
     tree = snap.manifest.replicated
     if obj is None:
         return tree
-    items = tree.get("D") if isinstance(tree, dict) else None
-    objects = next((v for k, v in items or [] if k == "objects"), None)
-    names = [k for k, _ in (objects or {}).get("D", [])]
-    match = next((v for k, v in (objects or {}).get("D", []) if k == obj), None)
+    objects = dict_items(dict_items(tree).get("objects"))
+    match = objects.get(obj)
+    names = list(objects)
     if match is None:
         raise PyckptError(f"no object {obj!r} in this snapshot; objects: {', '.join(map(str, names)) or 'none'}")
     return match
 
 
 def _tensor_keys(tree: Any) -> list[tuple[int, str]]:
-    from .manifest import tensor_paths
-
     return sorted(((i, p) for i, p in tensor_paths(tree).items()), key=lambda item: item[0])
 
 
@@ -211,8 +209,6 @@ def _check_safetensors_keys(tree: Any, keys: list[tuple[int, str]]) -> None:
     """A safetensors file holds one tensor per name: refuse two tensors with one dotted name ('a.b'
     and a -> b), the reserved name __metadata__, and names that are not valid UTF-8, naming the keys
     (writing such a file would give one that safetensors cannot load, or loads wrong)."""
-    from .manifest import subscripts, tensor_chains
-
     first: dict[str, int] = {}
     for index, key in keys:
         other = first.setdefault(key, index)
@@ -244,8 +240,6 @@ def export_safetensors(snap: Snapshot, out: str, obj: str | None = None,
     obj names a model). Non-tensor values (progress, optimizer hyperparameters) go to the metadata
     as JSON. Memory: one tensor at a time.
     """
-    from .manifest import unflatten
-
     tree = export_selection(snap, obj)
     keys = _tensor_keys(tree)
     _check_safetensors_keys(tree, keys)
@@ -307,8 +301,6 @@ def export_torch(snap: Snapshot, out: str, obj: str | None = None,
     not the heap, and the kernel can drop them. numpy arrays become tensors (weights_only loads no
     numpy). Peak extra disk: the size of the exported tensors.
     """
-    from .manifest import unflatten
-
     tree = export_selection(snap, obj)
     keys = _tensor_keys(tree)
     scratch = f"{out}.scratch-{os.getpid()}"

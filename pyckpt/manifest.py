@@ -1,4 +1,4 @@
-"""The snapshot format: the manifest, the commit record, and the state-tree codec (docs/FORMAT.md).
+"""The snapshot format: the manifest and the commit record (docs/FORMAT.md; state trees: tree.py).
 
 Everything here is JSON plus raw tensor bytes: nothing in a snapshot can execute code when loaded.
 Every field read from disk is validated before it is used, so a hostile or corrupted manifest
@@ -9,21 +9,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from operator import itemgetter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import torch
 import xxhash
 
 from .errors import IntegrityError, SnapshotError
+from .tree import NUMPY_KINDS, TORCH_DTYPES, tensor_paths, validate
 
 FORMAT_VERSION = 1
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
 # A tensor is checksummed (and read) in pieces of at most 16 MiB: fine enough for ranks that split a
 # restore to copy each other's pieces while the next ones are still being read (peers.py).
 MAX_PIECE = 16 << 20
-MAX_DEPTH = 64                  # nesting limit of a state tree read from disk
 MAX_DIM_PRODUCT = 1 << 48       # no shape may claim more elements than this
 MAX_MANIFEST = 1 << 30          # bytes; a commit record naming a larger manifest is refused
 # Decoding JSON costs up to ~30x its bytes in memory for dense empty containers ('{"L":[]}' padding);
@@ -32,24 +30,11 @@ MAX_MANIFEST = 1 << 30          # bytes; a commit record naming a larger manifes
 # memory of loading it at about 25x its size.
 BYTES_PER_NODE = 6
 MAX_TIME = 253_402_300_799      # 9999-12-31 23:59:59 UTC: the latest time a snapshot may claim
-MAX_INT_BITS = 14_000           # Python reads no int of more than 4,300 digits (~14,284 bits) from JSON
 DATA_FILE = re.compile(r"^data-(0|[1-9][0-9]{0,5})\.bin$")
 VERSION_NAME = re.compile(r"^v[0-9]{8}$")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
-_END = object()                 # end of a level in _Validator.tree
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
-        "int64", "int32", "int16", "int8", "uint8", "bool",
-        "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
-    )
-    if hasattr(torch, name)
-}
-DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
-NUMPY_KINDS = "biufc"           # bool, signed, unsigned, float, complex: plain numbers only
 
 
 # checksum(buffer) -> xxh3-64 as 16 hex digits (releases the GIL; ~30 GB/s here). The function
@@ -74,150 +59,6 @@ def _check_node_budget(data: bytes, where: str) -> None:
     if nodes > len(data) // BYTES_PER_NODE + 64:
         raise IntegrityError(f"{where}: {nodes} JSON objects/lists in {len(data)} bytes, more than pyckpt writes "
                              f"(one per {BYTES_PER_NODE} bytes); the manifest is padded or corrupted", file=where)
-
-
-# ---------------------------------------------------------------------------------------------
-# State trees: nested dicts/lists/tuples of tensors, arrays and plain values <-> JSON nodes.
-# ---------------------------------------------------------------------------------------------
-
-def flatten(obj: Any, tensors: list, path: Any = "state", depth: int = 0) -> Any:
-    """Encode `obj` as a JSON node; tensors/arrays are appended to `tensors` and referenced by index.
-
-    Refuses (TypeError naming the key) anything the reader would refuse: the same checks at snapshot
-    time as at load time, so a snapshot that was written can always be read back.
-    `path` (for error messages) is a string or a (parent, key, is_index) chain, formatted only when
-    an error needs it: formatting it for every node cost more than the encoding at 20k tensors."""
-    if depth > MAX_DEPTH:
-        raise TypeError(f"cannot snapshot {_path(path)}: state nested deeper than {MAX_DEPTH} levels")
-    # Most common kinds first (state dicts are mostly dicts, tensors and plain numbers).
-    if isinstance(obj, dict):
-        items = []
-        for key, value in obj.items():
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise TypeError(f"cannot snapshot {_path(path)}: dict key {key!r} is not a str or int")
-            if isinstance(key, int) and key.bit_length() > MAX_INT_BITS:
-                raise TypeError(f"cannot snapshot {_path(path)}: an int key of {key.bit_length()} bits is too large "
-                                f"(at most {MAX_INT_BITS}); store it as a string")
-            items.append([key, flatten(value, tensors, (path, key, False), depth + 1)])
-        return {"D": items}
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided:
-            raise TypeError(f"cannot snapshot {_path(path)}: {obj.layout} tensors are not supported; convert to dense")
-        if obj.dtype not in DTYPE_NAMES:
-            raise TypeError(f"cannot snapshot {_path(path)}: dtype {obj.dtype} is not supported")
-        tensors.append(obj)
-        return {"T": len(tensors) - 1}
-    if obj is None or isinstance(obj, (bool, float, str)):
-        return {"V": obj}
-    if isinstance(obj, int):
-        if obj.bit_length() > MAX_INT_BITS:  # JSON could not be read back (Python's 4,300-digit limit)
-            raise TypeError(f"cannot snapshot {_path(path)}: an int of {obj.bit_length()} bits is too large "
-                            f"(at most {MAX_INT_BITS}); store it as a string or a tensor")
-        return {"V": obj}
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in NUMPY_KINDS or obj.dtype.hasobject:
-            raise TypeError(f"cannot snapshot {_path(path)}: numpy dtype {obj.dtype} is not plain numbers")
-        tensors.append(obj)
-        return {"N": len(tensors) - 1}
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        value = obj.item()
-        if type(value) not in (bool, int, float):  # e.g. np.longdouble has no Python equivalent
-            raise TypeError(f"cannot snapshot {_path(path)}: numpy {obj.dtype} scalars are not supported; "
-                            "convert to float")
-        return {"V": value}
-    if isinstance(obj, torch.dtype):
-        if obj not in DTYPE_NAMES:
-            raise TypeError(f"cannot snapshot {_path(path)}: dtype {obj} is not supported")
-        return {"dtype": DTYPE_NAMES[obj]}
-    if isinstance(obj, (list, tuple)):
-        kind = "L" if isinstance(obj, list) else "U"
-        return {kind: [flatten(v, tensors, (path, i, True), depth + 1) for i, v in enumerate(obj)]}
-    raise TypeError(
-        f"cannot snapshot {_path(path)}: a {type(obj).__name__} is not supported; state_dicts may hold tensors, "
-        "numpy arrays, numbers, strings, None, and dicts/lists/tuples of them"
-    )
-
-
-def _path(path: Any) -> str:
-    """state['objects']['model'][0] from flatten's (parent, key, is_index) chain."""
-    chain = []
-    while isinstance(path, tuple):
-        path, key, is_index = path
-        chain.append((key, is_index))
-    return str(path) + subscripts(tuple(reversed(chain)))
-
-
-def unflatten(node: Any, tensors: list, where: str, depth: int = 0) -> Any:
-    """Decode a JSON node, validating every field (the node comes from disk)."""
-    if depth > MAX_DEPTH:
-        raise IntegrityError(f"{where}: state tree nested deeper than {MAX_DEPTH}", file=where)
-    if not isinstance(node, dict) or len(node) != 1:
-        raise IntegrityError(f"{where}: malformed state tree node {str(node)[:80]!r}", file=where)
-    (kind, value), = node.items()
-    if kind in ("T", "N"):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(tensors):
-            raise IntegrityError(f"{where}: tensor reference {value!r} out of range", file=where)
-        return tensors[value]
-    if kind == "V":
-        if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise IntegrityError(f"{where}: value {str(value)[:80]!r} is not a plain value", file=where)
-        return value
-    if kind == "dtype":
-        if type(value) is not str or value not in TORCH_DTYPES:
-            raise IntegrityError(f"{where}: unknown dtype {value!r}", file=where)
-        return TORCH_DTYPES[value]
-    if kind == "D":
-        if not isinstance(value, list):
-            raise IntegrityError(f"{where}: malformed dict node", file=where)
-        out = {}
-        for item in value:
-            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], (str, int))
-                    or isinstance(item[0], bool)):
-                raise IntegrityError(f"{where}: malformed dict item {str(item)[:80]!r}", file=where)
-            out[item[0]] = unflatten(item[1], tensors, where, depth + 1)
-        return out
-    if kind in ("L", "U"):
-        if not isinstance(value, list):
-            raise IntegrityError(f"{where}: malformed sequence node", file=where)
-        items = [unflatten(v, tensors, where, depth + 1) for v in value]
-        return items if kind == "L" else tuple(items)
-    raise IntegrityError(f"{where}: unknown state tree node kind {kind!r}", file=where)
-
-
-def tensor_paths(node: Any) -> dict[int, str]:
-    """Map tensor index -> a readable key path, model.layers[0].weight (for messages and exports)."""
-    return {index: dotted(chain) for index, chain in tensor_chains(node).items()}
-
-
-def tensor_chains(node: Any, chain: tuple = ()) -> dict[int, tuple]:
-    """Map tensor index -> its keys from the root: (key, is_index) pairs, is_index for list positions."""
-    out: dict[int, tuple] = {}
-    if not isinstance(node, dict) or len(node) != 1:
-        return out
-    (kind, value), = node.items()
-    if kind in ("T", "N") and isinstance(value, int):
-        out[value] = chain
-    elif kind == "D" and isinstance(value, list):
-        for item in value:
-            if isinstance(item, list) and len(item) == 2:
-                out.update(tensor_chains(item[1], chain + ((item[0], False),)))
-    elif kind in ("L", "U") and isinstance(value, list):
-        for i, v in enumerate(value):
-            out.update(tensor_chains(v, chain + ((i, True),)))
-    return out
-
-
-def dotted(chain: tuple) -> str:
-    """Keys joined with dots, list positions as [i]: two chains can give one name ('a.b' and a -> b)."""
-    text = ""
-    for key, is_index in chain:
-        text += f"[{key}]" if is_index else f"{'.' if text else ''}{key}"
-    return text or "<root>"
-
-
-def subscripts(chain: tuple) -> str:
-    """Keys as Python subscripts, ['a.b'] vs ['a']['b']: unambiguous, for messages."""
-    return "".join(f"[{key}]" if is_index else f"[{key!r}]" for key, is_index in chain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,51 +217,8 @@ class _Validator:
         return value
 
     def tree(self, root: Any, count: int) -> None:
-        """Shape of a state tree: nodes, plain values, dtypes, depth, references (of the count tensors,
-        numpy ones as "N", torch ones as "T"). Iterative, one iterator per level: no recursion on a
-        hostile depth, and memory bounded by the depth, not by the number of nodes.
-
-        Messages are only formatted on failure: at 20k tensors, building them for every node cost
-        more than the checks (str() of a node is the text of its whole subtree)."""
-        levels = [iter((root,))]
-        numpy = self.numpy
-        second = itemgetter(1)
-        while levels:
-            node = next(levels[-1], _END)
-            if node is _END:
-                levels.pop()
-                continue
-            if type(node) is not dict or len(node) != 1:
-                raise self.fail(f"malformed state tree node {str(node)[:80]!r}")
-            (kind, value), = node.items()
-            if kind == "T" or kind == "N":
-                if type(value) is not int or not 0 <= value < count or (value in numpy) != (kind == "N"):
-                    raise self.fail(f"tensor reference {kind} {str(value)[:40]!r} is out of range or of the "
-                                    "wrong kind")
-            elif kind == "V":
-                if type(value) is list or type(value) is dict:
-                    raise self.fail(f"value {str(value)[:80]!r} is not a plain value")
-            elif kind == "D":
-                if type(value) is not list:
-                    raise self.fail("malformed dict node")
-                for item in value:
-                    if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
-                        raise self.fail(f"malformed dict item {str(item)[:80]!r}")
-                self._descend(levels, value, map(second, value))
-            elif kind == "L" or kind == "U":
-                if type(value) is not list:
-                    raise self.fail("malformed sequence node")
-                self._descend(levels, value, iter(value))
-            elif kind == "dtype":
-                if type(value) is not str or value not in TORCH_DTYPES:
-                    raise self.fail(f"unknown dtype {str(value)[:40]!r}")
-            else:
-                raise self.fail(f"unknown state tree node kind {str(kind)[:40]!r}")
-
-    def _descend(self, levels: list, children: list, walk: Iterator) -> None:
-        if children and len(levels) > MAX_DEPTH:
-            raise self.fail(f"state tree nested deeper than {MAX_DEPTH}")
-        levels.append(walk)
+        """A state tree's nodes, depth and references (of the count tensors, numpy ones as "N")."""
+        validate(root, count, self.numpy, self.where)
 
     def file_name(self, name: Any) -> str:
         self.check(isinstance(name, str) and DATA_FILE.match(name) is not None,

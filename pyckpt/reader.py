@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from .errors import IntegrityError, PyckptError
-from .manifest import TORCH_DTYPES, Manifest, Piece, TensorRecord, VersionRef, checksum, unflatten
+from .manifest import Manifest, Piece, TensorRecord, VersionRef, checksum
 from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
+from .tree import TORCH_DTYPES, references, unflatten
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Snapshot:
 
         `into` maps tensor indices to existing contiguous CPU tensors of the same dtype and shape:
         those are read in place (no allocation, no copy later) and returned as those tensors."""
-        wanted = sorted(set(_referenced(tree)))
+        wanted = sorted(set(references(tree)))
         out = [into.get(i) for i in wanted] if into else None
         return TreeRead(self, tree, wanted, out)
 
@@ -451,25 +452,6 @@ def _as_value(record: TensorRecord, buf: torch.Tensor):
     if record.nbytes == 0:
         return torch.empty(record.shape, dtype=dtype)
     return buf.view(dtype).reshape(record.shape)
-
-
-def _referenced(root: Any) -> list[int]:
-    """Tensor indices a state tree references (iterative; malformed nodes are left to unflatten)."""
-    out: list[int] = []
-    todo = [root]
-    while todo:
-        node = todo.pop()
-        if type(node) is not dict or len(node) != 1:
-            continue
-        (kind, value), = node.items()
-        if kind == "T" or kind == "N":
-            if type(value) is int:
-                out.append(value)
-        elif kind == "D" and type(value) is list:
-            todo.extend([item[1] for item in value if type(item) is list and len(item) == 2])
-        elif (kind == "L" or kind == "U") and type(value) is list:
-            todo.extend(value)
-    return out
 
 
 def load(path: str | os.PathLike, *, version: str | None = None) -> dict:

@@ -60,6 +60,7 @@ LAYERS = [
     ["writer", "storage", "messages", "config"],
     ["planner", "safe_fs"],
     ["manifest", "sysio", "testhooks", "collectives"],
+    ["tree"],
     ["errors"],
 ]
 
