@@ -6,8 +6,8 @@ a plain value, a dtype name, or the index of a tensor in Manifest.tensors. `fold
 iteratively (no recursion on a hostile depth, memory bounded by the depth), checks the form of every
 node, and reports a malformed one with its key path; the codec (flatten/unflatten), the manifest's
 validator, the reference collection, the renumbering, key chains and the structure comparison are folds.
-A new leaf kind is one entry in LEAVES (its on-disk form and decoding) and one case in _classify (which
-Python objects it encodes).
+A new leaf kind is one entry in LEAVES (its on-disk form and decoding) and one case in _classifier
+(which Python objects it encodes).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _dtype(value: Any) -> torch.dtype:
 
 _PLAIN = frozenset((bool, int, float, str))
 # Every leaf kind: its value read from disk, checked (Malformed if it is not in the format). A new leaf
-# kind is an entry here and a case in _classify.
+# kind is an entry here and a case in _classifier.
 LEAVES: dict[str, Callable[[Any], Any]] = {TENSOR: _index, ARRAY: _index, VALUE: _plain, DTYPE: _dtype}
 
 
@@ -86,12 +86,12 @@ _MISSING = object()
 
 
 def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Callable[[str, list, list], Any],
-         open_node: Callable[[Any], dict] | None = None) -> Any:
+         open_node: Callable[[Any], tuple[str, Any]] | None = None) -> Any:
     """Fold a tree bottom-up, depth first, in order, without recursion (memory: one level per open
     container). leaves[kind](value) gives a leaf's result (None: the node itself is); build(kind,
     items, results) a container's, from its value (a dict's [key, node] items, a sequence's nodes)
-    and its children's results. open_node turns each node into a JSON node first (the encoder's
-    objects; it checks their dict keys). The form of every node and the depth are checked here;
+    and its children's results. open_node turns each node into (kind, value) first (the encoder's
+    objects; it checks their dict keys); its leaves' results are then {kind: value} JSON nodes. The form of every node and the depth are checked here;
     Malformed (from here or from a leaf) is raised with the node's key chain. Messages are formatted
     on failure only: str() of a node is the text of its whole subtree, and this runs once per node
     of 20k-tensor states."""
@@ -101,13 +101,14 @@ def fold(root: Any, leaves: dict[str, Callable[[Any], Any] | None], build: Calla
         while True:
             for node in children:
                 if open_node is not None:
-                    node = open_node(node)
-                if type(node) is not dict or len(node) != 1:
+                    node_kind, value = node = open_node(node)   # an encoder's (kind, value): a node in the making
+                elif type(node) is not dict or len(node) != 1:
                     raise Malformed(f"malformed state tree node {str(node)[:80]!r}")
-                (node_kind, value), = node.items()
+                else:
+                    (node_kind, value), = node.items()
                 read = leaves.get(node_kind, _MISSING)
                 if read is not _MISSING:
-                    results.append(node if read is None else read(value))
+                    results.append(read(value) if read is not None else node if open_node is None else {node_kind: value})
                     continue
                 if node_kind == DICT:
                     if type(value) is not list:
@@ -158,7 +159,7 @@ def _node(kind: str, items: list, results: list) -> dict:
 
 
 def _encoded(kind: str, items: list, results: list) -> dict:
-    """A container node from _classify's (its [key, object] items are its own: they take the nodes)."""
+    """A container node from the classifier's (its [key, object] items are its own: they take the nodes)."""
     if kind == DICT:
         for item, result in zip(items, results):
             item[1] = result
@@ -186,45 +187,55 @@ def _key(key: Any) -> str | int:
     return int.__index__(key)
 
 
-def _classify(obj: Any) -> dict:
-    """An object of a state_dict as a node whose children (and tensors) are still objects; Malformed
-    for anything the reader would refuse, so that a snapshot that was written can always be read back.
-    Most common kinds first (state dicts are mostly dicts, tensors and plain numbers)."""
-    if isinstance(obj, dict):
-        for key in obj:
-            if type(key) is not str and (type(key) is not int or key.bit_length() > MAX_INT_BITS):
-                return {DICT: [[_key(key), value] for key, value in obj.items()]}   # refused, or a subclass
-        return {DICT: list(map(list, obj.items()))}
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided:
-            raise Malformed(f"{obj.layout} tensors are not supported; convert to dense")
-        if obj.dtype not in DTYPE_NAMES:
-            raise Malformed(f"dtype {obj.dtype} is not supported")
-        return {TENSOR: obj}
-    if obj is None or isinstance(obj, (bool, float, str)):
-        return {VALUE: obj}
-    if isinstance(obj, int):
-        if obj.bit_length() > MAX_INT_BITS:  # JSON could not be read back (Python's 4,300-digit limit)
-            raise Malformed(f"an int of {obj.bit_length()} bits is too large (at most {MAX_INT_BITS}); "
-                            "store it as a string or a tensor")
-        return {VALUE: obj}
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in NUMPY_KINDS or obj.dtype.hasobject:
-            raise Malformed(f"numpy dtype {obj.dtype} is not plain numbers")
-        return {ARRAY: obj}
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        value = obj.item()
-        if type(value) not in (bool, int, float):  # e.g. np.longdouble has no Python equivalent
-            raise Malformed(f"numpy {obj.dtype} scalars are not supported; convert to float")
-        return {VALUE: value}
-    if isinstance(obj, torch.dtype):
-        if obj not in DTYPE_NAMES:
-            raise Malformed(f"dtype {obj} is not supported")
-        return {DTYPE: DTYPE_NAMES[obj]}
-    if isinstance(obj, (list, tuple)):
-        return {LIST if isinstance(obj, list) else TUPLE: list(obj) if type(obj) is not list else obj}
-    raise Malformed(f"a {type(obj).__name__} is not supported; state_dicts may hold tensors, numpy arrays, "
-                    "numbers, strings, None, and dicts/lists/tuples of them")
+def _classifier(tensors: list) -> Callable[[Any], tuple[str, Any]]:
+    """classify(obj): an object of a state_dict as (kind, value) of a node whose children are still
+    objects; a tensor or array is appended to `tensors` and its value is its reference (the encoder's one call per tensor).
+    Malformed for anything the reader would refuse, so that a snapshot that was written can always be
+    read back. Most common kinds first (state dicts are mostly dicts, tensors and plain numbers)."""
+    append = tensors.append
+
+    def classify(obj: Any) -> tuple[str, Any]:
+        if isinstance(obj, dict):
+            for key in obj:
+                if type(key) is not str and (type(key) is not int or key.bit_length() > MAX_INT_BITS):
+                    return (DICT, [[_key(key), value] for key, value in obj.items()])   # refused, or a subclass
+            return (DICT, list(map(list, obj.items())))
+        if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided:
+                raise Malformed(f"{obj.layout} tensors are not supported; convert to dense")
+            if obj.dtype not in DTYPE_NAMES:
+                raise Malformed(f"dtype {obj.dtype} is not supported")
+            append(obj)
+            return (TENSOR, len(tensors) - 1)
+        if obj is None or isinstance(obj, (bool, float, str)):
+            return (VALUE, obj)
+        if isinstance(obj, int):
+            if obj.bit_length() > MAX_INT_BITS:  # JSON could not be read back (Python's 4,300-digit limit)
+                raise Malformed(f"an int of {obj.bit_length()} bits is too large (at most {MAX_INT_BITS}); "
+                                "store it as a string or a tensor")
+            return (VALUE, obj)
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in NUMPY_KINDS or obj.dtype.hasobject:
+                raise Malformed(f"numpy dtype {obj.dtype} is not plain numbers")
+            append(obj)
+            return (ARRAY, len(tensors) - 1)
+        if isinstance(obj, (np.integer, np.floating, np.bool_)):
+            value = obj.item()
+            if type(value) not in (bool, int, float):  # e.g. np.longdouble has no Python equivalent
+                raise Malformed(f"numpy {obj.dtype} scalars are not supported; convert to float")
+            return (VALUE, value)
+        if isinstance(obj, torch.dtype):
+            if obj not in DTYPE_NAMES:
+                raise Malformed(f"dtype {obj} is not supported")
+            return (DTYPE, DTYPE_NAMES[obj])
+        if isinstance(obj, (list, tuple)):
+            return (LIST if isinstance(obj, list) else TUPLE, list(obj) if type(obj) is not list else obj)
+        raise Malformed(f"a {type(obj).__name__} is not supported; state_dicts may hold tensors, numpy arrays, "
+                        "numbers, strings, None, and dicts/lists/tuples of them")
+    return classify
+
+
+_ENCODED_LEAVES: dict[str, None] = dict.fromkeys(LEAVES)   # the classifier's leaves are already nodes
 
 
 def flatten(obj: Any, tensors: list, path: str = "state") -> Any:
@@ -232,16 +243,8 @@ def flatten(obj: Any, tensors: list, path: str = "state") -> Any:
 
     Refuses (TypeError naming the key, as path['key'][0]) anything the reader would refuse: the same
     checks at snapshot time as at load time."""
-    def reference(kind: str) -> Callable[[Any], dict]:
-        def leaf(value: Any) -> dict:
-            tensors.append(value)
-            return {kind: len(tensors) - 1}
-        return leaf
-
-    # Plain leaves come out of _classify encoded (None: the node is its own result).
-    leaves = {**dict.fromkeys(LEAVES), TENSOR: reference(TENSOR), ARRAY: reference(ARRAY)}
     try:
-        return fold(obj, leaves, _encoded, _classify)
+        return fold(obj, _ENCODED_LEAVES, _encoded, _classifier(tensors))
     except Malformed as exc:
         raise TypeError(f"cannot snapshot {path}{subscripts(exc.chain)}: {exc.problem}") from None
 
