@@ -285,8 +285,11 @@ def test_training_unit_per_node_of_the_physical_cluster(tmp_path):
         assert "Environment=OMP_NUM_THREADS=1\n" in unit
         assert f"WorkingDirectory={tmp_path}/shared/checkpoint4\n" in unit
         assert "Restart=on-failure\n" in unit
-        # No facts were gathered: no interface to name, so GLOO_SOCKET_IFNAME is left to gloo.
-        assert "GLOO_SOCKET_IFNAME" not in unit
+        # No facts were gathered: no interface to name, so GLOO/NCCL_SOCKET_IFNAME are left to gloo and NCCL.
+        assert "GLOO_SOCKET_IFNAME" not in unit and "NCCL_SOCKET_IFNAME" not in unit
+        # What any training script reads: the snapshot path and where load_config() finds the config.
+        assert f'Environment="PYCKPT_SNAPSHOT_PATH={tmp_path}/shared/snapshots/checkpoint.bin"\n' in unit
+        assert f'Environment="PYCKPT_CONFIG_DIR={tmp_path}/shared/checkpoint4/config"\n' in unit
 
 
 def test_training_unit_rank_override_and_interface(tmp_path):
@@ -296,6 +299,69 @@ def test_training_unit_rank_override_and_interface(tmp_path):
     assert "--node_rank=3 " in units["node1"] and "Environment=NODE_RANK=3\n" in units["node1"]
     assert "--node_rank=1 " in units["node3"] and "Environment=NODE_RANK=1\n" in units["node3"]
     assert all("--nproc_per_node=2 " in u and "Environment=GLOO_SOCKET_IFNAME=eth1\n" in u for u in units.values())
+
+
+def test_training_unit_names_the_cluster_interface_for_gloo_and_nccl(tmp_path):
+    # cluster_ifname is the fact cluster-facts.yml derives from the cluster address (given here, as no
+    # facts are gathered); nccl_socket_ifname, like gloo_socket_ifname, overrides it per host.
+    inv = make_inventory(tmp_path, spec_hosts(node2={"nccl_socket_ifname": "ib0"}))
+    units = render_units(tmp_path, inv, cluster_ifname="ens5")
+    for host, unit in units.items():
+        assert "Environment=GLOO_SOCKET_IFNAME=ens5\n" in unit
+        assert f"Environment=NCCL_SOCKET_IFNAME={'ib0' if host == 'node2' else 'ens5'}\n" in unit
+
+
+def test_training_unit_runs_a_script_of_ones_own_with_its_own_arguments(tmp_path):
+    # Issue 18, item 9: the arguments are the user's list, not train.py's options, each one kept whole
+    # through systemd's parsing (blanks, quotes, backslashes, %specifiers, $variables).
+    args = ["--epochs", "3", "--out", "/tmp/a b", "50%", "$HOME", 'say "hi"', "back\\slash", ""]
+    units = render_units(tmp_path, REPO / "inventory/physical", training_script="/opt/my job/fine_tune.py",
+                         training_script_args=args, training_extra_args=["--seed=7"])
+    exec_start = next(line for line in units["node0"].splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith(
+        ' --max_restarts=0 "/opt/my job/fine_tune.py" --epochs 3 --out "/tmp/a b" 50%% $$HOME "say \\"hi\\"" '
+        '"back\\\\slash" "" --seed=7'), exec_start
+    assert "--snapshot-path" not in exec_start and "--config-dir" not in exec_start
+
+
+def gpu_stand_in(tmp_path: Path, gpus: int) -> Path:
+    """A stand-in `nvidia-smi` (this machine has no GPU) that reports `gpus` GPUs, first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\n# stand-in nvidia-smi of tests/ansible: --query-gpu=index lists the GPUs\n"
+                      f"[ \"$1\" = --query-gpu=index ] && seq 0 {gpus - 1} && exit 0\nexit 2\n")
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_training_nproc_auto_counts_the_gpus_nvidia_smi_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{gpu_stand_in(tmp_path, 8)}{os.pathsep}{os.environ['PATH']}")
+    units = render_units(tmp_path, REPO / "inventory/physical", training_nproc_per_node="auto")
+    assert sorted(units) == ["node0", "node1", "node2", "node3"]
+    assert all(" --nproc_per_node=8 " in unit and "\n# 8 process(es) per node" in unit for unit in units.values())
+
+
+def test_training_nproc_auto_is_one_without_nvidia_smi(tmp_path):
+    units = render_units(tmp_path, REPO / "inventory/physical", training_nproc_per_node="auto")
+    assert all(" --nproc_per_node=1 " in unit for unit in units.values())
+
+
+def test_training_nproc_must_agree_across_nodes(tmp_path):
+    # node1 is told 2 processes, the others count their GPUs (none here: 1): torchrun needs one number.
+    inv = make_inventory(tmp_path, spec_hosts(node1={"training_nproc_per_node": 2}), training_nproc_per_node="auto")
+    rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", inv,
+                  {**local(tmp_path), "render_dir": str(tmp_path)})
+    assert rc != 0, out
+    assert "The nodes would run different numbers of processes (node0=1, node1=2, node2=1, node3=1)" in " ".join(
+        out.split()), out
+
+
+def test_training_nproc_rejects_a_bad_value(tmp_path):
+    inv = make_inventory(tmp_path, spec_hosts(), training_nproc_per_node="gpus")
+    rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", inv, {**local(tmp_path), "render_dir": str(tmp_path)})
+    assert rc != 0, out
+    assert "training_nproc_per_node=gpus on node0: use a positive number or auto" in " ".join(out.split()), out
 
 
 # --- launch script ------------------------------------------------------------------------------

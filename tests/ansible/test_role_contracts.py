@@ -28,7 +28,7 @@ INVENTORIES = sorted(p.name for p in (REPO / "inventory").iterdir() if (p / "gro
 # What Ansible itself provides to a role's defaults.
 MAGIC = {"groups", "hostvars", "inventory_hostname", "role_path"}
 # Optional per-host names a default may read (docs/OPERATIONS.md, "Variables").
-HOST_VARS = {"gloo_socket_ifname"}
+HOST_VARS = {"gloo_socket_ifname", "nccl_socket_ifname"}
 
 
 def load(path: Path):

@@ -81,3 +81,29 @@ def test_cluster_wide_problems_are_found(tmp_path):
     assert "node0: backend" not in out
     assert "node0: clock is off by 0.0 s" in out and "node1: clock is off by 0.0 s" in out
     assert "torch version differs" not in out
+
+
+def nvidia_smi_stand_in(path: Path, driver: str | None) -> str:
+    """A stand-in for nvidia-smi (this machine has no GPU): 2 GPUs with `driver`, or failing like a
+    broken driver when `driver` is None."""
+    body = (f"printf '{driver}\\n{driver}\\n'" if driver else
+            "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9")
+    path.write_text(f"#!/bin/sh\n# stand-in nvidia-smi (tests/cli/test_doctor_playbook.py)\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_nvidia_driver_reported_per_node_and_mismatch_flagged(tmp_path):
+    """Issue 18, item 10: each node's driver version is reported, and nodes that differ are a problem."""
+    node = make_node(tmp_path / "shared")   # one shared directory: only the drivers differ
+    node0 = {**node, "doctor_nvidia_smi": nvidia_smi_stand_in(tmp_path / "smi0", "550.54.15")}
+    node1 = {**node, "doctor_nvidia_smi": nvidia_smi_stand_in(tmp_path / "smi1", "535.104.05")}
+    node2 = {**node, "doctor_nvidia_smi": nvidia_smi_stand_in(tmp_path / "smi2", None)}
+    inventory = write_inventory(tmp_path / "hosts.yml", {"node0": node0}, {"node1": node1, "node2": node2})
+    done = playbook("-i", str(inventory), "doctor.yml")
+    out = " ".join(done.stdout.split())
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr
+    assert "NVIDIA driver 550.54.15, config" in out and "NVIDIA driver 535.104.05, config" in out
+    assert ("the NVIDIA driver version differs between nodes: node0=550.54.15, node1=535.104.05, node2=unknown"
+            in out), done.stdout[-3000:]
+    assert "node2: nvidia-smi failed (rc 9): NVIDIA-SMI has failed" in out

@@ -305,6 +305,20 @@ def test_nodes_resolve_every_node_to_its_cluster_address(cluster: Cluster):
             assert first == cluster.address[other], f"on {node}, {other} resolves to {first}"
 
 
+def test_setup_again_changes_nothing_and_keeps_the_rendered_config(cluster: Cluster, tmp: Path):
+    """Issue 18, item 5: the code sync of a second setup-cluster.yml must not delete the config that
+    cluster_config rendered (which then rendered it again: a change on every run)."""
+    result = playbook("setup-cluster.yml", tmp, cluster.inventory)
+    changed = sorted({f"{e['event_data'].get('host')}: {e['event_data'].get('task')}" for e in result.events
+                      if e.get("event") in ("runner_on_ok", "runner_item_on_ok")
+                      and (e["event_data"].get("res") or {}).get("changed")})
+    assert changed == [], f"the second setup-cluster.yml changed: {changed}"
+    assert sum(result.stats["changed"].values()) == 0, result.stats
+    config = cluster.shared / "checkpoint4" / "config"
+    assert os.readlink(config / "distributed.env") == "distributed.docker.env"
+    assert "DISTRIBUTED_MODE=docker" in (config / "distributed.docker.env").read_text()
+
+
 def test_firewall_admits_the_cluster_and_drops_the_rest(cluster: Cluster):
     for node in cluster.nodes:
         assert "Status: active" in on(cluster, node, "ufw", "status").stdout, f"ufw is not active on {node}"
