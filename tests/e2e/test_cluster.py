@@ -308,6 +308,9 @@ def test_nodes_resolve_every_node_to_its_cluster_address(cluster: Cluster):
 def test_setup_again_changes_nothing_and_keeps_the_rendered_config(cluster: Cluster, tmp: Path):
     """Issue 18, item 5: the code sync of a second setup-cluster.yml must not delete the config that
     cluster_config rendered (which then rendered it again: a change on every run)."""
+    if cluster.engine == "docker":
+        # The plays and what they change are the same whatever runs the containers: one rerun is enough.
+        pytest.skip("engine-independent: run with podman only")
     result = playbook("setup-cluster.yml", tmp, cluster.inventory)
     changed = sorted({f"{e['event_data'].get('host')}: {e['event_data'].get('task')}" for e in result.events
                       if e.get("event") in ("runner_on_ok", "runner_item_on_ok")
