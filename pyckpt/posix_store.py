@@ -31,12 +31,12 @@ import numpy as np
 
 from . import safe_fs
 from .testhooks import crash_point
-from .errors import (IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError,
+from .errors import (IntegrityError, PyckptError, SnapshotNotFoundError,
                      SnapshotPathError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
 from .planner import Slice
-from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
-                      next_version)
+from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted,
+                      next_version, verified_manifest, wait_for_lock)
 from .sysio import libc_function
 from .writer import write_file
 
@@ -87,13 +87,7 @@ class PosixStore:
         except FileNotFoundError:
             raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
                                  file=where) from None
-        if len(data) != ref.manifest_size:
-            raise IntegrityError(f"{where}: manifest is {len(data)} bytes, {self.path} says {ref.manifest_size} "
-                                 "(truncated, replaced or corrupted)", file=where)
-        if checksum(data) != ref.manifest_xxh3:
-            raise IntegrityError(f"{where}: manifest does not match its checksum in {self.path} "
-                                 "(corrupted or replaced)", file=where)
-        return Manifest.from_json(data, where)
+        return verified_manifest(data, ref, where, self.path)
 
     def where(self, name: str, file: str | None = None) -> str:
         return os.path.join(self.version_dir(name), file) if file else self.version_dir(name)
@@ -192,16 +186,7 @@ class PosixStore:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-            holder = _holder(fd)
-            if holder.get("what") == "snapshot":
-                raise SnapshotLockedError(
-                    f"another process is writing a snapshot to {self.path} (lock {where} held by "
-                    f"{lock_holder_text(holder)}); two jobs must not share one snapshot path: give each job its own")
-            if time.monotonic() >= deadline:
-                raise SnapshotLockedError(
-                    f"{self.path} is locked by {lock_holder_text(holder)} (lock {where}) for more than {LOCK_WAIT:g} s; "
-                    "nothing was done: try again once it has finished")
-            time.sleep(0.05)
+            wait_for_lock(self.path, where, _holder(fd), deadline)
 
     def committed(self) -> CommitRecord | None:
         """The record, or None if there is none yet. A record that is there but cannot be read raises:

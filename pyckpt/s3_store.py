@@ -48,7 +48,7 @@ from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotE
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
 from .planner import Slice
 from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
-                      next_version)
+                      next_version, verified_manifest, wait_for_lock)
 from .sysio import helper_pool
 from .testhooks import crash_point
 
@@ -234,13 +234,7 @@ class S3Store:
         except KeyError:
             raise IntegrityError(f"{where}: manifest of version {ref.name}, committed in {self.path}, is missing",
                                  file=where) from None
-        if len(data) != ref.manifest_size:
-            raise IntegrityError(f"{where}: manifest is {len(data)} bytes, {self.path} says {ref.manifest_size} "
-                                 "(truncated, replaced or corrupted)", file=where)
-        if checksum(data) != ref.manifest_xxh3:
-            raise IntegrityError(f"{where}: manifest does not match its checksum in {self.path} "
-                                 "(corrupted or replaced)", file=where)
-        return Manifest.from_json(data, where)
+        return verified_manifest(data, ref, where, self.path)
 
     def open_data(self, ref: VersionRef, manifest: Manifest) -> dict[int, DataSource]:
         """Every data object of the version, its size checked against the manifest (one listing)."""
@@ -330,15 +324,7 @@ class S3Store:
                 log.warning("pyckpt: took over the lock of %s from %s: not renewed for %.0f s (a writer that died)",
                             self.path, lock_holder_text(holder), age)
                 return taken
-            if holder.get("what") == "snapshot":
-                raise SnapshotLockedError(
-                    f"another process is writing a snapshot to {self.path} (lock {self._url(key)} held by "
-                    f"{lock_holder_text(holder)}); two jobs must not share one snapshot path: give each job its own")
-            if time.monotonic() >= deadline:
-                raise SnapshotLockedError(
-                    f"{self.path} is locked by {lock_holder_text(holder)} (lock {self._url(key)}) for more than "
-                    f"{LOCK_WAIT:g} s; nothing was done: try again once it has finished")
-            time.sleep(0.05)
+            wait_for_lock(self.path, self._url(key), holder, deadline)
 
     def _lock_holder(self, key: str) -> tuple[dict, str, float] | None:
         """Who holds the lock, its ETag and seconds since its last renewal (server clock); None if gone."""

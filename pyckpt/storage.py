@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from typing import ContextManager, NamedTuple, Protocol
 
-from .errors import SnapshotError
-from .manifest import CommitRecord, Manifest, VersionRef
+from .errors import IntegrityError, SnapshotError, SnapshotLockedError
+from .manifest import CommitRecord, Manifest, VersionRef, checksum
 from .planner import Slice
 
 # The layout every backend shares (docs/FORMAT.md): for a snapshot path P, the record at P and the
@@ -42,6 +42,31 @@ def next_version(path: str, committed: list[int], leftovers: list[int]) -> str:
         raise SnapshotError(f"{path}: version numbers are used up (v{MAX_VERSION} is committed); "
                             "snapshot to a new path")
     return f"v{number:08d}"
+
+
+def verified_manifest(data: bytes, ref: VersionRef, where: str, record: str) -> Manifest:
+    """A version's manifest from its bytes, once they are what the commit record (at `record`) says."""
+    if len(data) != ref.manifest_size:
+        raise IntegrityError(f"{where}: manifest is {len(data)} bytes, {record} says {ref.manifest_size} "
+                             "(truncated, replaced or corrupted)", file=where)
+    if checksum(data) != ref.manifest_xxh3:
+        raise IntegrityError(f"{where}: manifest does not match its checksum in {record} "
+                             "(corrupted or replaced)", file=where)
+    return Manifest.from_json(data, where)
+
+
+def wait_for_lock(path: str, lock: str, holder: dict, deadline: float) -> None:
+    """A writer found the lock taken: SnapshotLockedError at once if a snapshot holds it (another job),
+    or once `deadline` (time.monotonic) has passed; otherwise it waits a moment and tries again."""
+    if holder.get("what") == "snapshot":
+        raise SnapshotLockedError(
+            f"another process is writing a snapshot to {path} (lock {lock} held by "
+            f"{lock_holder_text(holder)}); two jobs must not share one snapshot path: give each job its own")
+    if time.monotonic() >= deadline:
+        raise SnapshotLockedError(
+            f"{path} is locked by {lock_holder_text(holder)} (lock {lock}) for more than {LOCK_WAIT:g} s; "
+            "nothing was done: try again once it has finished")
+    time.sleep(0.05)
 
 
 def lock_holder_text(holder: dict) -> str:

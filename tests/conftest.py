@@ -11,6 +11,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"
+# The spec's config/distributed.physical.env block, verbatim but for BACKEND=gloo (no GPU here; the spec
+# writes nccl): issue 18's tests read it as a user following the spec by hand would write it.
+SPEC_PHYSICAL_ENV = """\
+DISTRIBUTED_MODE=physical
+WORLD_SIZE=4
+MASTER_ADDR=192.168.1.100
+MASTER_PORT=29500
+BACKEND=gloo
+SHARED_FS_PATH=/shared/snapshots
+SHARED_FS_TYPE=nfs
+PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103
+"""
 
 
 def free_port() -> int:

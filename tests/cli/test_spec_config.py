@@ -6,20 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..conftest import REPO, clean_env
+from ..conftest import REPO, SPEC_PHYSICAL_ENV, clean_env
 from .conftest import run_cli
 
-# The spec's block, verbatim but for BACKEND=gloo (this machine has no GPU; the spec writes nccl).
-SPEC_BLOCK = """\
-DISTRIBUTED_MODE=physical
-WORLD_SIZE=4
-MASTER_ADDR=192.168.1.100
-MASTER_PORT=29500
-BACKEND=gloo
-SHARED_FS_PATH=/shared/snapshots
-SHARED_FS_TYPE=nfs
-PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103
-"""
+SPEC_BLOCK = SPEC_PHYSICAL_ENV
 
 
 def spec_config_dir(tmp_path: Path) -> Path:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 from pyckpt import ConfigError, load_config
+from tests.conftest import SPEC_PHYSICAL_ENV
 
 NO_CUDA = lambda: False  # noqa: E731
 CUDA = lambda: True  # noqa: E731
@@ -151,17 +152,7 @@ def test_world_size_derived_from_nodes_and_processes(tmp_path):
 
 # -- issue 18: the spec followed by hand --------------------------------------------------------------
 
-# The spec's config/distributed.physical.env, with BACKEND=gloo (no GPU here).
-SPEC_PHYSICAL = """\
-DISTRIBUTED_MODE=physical
-WORLD_SIZE=4
-MASTER_ADDR=192.168.1.100
-MASTER_PORT=29500
-BACKEND=gloo
-SHARED_FS_PATH=/shared/snapshots
-SHARED_FS_TYPE=nfs
-PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103
-"""
+SPEC_PHYSICAL = SPEC_PHYSICAL_ENV
 
 
 def test_node_rank_with_the_one_cluster_file_uses_it(tmp_path):
