@@ -76,4 +76,4 @@ def test_two_ranks_overwrite_their_own_spares(tmp_path):
     assert torch.equal(loaded["objects"]["holder"]["w"], torch.full((300_000,), 4.0))
     snap = pyckpt.Snapshot.open(path)
     assert [f.size for f in snap.manifest.files] == [
-        os.path.getsize(os.path.join(snap.directory, f"data-{r}.bin")) for r in (0, 1)]
+        os.path.getsize(snap.file_path(r)) for r in (0, 1)]
