@@ -61,7 +61,7 @@ LAYERS = [
     ["planner", "safe_fs"],
     ["manifest", "sysio", "testhooks", "collectives"],
     ["tree"],
-    ["errors"],
+    ["errors", "boxes"],
 ]
 
 
