@@ -189,8 +189,10 @@ def _check_grid(shape, offsets: np.ndarray, sizes: np.ndarray) -> str | None:
     points = [_distinct(np.concatenate(([0, n], offsets[:, d], ends[:, d]))) for d, n in enumerate(shape)]
     live = [d for d in range(len(shape)) if len(points[d]) > 2]   # dims every chunk spans fully drop out
     grid = tuple(len(points[d]) - 1 for d in live)
-    if math.prod(grid) > MAX_CHECK_CELLS or len(offsets) << len(live) > MAX_CHECK_CORNERS:
+    if math.prod(grid) > MAX_CHECK_CELLS:
         return f"too many distinct chunk edges to check ({math.prod(grid)} cells)"
+    if len(offsets) << len(live) > MAX_CHECK_CORNERS:
+        return f"too many chunks to check ({len(offsets)} chunks cut {len(live)} dims)"
     lo = [np.searchsorted(points[d], offsets[:, d]) for d in live]
     hi = [np.searchsorted(points[d], ends[:, d]) for d in live]
     flat, weight = [], []

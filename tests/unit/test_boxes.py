@@ -224,10 +224,10 @@ def test_intersect_and_volume():
 def test_read_plan_is_not_quadratic_on_dim0_chunks():
     saved = [Box((i * 3, 0), (3, 4)) for i in range(10_000)]       # 10k FSDP2 slabs...
     targets = [Box((i * 3 + 1, 0), (3, 4)) for i in range(10_000)]  # ... read by 10k shifted ones
-    began = time.perf_counter()
+    began = time.process_time()     # CPU time: other work on the machine does not count
     index = SavedIndex(saved)
     plans = [read_plan(index, t) for t in targets]
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < 2.0
     assert plans[5] == [(5, Box((16, 0), (2, 4))), (6, Box((18, 0), (1, 4)))]
     assert plans[-1] == [(9999, Box((29998, 0), (2, 4)))]
 
@@ -263,18 +263,18 @@ def test_check_tiling_is_bounded_on_100k_chunks(hostile):
     n = 100_000
     if hostile == "edges":     # every chunk has its own edges: a 200k x 200k compressed grid
         shape = (1 << 20, 1 << 20)
-        boxes = [Box((int(a), int(b)), (1, 1)) for a, b in rng.integers(0, 1 << 20, (n, 2))]
+        boxes = [((a, b), (1, 1)) for a, b in rng.integers(0, 1 << 20, (n, 2)).tolist()]   # as a manifest gives them
     elif hostile == "same":    # one box 100k times: not the dim-0 fast path
         shape, boxes = (100, 100), [Box((0, 0), (100, 50))] * n
     elif hostile == "grid":    # a true tiling of 1x1 boxes that needs the full grid check
         shape = (250, 400)
-        boxes = [Box((i, j), (1, 1)) for i in range(250) for j in range(400)]
+        boxes = [((i, j), (1, 1)) for i in range(250) for j in range(400)]
     else:                      # 100k dim-0 slabs, one pair overlapping at the end
         shape = (n, 3)
-        boxes = [Box((i, 0), (1, 3)) for i in range(n)] + [Box((n - 2, 0), (2, 3))]
-    began = time.perf_counter()
+        boxes = [((i, 0), (1, 3)) for i in range(n)] + [((n - 2, 0), (2, 3))]
+    began = time.process_time()
     problem = check_tiling(shape, boxes)
-    assert time.perf_counter() - began < 1.5
+    assert time.process_time() - began < 1.0
     expected = {"edges": "too many distinct chunk edges", "same": "chunks 0 and 1 overlap", "grid": None,
                 "slabs": f"chunks {n - 2} and {n} overlap"}[hostile]
     assert problem == expected if expected is None else expected in problem
