@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from xxhash import xxh3_64_intdigest
 
-from .manifest import TensorRecord
+from torch.distributed.tensor import DTensor
+
+from .manifest import TensorRecord, align
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .runtime import TrainingRuntime
+from .shards import ShardPart, parts_to_write, pieces_of, placements_text
 from .sysio import byte_view, helper_pool
-from .tree import DTYPE_NAMES, flatten
+from .tree import DTYPE_NAMES, flatten, subscripts, tensor_chains
 
 SAMPLE_BYTES = 512   # bytes hashed in the middle of each replicated tensor (divergence check)
 
@@ -35,6 +38,9 @@ class Captured:
     meta: dict
     samples: bytes = b""                 # divergence fingerprints of the replicated tensors
     error: Exception | None = None
+    shard_parts: list[ShardPart] = field(default_factory=list)   # the sharded bytes this rank writes
+    shard_offsets: list[int] = field(default_factory=list)       # where each part starts in the file
+    shard_size: int = 0
 
     @classmethod
     def failed(cls, error: Exception) -> "Captured":
@@ -43,8 +49,9 @@ class Captured:
 
     @property
     def size(self) -> int:
-        """Bytes of this rank's data file: its share of the replicated bytes, then its private state."""
-        return self.share.size + self.private_plan.size
+        """Bytes of this rank's data file: its share of the replicated bytes, its parts of the sharded
+        tensors, then its private state."""
+        return self.share.size + self.shard_size + self.private_plan.size
 
 
 class PlanCache:
@@ -62,23 +69,51 @@ class PlanCache:
 
 
 def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCache) -> Captured:
-    """This rank's share of the replicated state and all of its private state, as views of the live
-    tensors (no copy)."""
+    """This rank's share of the replicated state, its parts of the sharded tensors and all of its
+    private state, as views of the live tensors (no copy)."""
     rep_tensors: list = []
     rep_tree = flatten(runtime.replicated_state(), rep_tensors, "replicated")
     priv_tensors: list = []
     priv_tree = flatten(runtime.private_state(), priv_tensors, "private")
-    views = [byte_view(t) for t in rep_tensors]
+    if any(isinstance(t, DTensor) for t in priv_tensors):
+        raise TypeError("a sharded tensor (DTensor) is registered with per_rank=True: register it without "
+                        "per_rank, pyckpt stores each rank's shards and restores them on any world size")
+    views = [memoryview(b"") if isinstance(t, DTensor) else byte_view(t) for t in rep_tensors]
     priv_views = [byte_view(t) for t in priv_tensors]
     share = plans([len(v) for v in views], world_size)[rank]
-    private_plan = plan_private([len(v) for v in priv_views], share.size)
+    parts = _shard_parts(rep_tensors, rep_tree)
+    shard_offsets, pos = [], share.size
+    for part in parts:
+        pos = align(pos)
+        shard_offsets.append(pos)
+        pos += part.length
+    shard_size = pos - share.size
+    private_plan = plan_private([len(v) for v in priv_views], share.size + shard_size)
     segments = [(s, views[s.tensor]) for s in share.slices]
+    for part, offset in zip(parts, shard_offsets):
+        segments += [(Slice(part.tensor, part.start + start, offset + start, length), part.view)
+                     for start, length in pieces_of(part.length)]
     segments += [(s, priv_views[s.tensor]) for s in private_plan.slices]
     meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
             "world_size": world_size, "torch": torch.__version__, "host": socket.gethostname()}
     samples = divergence_samples(views) if world_size > 1 else b""
     return Captured(rep_tree, priv_tree, [_record(t) for t in rep_tensors], [_record(t) for t in priv_tensors],
-                    segments, share, private_plan, meta, samples)
+                    segments, share, private_plan, meta, samples, shard_parts=parts, shard_offsets=shard_offsets,
+                    shard_size=shard_size)
+
+
+def _shard_parts(tensors: list, tree: Any) -> list[ShardPart]:
+    """The parts of the sharded tensors this rank writes; TypeError naming the key of one that cannot
+    be saved."""
+    parts: list[ShardPart] = []
+    for index, tensor in enumerate(tensors):
+        if isinstance(tensor, DTensor):
+            try:
+                parts += parts_to_write(index, tensor, tensor.dtype.itemsize)
+            except ValueError as exc:
+                chain = tensor_chains(tree).get(index, ())
+                raise TypeError(f"cannot snapshot replicated{subscripts(chain)}: {exc}") from None
+    return parts
 
 
 class CopyJob(NamedTuple):
@@ -160,6 +195,9 @@ def divergence_samples(views: list[memoryview]) -> bytes:
 
 
 def _record(tensor) -> TensorRecord:
+    if isinstance(tensor, DTensor):
+        return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.dtype.itemsize,
+                            chunks=[], placements=placements_text(tensor))
     if isinstance(tensor, torch.Tensor):
         return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.nbytes)
     return TensorRecord(f"numpy:{tensor.dtype.str}", list(tensor.shape), tensor.nbytes)

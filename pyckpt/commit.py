@@ -19,9 +19,11 @@ from . import messages
 from .capture import Captured, PlanCache
 from .collectives import Comm
 from .errors import SnapshotError
-from .manifest import FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
-from .tree import shift, tensor_paths
+from .boxes import Box, check_tiling, volume
+from .manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
+from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
+from .shards import pieces_of
 from .storage import Stage, Store
 
 
@@ -77,8 +79,11 @@ def _write_share(comm: Comm, store: Store, stage: Stage, cap: Captured, reuse_fi
             if comm.world_size > 1 else ""
     except Exception as exc:
         return messages.RankReport(rank, messages.RankError.of(rank, exc))
+    shards = [(p.tensor, p.offsets, p.sizes, p.start, p.length, p.ranks, offset)
+              for p, offset in zip(cap.shard_parts, cap.shard_offsets)]
     return messages.RankReport(rank, None, cap.size, digests, structure, cap.samples, cap.private_tree,
-                               [(r.dtype, r.shape, r.nbytes) for r in cap.private_records])
+                               [(r.dtype, r.shape, r.nbytes) for r in cap.private_records], shards,
+                               cap.share.size + cap.shard_size)
 
 
 def _failure(comm: Comm, error: messages.RankError, what: str, cap: Captured) -> Exception:
@@ -105,20 +110,57 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
     _check_same_bytes(reports, cap.replicated_tree)
     # Replicated pieces: every rank planned the same layout, so the leader recomputes it and
     # fills in each rank's checksums in plan order.
-    tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, []) for r in cap.records]
+    tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, [], None if r.chunks is None else [], r.placements)
+               for r in cap.records]
+    parts: dict[int, dict[tuple, list]] = {}   # sharded tensor -> box -> [(start, pieces, ranks)]
     per_rank_trees = []
-    for rank, (plan, report) in enumerate(zip(plans([r.nbytes for r in cap.records], len(reports)), reports)):
+    sizes = [0 if r.chunks is not None else r.nbytes for r in cap.records]
+    for rank, (plan, report) in enumerate(zip(plans(sizes, len(reports)), reports)):
         digests = iter(report.digests)
         for s in plan.slices:
             tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
+        for index, offsets, box_sizes, start, length, ranks, file_offset in report.shards:
+            pieces = [Piece(rank, file_offset + off, n, next(digests))
+                      for off, n in pieces_of(length)]
+            parts.setdefault(index, {}).setdefault((tuple(offsets), tuple(box_sizes)), []).append(
+                (start, pieces, list(ranks)))
         base = len(tensors)
         tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
         private_sizes = [n for _, _, n in report.private_records]
-        for s in plan_private(private_sizes, plan.size).slices:
+        for s in plan_private(private_sizes, report.private_base).slices:
             tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         per_rank_trees.append(shift(report.private_tree, base))
+    _chunks(tensors, parts, cap.replicated_tree)
     files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
     return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
+
+
+def _chunks(tensors: list[TensorRecord], parts: dict[int, dict[tuple, list]], tree: Any) -> None:
+    """Leader: each sharded tensor's chunks from the parts its holders wrote; SnapshotError naming the
+    tensor when the parts do not cover every box or the boxes do not tile the tensor (ranks that laid
+    it out differently)."""
+    names = None
+    for index, record in enumerate(tensors):
+        if record.chunks is None:
+            continue
+        itemsize = TORCH_DTYPES[record.dtype].itemsize
+        problem = None
+        for (offsets, sizes), written in sorted(parts.get(index, {}).items()):
+            written.sort(key=lambda part: part[0])
+            pos, pieces = 0, []
+            for start, part_pieces, ranks in written:
+                if start != pos:
+                    problem = f"bytes {pos}-{start} of the box at {list(offsets)} were written by no rank"
+                pieces += part_pieces
+                pos = start + sum(p.length for p in part_pieces)
+            if pos != volume(Box(offsets, sizes)) * itemsize:
+                problem = problem or f"the box at {list(offsets)} has {pos} bytes written, not {volume(Box(offsets, sizes)) * itemsize}"
+            record.chunks.append(Chunk(list(offsets), list(sizes), pieces, written[0][2]))
+        problem = problem or check_tiling(tuple(record.shape), [c.box for c in record.chunks])
+        if problem:
+            names = names or tensor_paths(tree)
+            raise SnapshotError(f"sharded tensor {names.get(index, index)!r} of shape {record.shape}: {problem}; "
+                                "the ranks do not hold a consistent layout of it (different meshes or placements)")
 
 
 def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:

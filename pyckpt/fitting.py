@@ -12,14 +12,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from .errors import StateMismatchError
 from .manifest import Manifest
-from .tree import DTYPE_NAMES, dict_items, flatten, matching_references, unflatten
+from .shards import Target, dtensor_target
+from .tree import DTYPE_NAMES, TORCH_DTYPES, dict_items, flatten, matching_references, unflatten
 
 if TYPE_CHECKING:
     from .runtime import TrainingRuntime
@@ -387,6 +389,9 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
         records = manifest.tensors
         for saved_index, live_index in pairs:
             t, rec = live_tensors[live_index], records[saved_index]
+            if isinstance(t, DTensor) and list(t.shape) == rec.shape and not rec.is_numpy:
+                views[saved_index] = t    # read as the boxes it holds on this rank (shards.dtensor_target)
+                continue
             if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
                     and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
                     and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
@@ -404,12 +409,52 @@ def _apart(destinations: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     two views of one storage) would overwrite each other while their checksums are checked. The
     dropped ones are read into new buffers and copied by load_state_dict, as torch would load them."""
     kept_end = 0
-    out = {}
-    for start, index in sorted((t.data_ptr(), i) for i, t in destinations.items()):
+    # DTensors are kept: two of them share memory only as one tied parameter under two keys, whose saved
+    # bytes are then the same too.
+    out = {i: t for i, t in destinations.items() if isinstance(t, DTensor)}
+    plain = {i: t for i, t in destinations.items() if not isinstance(t, DTensor)}
+    for start, index in sorted((t.data_ptr(), i) for i, t in plain.items()):
         tensor = destinations[index]
         if tensor.nbytes == 0:
             out[index] = tensor
         elif start >= kept_end:
             out[index] = tensor
             kept_end = start + tensor.nbytes
+    return out
+
+
+class _Ref(NamedTuple):
+    index: int
+    record: Any
+
+
+class _Indexed(_Records):
+    def __getitem__(self, index: int) -> _Ref:
+        return _Ref(index, self.tensors[index])
+
+
+def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[int, Target]:
+    """Saved optimizer state of sharded (DTensor) parameters -> a Target of the parameter's layout on
+    this rank: read as the boxes the parameter holds here and loaded as DTensors like it. This serves
+    optimizers that have no state yet (FSDP2 creates it at the first step) without a fake step, which
+    has cost other tools off-by-one step counts and weight decay applied at load."""
+    objects = unflatten(manifest.replicated, _Indexed(manifest), "manifest.json").get("objects", {})
+    out: dict[int, Target] = {}
+    for name, optimizer in runtime.objects.items():
+        saved = objects.get(name) if name not in runtime.per_rank_names else None
+        if not (isinstance(optimizer, torch.optim.Optimizer) and isinstance(saved, dict)):
+            continue
+        groups, state = saved.get("param_groups"), saved.get("state")
+        if not (isinstance(groups, list) and isinstance(state, dict)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+            continue
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        by_id = dict(zip((i for g in groups for i in g["params"]), params))
+        for pid, entry in state.items():
+            param = by_id.get(pid)
+            if not (isinstance(param, DTensor) and isinstance(entry, dict)):
+                continue
+            for ref in entry.values():
+                if isinstance(ref, _Ref) and not ref.record.is_numpy and ref.record.shape == list(param.shape):
+                    out[ref.index] = dtensor_target(param, TORCH_DTYPES[ref.record.dtype], in_place=False)
     return out

@@ -14,10 +14,17 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from .boxes import Box, check_tiling
 from .errors import IntegrityError, SnapshotError
-from .tree import NUMPY_KINDS, TORCH_DTYPES, tensor_paths, validate
+from .tree import ARRAY, NUMPY_KINDS, SHARDED, TENSOR, TORCH_DTYPES, tensor_paths, validate
 
-FORMAT_VERSION = 1
+# Manifest versions: 2 adds chunked (sharded) tensors. A snapshot without any is written as version 1,
+# which pyckpt before sharded state reads too; this pyckpt reads both.
+FORMAT_VERSION = 2
+PLAIN_VERSION = 1
+READ_VERSIONS = (1, 2)
+COMMIT_VERSION = 1              # the commit record's own format
+MAX_CHUNKS = 1 << 20            # chunks of one tensor (a hostile manifest may not make tiling checks slow)
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
 # A tensor is checksummed (and read) in pieces of at most 16 MiB: fine enough for ranks that split a
 # restore to copy each other's pieces while the next ones are still being read (peers.py).
@@ -51,6 +58,18 @@ def align(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _tensor_json(t: TensorRecord) -> dict:
+    if t.chunks is None:
+        return {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "pieces": _pieces_json(t.pieces)}
+    return {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "placements": t.placements,
+            "chunks": [{"offsets": c.offsets, "sizes": c.sizes, "ranks": c.ranks, "pieces": _pieces_json(c.pieces)}
+                       for c in t.chunks]}
+
+
+def _pieces_json(pieces: list[Piece]) -> list[dict]:
+    return [{"file": p.file, "offset": p.offset, "length": p.length, "xxh3": p.xxh3} for p in pieces]
+
+
 def _check_node_budget(data: bytes, where: str) -> None:
     """Refuse JSON with more '{'/'[' than BYTES_PER_NODE allows, before decoding it (numpy counts
     3 MB in ~1 ms; brackets inside strings count too, which only makes the check stricter)."""
@@ -74,15 +93,43 @@ class Piece:
 
 
 @dataclass
+class Chunk:
+    """One box of a sharded tensor's global index space; its bytes (row-major within the box) are the
+    pieces, in order. ranks: the ranks that held it when it was saved (informational)."""
+
+    offsets: list[int]
+    sizes: list[int]
+    pieces: list[Piece]
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def box(self) -> Box:
+        return Box(tuple(self.offsets), tuple(self.sizes))
+
+
+@dataclass
 class TensorRecord:
     dtype: str      # a TORCH_DTYPES name, or "numpy:<dtype.str>" for numpy arrays
     shape: list[int]
     nbytes: int
-    pieces: list[Piece] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)   # a whole tensor's bytes, row-major
+    chunks: list[Chunk] | None = None                    # a sharded tensor's (then pieces is empty)
+    placements: str = ""                                 # how it was sharded, e.g. "(Shard(dim=0),)" (informational)
 
     @property
     def is_numpy(self) -> bool:
         return self.dtype.startswith("numpy:")
+
+    @property
+    def kind(self) -> str:
+        """The state tree's reference kind for this record."""
+        return ARRAY if self.is_numpy else SHARDED if self.chunks is not None else TENSOR
+
+    def as_chunks(self) -> list[Chunk]:
+        """Its chunks; a whole tensor is one chunk of its full shape (one overlap planner for both)."""
+        if self.chunks is not None:
+            return self.chunks
+        return [Chunk([0] * len(self.shape), list(self.shape), self.pieces)] if self.nbytes else []
 
 
 @dataclass
@@ -99,7 +146,7 @@ class Manifest:
     replicated: Any               # state tree shared by every rank (stored once)
     per_rank: list[Any]           # one state tree per rank (RNG etc.)
     meta: dict[str, Any]          # step, epoch, loss, created, versions: informational
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_VERSION
 
     def to_json(self) -> bytes:
         """The manifest's bytes; SnapshotError if the reader would refuse them (too large, or too many
@@ -107,11 +154,11 @@ class Manifest:
         # Built by hand: dataclasses.asdict deep-copies every field and takes seconds at 20k tensors.
         body = {"format": "pyckpt-manifest", "world_size": self.world_size,
                 "files": [{"name": f.name, "size": f.size} for f in self.files],
-                "tensors": [{"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
-                             "pieces": [{"file": p.file, "offset": p.offset, "length": p.length, "xxh3": p.xxh3}
-                                        for p in t.pieces]} for t in self.tensors],
+                "tensors": [_tensor_json(t) for t in self.tensors],
                 "replicated": self.replicated, "per_rank": self.per_rank, "meta": self.meta,
                 "format_version": self.format_version}
+        if any(t.chunks is not None for t in self.tensors):
+            body["format_version"] = FORMAT_VERSION
         data = json.dumps(body, separators=(",", ":"), check_circular=False).encode()
         if len(data) > MAX_MANIFEST:
             raise SnapshotError(f"the manifest would be {len(data)} bytes, more than {MAX_MANIFEST}: the state "
@@ -143,9 +190,10 @@ class Manifest:
         v = _Validator(where)
         v.check(isinstance(body, dict) and body.get("format") == "pyckpt-manifest", "not a pyckpt manifest")
         version = body.get("format_version")
-        v.check(type(version) is int and version == FORMAT_VERSION,
-                f"format_version {str(version)[:40]!r} is not supported (this pyckpt reads {FORMAT_VERSION}); "
+        v.check(type(version) is int and version in READ_VERSIONS,
+                f"format_version {str(version)[:40]!r} is not supported (this pyckpt reads {READ_VERSIONS}); "
                 "upgrade pyckpt")
+        v.chunked_ok = version >= 2
         world = v.int(body.get("world_size"), "world_size", 1, 1 << 20)
         files = [FileRecord(v.file_name(f.get("name") if isinstance(f, dict) else None),
                             v.int(f.get("size"), "file size", 0, 1 << 62))
@@ -163,8 +211,9 @@ class Manifest:
         v.check(claimed <= total, f"tensors claim {claimed} bytes but the data files hold {total}")
         per_rank = v.list(body.get("per_rank"), "per_rank")
         v.check(len(per_rank) == world, "per_rank must have one tree per rank")
+        kinds = [t.kind for t in tensors]
         for tree in [body.get("replicated")] + per_rank:
-            v.tree(tree, len(tensors))
+            v.tree(tree, kinds)
         meta = v.meta(body.get("meta"))
         return cls(world, files, tensors, body.get("replicated"), per_rank, meta, version)
 
@@ -172,7 +221,7 @@ class Manifest:
 class _Validator:
     def __init__(self, where: str):
         self.where = where
-        self.numpy: set[int] = set()   # indices of the numpy tensors seen by tensor(): referenced as "N"
+        self.chunked_ok = False          # chunked tensors: format version 2 on
 
     def fail(self, problem: str) -> IntegrityError:
         return IntegrityError(f"{self.where}: {problem}", file=self.where)
@@ -216,9 +265,9 @@ class _Validator:
         self.check(isinstance(value, list), f"{what} must be a list")
         return value
 
-    def tree(self, root: Any, count: int) -> None:
-        """A state tree's nodes, depth and references (of the count tensors, numpy ones as "N")."""
-        validate(root, count, self.numpy, self.where)
+    def tree(self, root: Any, kinds: list[str]) -> None:
+        """A state tree's nodes, depth and references (each with its record's kind)."""
+        validate(root, kinds, self.where)
 
     def file_name(self, name: Any) -> str:
         self.check(isinstance(name, str) and DATA_FILE.match(name) is not None,
@@ -232,7 +281,6 @@ class _Validator:
         itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
         if itemsize is None:
             itemsize = self._numpy_itemsize(index, dtype)
-            self.numpy.add(index)
         shape = t.get("shape")
         if type(shape) is not list:
             raise self.fail(f"tensor {index} shape must be a list")
@@ -250,30 +298,66 @@ class _Validator:
             self.int(nbytes, f"tensor {index} nbytes", 0, total)
         if nbytes != count * itemsize:
             raise self.fail(f"tensor {index}: nbytes {nbytes} does not match shape {shape} x {itemsize} bytes")
-        raw = t.get("pieces")
+        if "chunks" in t:
+            return self._chunked(index, t, dtype, shape, nbytes, itemsize, files)
+        return TensorRecord(dtype, shape, nbytes, self._pieces(f"tensor {index}", t.get("pieces"), nbytes, files))
+
+    def _pieces(self, what: str, raw: Any, nbytes: int, files: list[FileRecord]) -> list[Piece]:
+        """The pieces of a tensor or chunk of nbytes bytes: each inside its file, together exactly nbytes."""
         if type(raw) is not list:
-            raise self.fail(f"tensor {index} pieces must be a list")
+            raise self.fail(f"{what} pieces must be a list")
         pieces = []
         covered = 0
         nfiles = len(files)
         hex16 = _HEX16.fullmatch
         for p in raw:
             if type(p) is not dict:
-                raise self.fail(f"tensor {index}: piece is not an object")
+                raise self.fail(f"{what}: piece is not an object")
             file, length, offset, digest = p.get("file"), p.get("length"), p.get("offset"), p.get("xxh3")
             if type(file) is not int or not 0 <= file < nfiles:
-                self.int(file, f"tensor {index} piece file", 0, nfiles - 1)
+                self.int(file, f"{what} piece file", 0, nfiles - 1)
             if type(length) is not int or not 0 <= length <= nbytes:
-                self.int(length, f"tensor {index} piece length", 0, nbytes)
+                self.int(length, f"{what} piece length", 0, nbytes)
             if type(offset) is not int or not 0 <= offset <= files[file].size - length:
-                self.int(offset, f"tensor {index} piece offset", 0, files[file].size - length)
+                self.int(offset, f"{what} piece offset", 0, files[file].size - length)
             if type(digest) is not str or hex16(digest) is None:
-                raise self.fail(f"tensor {index}: piece checksum {str(digest)[:40]!r} is malformed")
+                raise self.fail(f"{what}: piece checksum {str(digest)[:40]!r} is malformed")
             pieces.append(Piece(file, offset, length, digest))
             covered += length
         if covered != nbytes:
-            raise self.fail(f"tensor {index}: pieces cover {covered} of {nbytes} bytes")
-        return TensorRecord(dtype, shape, nbytes, pieces)
+            raise self.fail(f"{what}: pieces cover {covered} of {nbytes} bytes")
+        return pieces
+
+    def _chunked(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int,
+                 files: list[FileRecord]) -> TensorRecord:
+        """A sharded tensor: chunks that tile its shape exactly, each with pieces covering its bytes."""
+        self.check(self.chunked_ok, f"tensor {index}: chunks in a format_version 1 manifest")
+        self.check(not dtype.startswith("numpy:"), f"tensor {index}: a numpy array cannot be chunked")
+        self.check("pieces" not in t, f"tensor {index}: both pieces and chunks")
+        raw = self.list(t.get("chunks"), f"tensor {index} chunks")
+        self.check(len(raw) <= MAX_CHUNKS, f"tensor {index}: {len(raw)} chunks, more than {MAX_CHUNKS}")
+        chunks = []
+        for c, entry in enumerate(raw):
+            what = f"tensor {index} chunk {c}"
+            self.check(type(entry) is dict, f"{what} is not an object")
+            offsets, sizes = entry.get("offsets"), entry.get("sizes")
+            self.check(type(offsets) is list and type(sizes) is list and len(offsets) == len(sizes) == len(shape),
+                       f"{what}: offsets and sizes must be lists of {len(shape)} integers")
+            for value in offsets + sizes:
+                self.int(value, f"{what} offset/size", 0, MAX_DIM_PRODUCT)
+            ranks = entry.get("ranks", [])
+            self.check(type(ranks) is list and all(type(r) is int for r in ranks), f"{what}: ranks must be integers")
+            volume = 1
+            for size in sizes:
+                volume *= size
+            self.check(volume <= MAX_DIM_PRODUCT, f"{what}: sizes {sizes} are too large")
+            chunks.append(Chunk(offsets, sizes, self._pieces(what, entry.get("pieces"), volume * itemsize, files),
+                                ranks))
+        problem = check_tiling(tuple(shape), [c.box for c in chunks])
+        self.check(problem is None, f"tensor {index}: its chunks do not tile shape {shape}: {problem}")
+        placements = t.get("placements", "")
+        self.check(type(placements) is str and len(placements) <= 1000, f"tensor {index}: placements is not a string")
+        return TensorRecord(dtype, shape, nbytes, [], chunks, placements)
 
     def _numpy_itemsize(self, index: int, dtype: Any) -> int:
         if isinstance(dtype, str) and dtype.startswith("numpy:"):
@@ -310,7 +394,7 @@ class CommitRecord:
         return self.versions[0]
 
     def to_json(self) -> bytes:
-        body = {"format": "pyckpt-commit", "format_version": FORMAT_VERSION,
+        body = {"format": "pyckpt-commit", "format_version": COMMIT_VERSION,
                 "versions": [asdict(v) for v in self.versions]}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return json.dumps({"body": body, "xxh3": checksum(text.encode())}, sort_keys=True, indent=1).encode()
@@ -328,7 +412,7 @@ class CommitRecord:
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         v.check(outer.get("xxh3") == checksum(text.encode()), "commit record checksum mismatch (corrupted)")
         v.check(body.get("format") == "pyckpt-commit", "not a pyckpt commit record")
-        v.check(body.get("format_version") == FORMAT_VERSION,
+        v.check(body.get("format_version") == COMMIT_VERSION,
                 f"commit format_version {body.get('format_version')!r} is not supported; upgrade pyckpt")
         versions = []
         for ref in v.list(body.get("versions"), "versions"):

@@ -82,6 +82,10 @@ class RankReport:
     samples: bytes = b""                  # one xxh3-64 per replicated tensor, of sampled bytes
     private_tree: Any = None
     private_records: list[tuple[str, list[int], int]] = field(default_factory=list)
+    # the parts of sharded tensors it wrote: (tensor, offsets, sizes, start in the box, length, holding
+    # ranks, file offset); their pieces' digests follow the replicated ones in `digests`
+    shards: list[tuple] = field(default_factory=list)
+    private_base: int = 0                 # where its private state starts in its file
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from .errors import IntegrityError, PyckptError
 from .manifest import Manifest, Piece, TensorRecord, VersionRef, checksum
@@ -29,6 +30,7 @@ from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
+from .shards import Copy, Target, dtensor_target, plan_reads, whole_target
 from .tree import TORCH_DTYPES, references, unflatten
 
 
@@ -140,12 +142,24 @@ class TensorRead:
         self._names = _LazyNames(snap.manifest, indices)
         self._sources = _copies(snap)
         try:
-            self.buffers = [out[k] if out is not None and out[k] is not None
-                            else torch.empty(r.nbytes, dtype=torch.uint8) for k, r in enumerate(self.records)]
+            by_file = self._pieces()
         except BaseException:
             self.close()
             raise
-        # Every piece, grouped by file in file order: neighbours are read with one preadv.
+        self.jobs: list[ReadJob] = []
+        for file, pieces in by_file.items():
+            pieces.sort(key=lambda item: item.offset)   # linear when already in order
+            self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces))
+        # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
+        self.progress = bytearray(len(self.jobs))
+        self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
+
+    def _pieces(self) -> dict[int, list[PieceRead]]:
+        """Allocate the buffers and list every piece to read, grouped by file (neighbours are read with
+        one preadv)."""
+        out = self.out
+        self.buffers = [out[k] if out is not None and out[k] is not None
+                        else torch.empty(r.nbytes, dtype=torch.uint8) for k, r in enumerate(self.records)]
         by_file: dict[int, list] = {}
         for k, (rec, buf) in enumerate(zip(self.records, self.buffers)):
             view = byte_view(buf) if rec.nbytes else memoryview(b"")
@@ -156,13 +170,7 @@ class TensorRead:
                 continue
             for p, start in _piece_starts(rec):
                 by_file.setdefault(p.file, []).append(PieceRead(p.offset, p, view[start: start + p.length], k))
-        self.jobs: list[ReadJob] = []
-        for file, pieces in by_file.items():
-            pieces.sort(key=lambda item: item.offset)   # linear when already in order
-            self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces))
-        # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
-        self.progress = bytearray(len(self.jobs))
-        self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
+        return by_file
 
     def __enter__(self) -> "TensorRead":
         return self
@@ -257,18 +265,92 @@ class TensorRead:
             iov = _advance(iov, got)
 
 
-class TreeRead(TensorRead):
-    """A TensorRead of the tensors a state tree references; .tree() rebuilds the tree with them."""
+class ShardRead(TensorRead):
+    """The read of tensors into Targets (shards.py): for each, only the saved pieces that overlap the
+    boxes this rank needs, straight into place where the bytes are contiguous on both sides. Each rank
+    reads its own (no sharing between the ranks of a machine: they need different bytes)."""
 
-    def __init__(self, snap: Snapshot, tree: Any, indices: list[int], out: list[torch.Tensor | None] | None):
-        super().__init__(snap, indices, out)
+    def __init__(self, snap: Snapshot, indices: list[int], targets: list[Target]):
+        self.targets = targets
+        self.copies: list[Copy] = []
+        super().__init__(snap, indices)
+
+    def _pieces(self) -> dict[int, list[PieceRead]]:
+        by_file: dict[int, list] = {}
+        self.buffers = []
+        for k, (rec, target) in enumerate(zip(self.records, self.targets)):
+            local = target.buffer if target.buffer is not None else \
+                torch.empty(target.local_shape, dtype=TORCH_DTYPES[rec.dtype])
+            self.buffers.append(local)
+            reads, copies = plan_reads(rec.as_chunks(), target, local)
+            for piece, view in reads:
+                by_file.setdefault(piece.file, []).append(PieceRead(piece.offset, piece, view, k))
+            self.copies += copies
+        return by_file
+
+    def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
+        """Read and verify the pieces, then copy the parts of the edge and strided ones into place."""
+        super().run(jobs, direct=direct)
+        for source, dest in self.copies:
+            dest.copy_(source)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the pieces this read reads (each piece whole: checksums cover whole pieces)."""
+        return sum(self.job_sizes())
+
+    def values(self) -> list[Any]:
+        return [target.build(buf) for target, buf in zip(self.targets, self.buffers)]
+
+
+class TreeRead(TensorRead):
+    """A TensorRead of the tensors a state tree references; .tree() rebuilds the tree with them. The
+    tensors with a Target (sharded ones, or any read into a live DTensor) are read by `own`, a ShardRead
+    that run() runs too; peers on one machine share only the others (they are the same on every rank)."""
+
+    def __init__(self, snap: Snapshot, tree: Any, indices: list[int], out: list[Any] | None):
+        records = snap.manifest.tensors
+        targets = [_target(records[i], out[k] if out else None) if 0 <= i < len(records) else None
+                   for k, i in enumerate(indices)]
+        plain = [k for k, target in enumerate(targets) if target is None]
+        super().__init__(snap, [indices[k] for k in plain], [out[k] for k in plain] if out else None)
+        try:
+            sharded = [k for k, target in enumerate(targets) if target is not None]
+            self.own = ShardRead(snap, [indices[k] for k in sharded], [targets[k] for k in sharded])
+        except BaseException:
+            self.close()
+            raise
         self._tree = tree
+
+    def close(self) -> None:
+        super().close()
+        own = getattr(self, "own", None)
+        if own is not None:
+            own.close()
+
+    def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
+        super().run(jobs, direct=direct)
+        if jobs is None:
+            self.own.run(direct=direct)
 
     def tree(self) -> Any:
         tensors: list[Any] = [None] * len(self.snap.manifest.tensors)
-        for index, value in zip(self.indices, self.values()):
-            tensors[index] = value
+        for read in (self, self.own):
+            for index, value in zip(read.indices, read.values()):
+                tensors[index] = value
         return unflatten(self._tree, tensors, self.snap.manifest_where)
+
+
+def _target(record: TensorRecord, given: Any) -> Target | None:
+    """How a tensor is read: into a Target when it is sharded, goes into a live DTensor, or was given
+    one (a fresh optimizer's state); None for a whole tensor read as before."""
+    if isinstance(given, Target):
+        return given
+    if isinstance(given, DTensor):
+        return dtensor_target(given, TORCH_DTYPES[record.dtype])
+    if record.chunks is not None:
+        return whole_target(tuple(record.shape), given)
+    return None
 
 
 DONE, FAILED = 1, 2

@@ -93,11 +93,13 @@ class _Restoring:
         self.private = snap.private(self.rank) if self.rank < snap.manifest.world_size else None
         fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private)
         self.in_place = fitting.live_destinations(snap.manifest, runtime)
-        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=self.in_place))
+        into = {**fitting.optimizer_targets(snap.manifest, runtime), **self.in_place}
+        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
         if offers:  # ranks on one machine each read a share and copy the rest
             peers.read_shared(self.replicated, offers, local.index(self.rank))
+            self.replicated.own.run()   # the sharded tensors: each rank its own boxes
         else:
             self.replicated.run()
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from .errors import IntegrityError
 
@@ -24,10 +25,11 @@ DICT = "D"          # {"D": [[key, node], ...]}: keys str or int, order kept
 LIST = "L"          # {"L": [node, ...]}
 TUPLE = "U"         # {"U": [node, ...]}
 TENSOR = "T"        # {"T": i}: torch tensor number i of Manifest.tensors
+SHARDED = "S"       # {"S": i}: a sharded (DTensor) tensor, number i: saved as chunks of its global shape
 ARRAY = "N"         # {"N": i}: numpy array number i
 VALUE = "V"         # {"V": v}: None, bool, int, float (NaN/inf allowed), str
 DTYPE = "dtype"     # {"dtype": "float32"}: a torch.dtype
-REFERENCES = frozenset((TENSOR, ARRAY))     # leaves whose value is an index into Manifest.tensors
+REFERENCES = frozenset((TENSOR, SHARDED, ARRAY))     # leaves whose value is an index into Manifest.tensors
 
 MAX_DEPTH = 64                  # nesting limit of a state tree, written or read
 MAX_INT_BITS = 14_000           # Python reads no int of more than 4,300 digits (~14,284 bits) from JSON
@@ -65,7 +67,8 @@ def _dtype(value: Any) -> torch.dtype:
 _PLAIN = frozenset((bool, int, float, str))
 # Every leaf kind: its value read from disk, checked (Malformed if it is not in the format). A new leaf
 # kind is an entry here and a case in _classifier.
-LEAVES: dict[str, Callable[[Any], Any]] = {TENSOR: _index, ARRAY: _index, VALUE: _plain, DTYPE: _dtype}
+LEAVES: dict[str, Callable[[Any], Any]] = {TENSOR: _index, SHARDED: _index, ARRAY: _index, VALUE: _plain,
+                                           DTYPE: _dtype}
 
 
 class Malformed(Exception):
@@ -201,6 +204,11 @@ def _classifier(tensors: list) -> Callable[[Any], tuple[str, Any]]:
                     return (DICT, [[_key(key), value] for key, value in obj.items()])   # refused, or a subclass
             return (DICT, list(map(list, obj.items())))
         if isinstance(obj, torch.Tensor):
+            if isinstance(obj, DTensor):
+                if obj.dtype not in DTYPE_NAMES:
+                    raise Malformed(f"dtype {obj.dtype} is not supported")
+                append(obj)
+                return (SHARDED, len(tensors) - 1)
             if obj.layout != torch.strided:
                 raise Malformed(f"{obj.layout} tensors are not supported; convert to dense")
             if obj.dtype not in DTYPE_NAMES:
@@ -282,25 +290,26 @@ def unflatten(node: Any, tensors: Sequence, where: str) -> Any:
         return tensors[value]
 
     try:
-        return fold(node, {**LEAVES, TENSOR: tensor, ARRAY: tensor}, _decode)
+        return fold(node, {**LEAVES, TENSOR: tensor, SHARDED: tensor, ARRAY: tensor}, _decode)
     except Malformed as exc:
         raise _integrity(where, exc) from None
 
 
-def validate(root: Any, count: int, numpy: set[int], where: str) -> None:
+def validate(root: Any, kinds: Sequence[str], where: str) -> None:
     """Check a state tree read from disk: the form of every node, the depth, and that each reference
-    names one of the `count` tensors, as "N" exactly those in `numpy`. IntegrityError naming `where`."""
-    def reference(kind: str) -> Callable[[Any], None]:
-        is_numpy = kind == ARRAY
+    names one of the tensors, with the reference kind its record has (kinds[i]: "T" for a whole torch
+    tensor, "S" for a chunked one, "N" for a numpy array). IntegrityError naming `where`."""
+    count = len(kinds)
 
+    def reference(kind: str) -> Callable[[Any], None]:
         def check(value: Any) -> None:
-            if type(value) is not int or not 0 <= value < count or (value in numpy) != is_numpy:
+            if type(value) is not int or not 0 <= value < count or kinds[value] != kind:
                 raise Malformed(f"tensor reference {kind} {str(_index(value))[:40]!r} is out of range or of the "
                                 "wrong kind")
         return check
 
     try:
-        fold(root, {**LEAVES, TENSOR: reference(TENSOR), ARRAY: reference(ARRAY)}, _nothing)
+        fold(root, {**LEAVES, **{kind: reference(kind) for kind in REFERENCES}}, _nothing)
     except Malformed as exc:
         raise _integrity(where, exc) from None
 
@@ -315,7 +324,7 @@ def references(root: Any, where: str = "the state tree") -> list[int]:
         out.append(value)
 
     try:
-        fold(root, {**LEAVES, TENSOR: reference, ARRAY: reference}, _nothing)
+        fold(root, {**LEAVES, TENSOR: reference, SHARDED: reference, ARRAY: reference}, _nothing)
     except Malformed as exc:
         raise _integrity(where, exc) from None
     return out
@@ -333,7 +342,8 @@ def shift(root: Any, base: int, where: str = "a rank's private state tree") -> A
 
 
 def _shape(root: Any) -> tuple[Any, list[int]]:
-    """A tree's keys, node kinds and nesting (no values), and its tensor references in order."""
+    """A tree's keys, node kinds and nesting (no values), and its tensor references in order. A
+    sharded tensor counts as a torch tensor: a model saved under DDP restores into FSDP2 and back."""
     refs: list[int] = []
 
     def reference(kind: str) -> Callable[[Any], str]:
@@ -344,7 +354,8 @@ def _shape(root: Any) -> tuple[Any, list[int]]:
 
     def build(kind: str, items: list, results: list) -> tuple:
         return kind, [item[0] for item in items] if kind == DICT else None, results
-    leaves = {**_checked(lambda kind, value: kind), TENSOR: reference(TENSOR), ARRAY: reference(ARRAY)}
+    leaves = {**_checked(lambda kind, value: kind), TENSOR: reference(TENSOR), SHARDED: reference(TENSOR),
+              ARRAY: reference(ARRAY)}
     return fold(root, leaves, build), refs
 
 

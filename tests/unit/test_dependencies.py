@@ -58,7 +58,7 @@ LAYERS = [
     ["s3_store"],
     ["posix_store"],
     ["writer", "storage", "messages", "config"],
-    ["planner", "safe_fs"],
+    ["planner", "safe_fs", "shards"],
     ["manifest", "sysio", "testhooks", "collectives"],
     ["tree"],
     ["errors", "boxes"],

@@ -79,7 +79,7 @@ def test_a_hostile_depth_costs_no_recursion():
     node: dict = {"V": 1}
     for _ in range(100_000):
         node = {"L": [node]}
-    for walk in (lambda: unflatten(node, [], "m"), lambda: validate(node, 0, set(), "m"),
+    for walk in (lambda: unflatten(node, [], "m"), lambda: validate(node, [], "m"),
                  lambda: references(node, "m"), lambda: tensor_chains(node, "m")):
         with pytest.raises(IntegrityError, match="nested deeper"):
             walk()
@@ -102,7 +102,7 @@ def test_a_hostile_depth_costs_no_recursion():
 def test_malformed_nodes_are_named_with_their_key_path(bad, problem):
     tree = {"D": [["model", {"L": [{"V": 0}, bad]}]]}
     for walk in (lambda: unflatten(tree, [torch.ones(1)], "m.json"),
-                 lambda: validate(tree, 1, set(), "m.json")):
+                 lambda: validate(tree, ["T"], "m.json")):
         with pytest.raises(IntegrityError) as caught:
             walk()
         assert caught.value.file == "m.json" and problem in str(caught.value)
@@ -110,10 +110,11 @@ def test_malformed_nodes_are_named_with_their_key_path(bad, problem):
 
 
 def test_validate_checks_references_against_the_tensors_and_their_kind():
-    validate({"L": [{"T": 0}, {"N": 1}]}, 2, {1}, "m")
-    for tree, numpy in (({"T": 2}, set()), ({"T": 1}, {1}), ({"N": 0}, set())):
+    validate({"L": [{"T": 0}, {"N": 1}, {"S": 2}]}, ["T", "N", "S"], "m")
+    for tree, kinds in (({"T": 2}, ["T", "T"]), ({"T": 1}, ["T", "N"]), ({"N": 0}, ["T", "T"]),
+                        ({"S": 0}, ["T"]), ({"T": 0}, ["S"])):
         with pytest.raises(IntegrityError, match="out of range or of the wrong kind"):
-            validate(tree, 2, numpy, "m")
+            validate(tree, kinds, "m")
 
 
 def test_unsupported_objects_are_named_by_key():

@@ -1,0 +1,202 @@
+"""Sharded tensors (DTensor: FSDP2, HSDP, tensor parallel) on this rank: the parts of their boxes it
+writes in a snapshot, and where a saved tensor's boxes go when it is restored (a Target).
+
+A box held by several ranks (Replicate placements, HSDP replicas) is written once: its holders split
+its bytes between them, or one of them writes it whole when it is small. Every holder computes the same
+split from the mesh alone, so no rank has to ask the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .boxes import Box, SavedIndex, byte_span, holders, layout_of, local_layout, mesh_ranks
+from .manifest import MAX_PIECE
+from .sysio import byte_view
+
+# A box held by several ranks smaller than this is written whole by one of them (chosen by its
+# position, so the small ones spread over the holders) rather than cut into tiny parts.
+SPLIT_MIN = 1 << 20
+
+
+class ShardPart(NamedTuple):
+    """Bytes of one box of a sharded tensor that this rank writes."""
+
+    tensor: int                 # index in the snapshot's tensor list
+    offsets: tuple[int, ...]    # the box
+    sizes: tuple[int, ...]
+    start: int                  # where the part begins in the box's row-major bytes
+    length: int
+    ranks: tuple[int, ...]      # the ranks holding the box
+    view: memoryview            # the part's bytes
+
+
+def placements_text(tensor: DTensor) -> str:
+    """How a DTensor is laid out, for inspect: its mesh shape and placements."""
+    mesh = tensor.device_mesh
+    return f"mesh {tuple(mesh.shape)} {tuple(tensor.placements)}"
+
+
+def parts_to_write(index: int, tensor: DTensor, itemsize: int) -> list[ShardPart]:
+    """The parts of a DTensor's boxes this rank writes (none when it is outside the tensor's mesh).
+    ValueError for a layout that is not data (Partial placements)."""
+    shape, mesh_shape, placements, coordinate = layout_of(tensor)
+    if coordinate is None:
+        return []
+    if any(p[0] == "P" for p in placements):
+        raise ValueError("it has a Partial placement (a pending reduction, not data): call "
+                         ".redistribute() or .full_tensor() on it before the snapshot")
+    local = tensor.to_local()
+    mates = holders(mesh_shape, placements, coordinate)
+    mesh = mesh_ranks(tensor)
+    ranks = tuple(int(mesh[c]) for c in mates)
+    me, count = mates.index(coordinate), len(mates)
+    out = []
+    for k, (box, inside) in enumerate(local_layout(shape, mesh_shape, placements, coordinate)):
+        view = byte_view(local[_slices(inside)] if inside.sizes != tuple(local.shape) else local)
+        for start, length in _my_share(len(view), itemsize, me, count, index + k):
+            out.append(ShardPart(index, box.offsets, box.sizes, start, length, ranks, view))
+    return out
+
+
+def _my_share(nbytes: int, itemsize: int, me: int, count: int, salt: int) -> list[tuple[int, int]]:
+    """(start, length) of the bytes of a box that holder `me` of `count` writes: an equal cut on
+    element boundaries, or all of a small box for one of them."""
+    if count == 1:
+        return [(0, nbytes)] if nbytes else []
+    if nbytes < SPLIT_MIN:
+        return [(0, nbytes)] if salt % count == me and nbytes else []
+    elements = nbytes // itemsize
+    start, stop = elements * me // count * itemsize, elements * (me + 1) // count * itemsize
+    return [(start, stop - start)] if stop > start else []
+
+
+def _slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
+
+
+def pieces_of(length: int) -> list[tuple[int, int]]:
+    """A part of `length` bytes cut into checksummed pieces: (start in the part, length)."""
+    return [(off, min(MAX_PIECE, length - off)) for off in range(0, length, MAX_PIECE)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore: where a saved tensor's boxes go on this rank
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """Where a saved tensor is read to on this rank: the global boxes it needs, each at a box of the
+    local tensor (local_shape, the saved dtype); into `buffer` when the live one can take the bytes in
+    place, else a new tensor. build(local) gives the value to load (a DTensor, or the tensor)."""
+
+    boxes: list[tuple[Box, Box]]
+    local_shape: tuple[int, ...]
+    buffer: torch.Tensor | None
+    build: Callable[[torch.Tensor], Any]
+
+
+def whole_target(shape: tuple[int, ...], buffer: torch.Tensor | None = None) -> Target:
+    """The whole tensor (a plain process, a DDP model restoring a sharded snapshot)."""
+    box = Box((0,) * len(shape), tuple(shape))
+    return Target([(box, box)] if all(shape) else [], tuple(shape), buffer, _same)
+
+
+def dtensor_target(live: DTensor, dtype: torch.dtype, in_place: bool = True) -> Target:
+    """The boxes a live DTensor holds on this rank; read into its own local tensor when `in_place`
+    and it is a contiguous CPU tensor of the saved dtype (a parameter restored in place), else into a
+    new tensor that becomes a DTensor of the same layout (a fresh optimizer's state)."""
+    shape, mesh_shape, placements, coordinate = layout_of(live)
+    local = live.to_local()
+    boxes = [] if coordinate is None else local_layout(shape, mesh_shape, placements, coordinate)
+    fits = in_place and local.is_cpu and local.is_contiguous() and local.dtype == dtype
+    buffer = (local.detach() if local.requires_grad else local) if fits else None
+
+    def build(value: torch.Tensor) -> DTensor:
+        if value is buffer:
+            return live
+        return DTensor.from_local(value.to(local.device), live.device_mesh, live.placements, run_check=False,
+                                  shape=live.shape, stride=live.stride())
+    return Target(boxes, tuple(local.shape), buffer, build)
+
+
+def _same(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+class Copy(NamedTuple):
+    """After the pieces are read and verified: copy `source` (a view of the read bytes) into `dest`."""
+
+    source: torch.Tensor
+    dest: torch.Tensor
+
+
+def plan_reads(chunks: list, target: Target, local: torch.Tensor) -> tuple[list[tuple[Any, memoryview]], list[Copy]]:
+    """How to fill `local` (the target's tensor, of the saved dtype) from the saved chunks: the pieces to
+    read, each with where its bytes go, and the copies to make once they are verified. A piece wholly
+    inside a range that is contiguous in both the chunk and `local` is read straight into place; the
+    others (at most one at each edge of such a range, or all those of a strided overlap) are read whole
+    into scratch memory (every piece is checksummed whole) and the part needed is copied."""
+    itemsize = local.element_size()
+    local_bytes = byte_view(local) if local.numel() else memoryview(b"")
+    whole_local = Box((0,) * local.dim(), tuple(local.shape))
+    index = SavedIndex([c.box for c in chunks])
+    reads: list[tuple[Any, memoryview]] = []
+    copies: list[Copy] = []
+    for box, inside in target.boxes:
+        for c, region in index.plan(box):
+            chunk = chunks[c]
+            start, stop, exact = byte_span(chunk.box, region, itemsize)
+            spot = Box(tuple(i + r - b for i, r, b in zip(inside.offsets, region.offsets, box.offsets)), region.sizes)
+            at, _, dest_exact = byte_span(whole_local, spot, itemsize)
+            if exact and dest_exact:
+                _contiguous(chunk.pieces, start, stop, local_bytes[at: at + stop - start], reads, copies)
+            else:
+                _strided(chunk, region, start, stop, itemsize, local[_slices(spot)], reads, copies)
+    return reads, copies
+
+
+def _contiguous(pieces: list, start: int, stop: int, dest: memoryview, reads: list, copies: list) -> None:
+    """Bytes [start, stop) of a chunk into dest: whole pieces straight in, the edge ones through scratch."""
+    pos = 0
+    for piece in pieces:
+        lo, hi = pos, pos + piece.length
+        pos = hi
+        if hi <= start or lo >= stop:
+            continue
+        if start <= lo and hi <= stop:
+            reads.append((piece, dest[lo - start: hi - start]))
+            continue
+        scratch = torch.empty(piece.length, dtype=torch.uint8)
+        reads.append((piece, byte_view(scratch)))
+        a, b = max(lo, start), min(hi, stop)
+        target = torch.frombuffer(dest[a - start: b - start], dtype=torch.uint8)
+        copies.append(Copy(scratch[a - lo: b - lo], target))
+
+
+def _strided(chunk: Any, region: Box, start: int, stop: int, itemsize: int, dest: torch.Tensor, reads: list,
+             copies: list) -> None:
+    """A region that is not one byte range (a column block): the pieces spanning it are read into one
+    scratch buffer and the region is copied out of it as a strided view."""
+    pos, first = 0, None
+    spans = []
+    for piece in chunk.pieces:
+        lo, hi = pos, pos + piece.length
+        pos = hi
+        if hi > start and lo < stop:
+            first = lo if first is None else first
+            spans.append((piece, lo))
+    scratch = torch.empty(spans[-1][1] + spans[-1][0].length - first, dtype=torch.uint8)
+    for piece, lo in spans:
+        reads.append((piece, byte_view(scratch[lo - first: lo - first + piece.length])))
+    strides, step = [], 1
+    for size in reversed(chunk.sizes):
+        strides.append(step)
+        step *= size
+    strides.reverse()
+    elements = scratch.view(dest.dtype) if scratch.numel() else scratch
+    source = elements.as_strided(region.sizes, strides, (start - first) // itemsize)
+    copies.append(Copy(source, dest))
