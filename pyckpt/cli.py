@@ -236,8 +236,10 @@ def inspect_cmd(
     snapshot: str = typer.Argument(..., help="the snapshot path (a file path or s3://bucket/key)"),
     version: Optional[str] = typer.Option(None, "--version", "-v", help="a committed version (default: current)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    chunks: bool = typer.Option(False, "--chunks", help="also list each box of the sharded tensors and its ranks"),
 ) -> None:
-    """Show a snapshot's metadata and its tensors (name, dtype, shape, bytes, files)."""
+    """Show a snapshot's metadata and its tensors (name, dtype, global shape, bytes, files, and how
+    sharded tensors were laid out)."""
     from .inspect import tensors
 
     snap = _open(snapshot, version)
@@ -259,11 +261,17 @@ def inspect_cmd(
                   f"written {_when(meta.get('created'))}"
                   + (f" on {_esc(meta['host'])} (torch {_esc(meta.get('torch'))})" if meta.get("host") else ""))
     table = Table(show_lines=False)
-    for column in ("#", "tensor", "dtype", "shape", "bytes", "files"):
+    sharded = any(t.sharding for t in infos)
+    for column in ("#", "tensor", "dtype", "shape", "bytes", "files") + (("sharding",) if sharded else ()):
         table.add_column(column, justify="right" if column in ("#", "bytes") else "left")
     for t in infos:
+        layout = (f"{t.sharding}, {len(t.chunks)} chunk(s)" if t.sharding else "") if sharded else None
         table.add_row(str(t.index), _esc(t.name), _esc(t.dtype), "x".join(map(str, t.shape)) or "scalar",
-                      _size(t.nbytes), ",".join(map(str, t.ranks)) or "-")
+                      _size(t.nbytes), ",".join(map(str, t.ranks)) or "-", *([_esc(layout)] if sharded else []))
+        for c in t.chunks if chunks else ():
+            box = ", ".join(f"{o}:{o + n}" for o, n in zip(c["offsets"], c["sizes"]))
+            table.add_row("", f"  [{box}]", "", "x".join(map(str, c["sizes"])), "", "",
+                          f"ranks {','.join(map(str, c['ranks']))}")
     console.print(table)
 
 

@@ -118,6 +118,8 @@ class TensorInfo:
     nbytes: int
     files: list[str] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)      # the ranks whose data files hold its pieces
+    sharding: str = ""                                  # a sharded tensor's layout when saved
+    chunks: list[dict] = field(default_factory=list)    # its boxes: offsets, sizes, the ranks that held each
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -127,9 +129,12 @@ def tensors(snap: Snapshot) -> list[TensorInfo]:
     names = snap.manifest.tensor_names()
     out = []
     for i, rec in enumerate(snap.manifest.tensors):
-        ranks = sorted({p.file for p in rec.pieces})
+        pieces = rec.pieces if rec.chunks is None else [p for c in rec.chunks for p in c.pieces]
+        ranks = sorted({p.file for p in pieces})
         files = [snap.manifest.files[r].name for r in ranks]
-        out.append(TensorInfo(i, names.get(i, f"#{i}"), rec.dtype, list(rec.shape), rec.nbytes, files, ranks))
+        chunks = [{"offsets": c.offsets, "sizes": c.sizes, "ranks": c.ranks} for c in rec.chunks or ()]
+        out.append(TensorInfo(i, names.get(i, f"#{i}"), rec.dtype, list(rec.shape), rec.nbytes, files, ranks,
+                              rec.placements, chunks))
     return out
 
 

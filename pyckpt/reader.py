@@ -105,9 +105,9 @@ class Snapshot:
         contiguous CPU tensor of the record's dtype and shape, returned as is); every piece's checksum
         is verified before this returns. `direct`: read with O_DIRECT where the filesystem takes it
         (pass False when other processes on this host read the same files: they share the page cache)."""
-        with TensorRead(self, indices, out) as read:
+        with TreeRead(self, None, indices, out) as read:
             read.run(direct=direct)
-            return read.values()
+            return read.requested_values()
 
 
 class PieceRead(NamedTuple):
@@ -162,6 +162,8 @@ class TensorRead:
                         else torch.empty(r.nbytes, dtype=torch.uint8) for k, r in enumerate(self.records)]
         by_file: dict[int, list] = {}
         for k, (rec, buf) in enumerate(zip(self.records, self.buffers)):
+            if rec.chunks is not None:   # its bytes are in chunks, read by a ShardRead: never leave it unread
+                raise ValueError(f"tensor {self.indices[k]} is sharded: read it with a ShardRead")
             view = byte_view(buf) if rec.nbytes else memoryview(b"")
             pieces = rec.pieces
             if len(pieces) == 1:  # the common case: a tensor of at most 16 MiB in one file
@@ -321,6 +323,7 @@ class TreeRead(TensorRead):
             self.close()
             raise
         self._tree = tree
+        self.requested = indices
 
     def close(self) -> None:
         super().close()
@@ -333,11 +336,18 @@ class TreeRead(TensorRead):
         if jobs is None:
             self.own.run(direct=direct)
 
+    def _by_index(self) -> dict[int, Any]:
+        return {index: value for read in (self, self.own) for index, value in zip(read.indices, read.values())}
+
+    def requested_values(self) -> list[Any]:
+        """The values of the tensors asked for, in the order asked."""
+        values = self._by_index()
+        return [values[index] for index in self.requested]
+
     def tree(self) -> Any:
         tensors: list[Any] = [None] * len(self.snap.manifest.tensors)
-        for read in (self, self.own):
-            for index, value in zip(read.indices, read.values()):
-                tensors[index] = value
+        for index, value in self._by_index().items():
+            tensors[index] = value
         return unflatten(self._tree, tensors, self.snap.manifest_where)
 
 
