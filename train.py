@@ -7,7 +7,9 @@
 
 A small MLP on a synthetic regression set, DDP + DistributedSampler, a snapshot every
 --checkpoint-interval steps to the same path, and a resume that continues at the exact step:
-an interrupted and resumed run ends bit-identical to an uninterrupted one.
+an interrupted and resumed run ends bit-identical to an uninterrupted one. `--parallel fsdp` shards
+the model and optimizer with FSDP2 (`fully_shard`) over all ranks, `--parallel hsdp` replicates between
+nodes and shards within one; pyckpt snapshots the shards and restores them on any world size.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import xxhash
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
@@ -43,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--async-snapshots", action="store_true",
                    help="snapshot in the background (training blocks only for one copy of the state)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp", "hsdp"), default="ddp",
+                   help="ddp (default): replicated model; fsdp: FSDP2 over all ranks; hsdp: FSDP2 within a node, "
+                        "replicated between nodes")
     p.add_argument("--keep-last", type=int, default=2, help="committed versions to keep (default 2)")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (to watch or interrupt a run)")
     p.add_argument("--crash-at-step", type=int, default=None,
@@ -66,10 +74,31 @@ def build_model(hidden: int) -> torch.nn.Module:
 
 
 def param_digest(model: torch.nn.Module) -> str:
+    """xxh3 of the full parameters (sharded ones gathered: a collective, so every rank calls it)."""
     h = xxhash.xxh3_64()
     for tensor in model.state_dict().values():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, world: int,
+                per_node: int) -> torch.nn.Module:
+    """The module to train: DDP (replicated), or the model itself sharded in place with FSDP2."""
+    if parallel == "ddp":
+        # DDP re-buckets gradients after its first iteration, which changes gloo's summation order for
+        # more than 2 ranks; a resumed job's first iteration would then round differently. Without the
+        # rebuild (find_unused_parameters=True) the layout is the same in every run: bit-exact resumes.
+        return DistributedDataParallel(model, find_unused_parameters=True)   # initialize() made a group
+    if parallel == "fsdp" or world % per_node:
+        mesh = init_device_mesh(device.type, (world,))
+    else:   # replicate between nodes, shard within one
+        mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(args.hidden).to(device)
-    # DDP re-buckets gradients after its first iteration, which changes gloo's summation order for
-    # more than 2 ranks; a resumed job's first iteration would then round differently. Without the
-    # rebuild (find_unused_parameters=True) the layout is the same in every run: bit-exact resumes.
-    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # initialize() made a group at any size
+    net = parallelize(model, args.parallel, device, world, config.nproc_per_node)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
     # Per-rank randomness (dropout) differs between ranks but is reproducible on resume.
@@ -115,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"resumed from {path} at step {runtime._step} (epoch {runtime._epoch})")
     else:
         say(f"no snapshot at {path}: starting from step 0")
-    say(f"training: mode={config.mode} world_size={world} backend={config.backend} steps={args.steps} "
+    say(f"training: mode={config.mode} world_size={world} backend={config.backend} parallel={args.parallel} "
+        f"steps={args.steps} "
         f"snapshot every {args.checkpoint_interval} to {path}")
 
     step = runtime.step
@@ -128,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         for batch in range(offset, steps_per_epoch):
             chosen = indices[batch * args.batch_size:(batch + 1) * args.batch_size]
             x, y = dataset[chosen]
-            ddp.train()
+            net.train()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(ddp(x.to(device)), y.to(device))
+            loss = loss_fn(net(x.to(device)), y.to(device))
             loss.backward()
             optimizer.step()
             scheduler.step()

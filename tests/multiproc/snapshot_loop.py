@@ -1,19 +1,24 @@
 """Test helper: snapshot a ~`--mib` MiB state stamped with the step number, forever or N times.
 
 Run under torchrun (or alone). Every tensor of snapshot k is filled with k, so a restored snapshot
-shows exactly which step it is and whether it mixes two steps.
+shows exactly which step it is and whether it mixes two steps. --sharded: the tensors are DTensors
+sharded over all ranks (Shard(0) on a CPU mesh), as FSDP2 holds parameters.
 """
 import argparse
 import sys
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
 
 
 class Stamped:
-    def __init__(self, mib: int):
+    def __init__(self, mib: int, mesh=None):
         self.tensors = {f"t{i}": torch.zeros(mib * (1 << 18) // 8) for i in range(8)}
+        if mesh is not None:
+            self.tensors = {k: distribute_tensor(t, mesh, [Shard(0)]) for k, t in self.tensors.items()}
 
     def fill(self, value: float) -> None:
         for t in self.tensors.values():
@@ -33,9 +38,11 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--count", type=int, default=1000000)
     p.add_argument("--async-snapshots", action="store_true")
+    p.add_argument("--sharded", action="store_true")
     args = p.parse_args()
     with DistributedCoordinator(load_config()) as coordinator:
-        state = Stamped(args.mib)
+        mesh = init_device_mesh("cpu", (coordinator.world_size,)) if args.sharded else None
+        state = Stamped(args.mib, mesh)
         runtime = TrainingRuntime()
         runtime.register("stamped", state)
         for step in range(1, args.count + 1):

@@ -35,16 +35,17 @@ def train_args(path: str, steps: int = 120, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, nproc):
-    reference = final_digest(torchrun(nproc, train_args(str(tmp_path / "a" / "ck.bin"))).stdout)
+@pytest.mark.parametrize("nproc, parallel", [(2, "ddp"), (4, "ddp"), (2, "fsdp")])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, nproc, parallel):
+    args = ("--parallel", parallel)
+    reference = final_digest(torchrun(nproc, train_args(str(tmp_path / "a" / "ck.bin"), 120, *args)).stdout)
 
     path = str(tmp_path / "b" / "ck.bin")
-    crashed = torchrun(nproc, train_args(path, 120, "--crash-at-step", "53"), check=False)
+    crashed = torchrun(nproc, train_args(path, 120, "--crash-at-step", "53", *args), check=False)
     assert crashed.returncode != 0 and "simulated crash at step 53" in crashed.stdout
     assert pyckpt.load(path)["progress"]["step"] == 40  # the last snapshot before the crash
 
-    resumed = torchrun(nproc, train_args(path))
+    resumed = torchrun(nproc, train_args(path, 120, *args))
     assert "resumed from" in resumed.stdout and "at step 40" in resumed.stdout
     assert final_digest(resumed.stdout) == reference
 
@@ -91,13 +92,16 @@ def test_restore_on_other_world_sizes_and_in_a_plain_process(tmp_path):
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("nproc, async_", [(1, False), (2, False), (2, True)])
-def test_kill_during_snapshot_leaves_a_complete_snapshot(tmp_path, nproc, async_):
+@pytest.mark.parametrize("nproc, async_, sharded", [(1, False, False), (2, False, False), (2, True, False),
+                                                     (2, False, True)])
+def test_kill_during_snapshot_leaves_a_complete_snapshot(tmp_path, nproc, async_, sharded):
     path = str(tmp_path / "ck.bin")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(LOOP), path, "--mib", "48"]
     if async_:
         cmd.append("--async-snapshots")
+    if sharded:   # each rank writes its own shards: a kill mid-way must not splice two steps' shards
+        cmd.append("--sharded")
     for delay in (0.05, 0.2, 0.35):
         proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
