@@ -23,6 +23,8 @@ lint: setup
 	yamllint -s .
 	ansible-lint --profile production
 
+# tests/molecule runs its six scenarios three at a time (MOLECULE_JOBS, see tests/molecule/test_molecule.py):
+# one after another they were the largest part of a CI run on 2 cores.
 pytest: setup setup-containers setup-docker
 	OMP_NUM_THREADS=1 $(PY) -m pytest -ra --durations=30 tests
 
