@@ -56,6 +56,8 @@ BREAK_AFTER_STEP = 100           # a committed snapshot at least this far before
 TRAIN_ARGS = ["--steps", str(STEPS), "--checkpoint-interval", str(INTERVAL)]
 # This test's clusters (local-cluster.yml settings), one per engine. cluster_subnet is the bridge's first /26.
 CLUSTERS = {"podman": ("ck4e2e", "10.78.0.0/24"), "docker": ("ck4e2d", "10.79.0.0/24")}
+# The podman cluster trains FSDP2-sharded (each node snapshots its own shards), the docker one DDP.
+PARALLEL = {"podman": "fsdp", "docker": "ddp"}
 # A host on the cluster's bridge network but outside cluster_subnet: "another machine on the LAN".
 OUTSIDER_HOST_NUMBER = 100
 PROBE_PORT = 40123               # not in any firewall rule
@@ -171,7 +173,7 @@ def start_training(cluster: Cluster, tmp: Path) -> int:
     since = int(on(cluster, cluster.master, "date", "+%s").stdout)
     playbook("train.yml", tmp, cluster.inventory, extravars={
         "training_steps": STEPS, "training_checkpoint_interval": INTERVAL,
-        "training_extra_args": ["--step-delay", str(STEP_DELAY)],
+        "training_extra_args": ["--step-delay", str(STEP_DELAY)], "training_parallel": PARALLEL[cluster.engine],
         # Start again when a node boots (the stopped-container case).
         "training_enabled": True,
     })
@@ -232,6 +234,8 @@ def check_final_snapshot(cluster: Cluster, reference: str, since_log: str) -> No
     for tensor in state["objects"]["model"].values():
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     assert h.hexdigest() == reference, "the final snapshot's model is not the reference model"
+    sharded = [r for r in pyckpt.Snapshot.open(cluster.snapshot).manifest.tensors if r.chunks is not None]
+    assert bool(sharded) == (PARALLEL[cluster.engine] != "ddp"), f"{len(sharded)} sharded tensors saved"
 
 
 def resumed_step(log: str) -> int:
@@ -290,9 +294,11 @@ def cluster(tmp: Path, request):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp: Path) -> str:
-    """Parameters after an uninterrupted run with the same world size, on the controller."""
-    proc = torchrun(3, [*TRAIN_ARGS, "--snapshot-path", str(tmp / "reference" / "checkpoint.bin")], timeout=600)
+def reference(tmp: Path, cluster: Cluster) -> str:
+    """Parameters after an uninterrupted run with the same world size and parallelism, on the controller."""
+    parallel = PARALLEL[cluster.engine]
+    proc = torchrun(3, [*TRAIN_ARGS, "--parallel", parallel, "--snapshot-path",
+                        str(tmp / f"reference-{parallel}" / "checkpoint.bin")], timeout=600)
     return final_digest(proc.stdout)
 
 
