@@ -1,14 +1,15 @@
 """The ranks of the sharded-state tests (test_sharded.py): FSDP2, HSDP and FSDP2 + tensor parallel on a
-CPU device mesh over gloo. Round "save" trains a few steps and snapshots on W ranks (also with DCP, the
-reference); round "restore" restores every saved snapshot on W ranks, into fresh models and optimizers
-that have not stepped, and trains on. Each rank writes what it saw to <out>/<round>-<W>-<rank>.json;
-the test compares.
+CPU device mesh over gloo. One job per world size W, all side by side: each trains a few steps and
+snapshots on W ranks (also with DCP, the reference), waits until every job has saved, then restores
+every saved snapshot on its W ranks, into fresh models and optimizers that have not stepped, and trains
+on. Each rank writes what it saw to <base>/<save|restore>-<W>-<rank>.json; the test compares.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -194,20 +195,35 @@ def _needed(model, optimizer) -> int:
     return total
 
 
-def main(rank: int, world: int, port: int, base: str, round_: str, saved_worlds: list[int]) -> None:
+def _wait_for_saves(base: str, worlds: list[int], timeout: float = 600) -> None:
+    """Until the jobs of every world size have saved (they run side by side, each its own group)."""
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(f"{base}/saved-{w}") for w in worlds):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other jobs did not save within {timeout} s")
+        time.sleep(0.5)
+
+
+def main(rank: int, world: int, port: int, base: str, worlds: list[int]) -> None:
+    """Save on this world size, wait for the jobs of the other sizes to save, restore all of them."""
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+                            timeout=timedelta(seconds=600))
     pyckpt.shards.MAX_PIECE = SMALL_PIECE
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=2) as coordinator:
-        result = save_round(base, coordinator) if round_ == "save" else restore_round(base, coordinator, saved_worlds)
-    with open(f"{base}/{round_}-{world}-{rank}.json", "w") as f:
-        json.dump(result, f)
-    dist.barrier()
+        for round_ in ("save", "restore"):
+            result = save_round(base, coordinator) if round_ == "save" else restore_round(base, coordinator, worlds)
+            with open(f"{base}/{round_}-{world}-{rank}.json", "w") as f:
+                json.dump(result, f)
+            dist.barrier()
+            if round_ == "save":
+                if rank == 0:
+                    open(f"{base}/saved-{world}", "w").close()
+                _wait_for_saves(base, worlds)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     import torch.multiprocessing as mp
-    world_, port_, base_, round_arg = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    mp.spawn(main, args=(world_, port_, base_, round_arg, [1, 2, 3, 4]), nprocs=world_, join=True)
+    world_, port_, base_ = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    mp.spawn(main, args=(world_, port_, base_, [int(w) for w in sys.argv[4].split(",")]), nprocs=world_, join=True)

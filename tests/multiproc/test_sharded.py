@@ -29,19 +29,26 @@ WORLDS = (1, 2, 3, 4)
 SMALL_PIECE = 4096     # sharded_worker.SMALL_PIECE
 
 
-def _round(base: Path, world: int, round_: str) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(WORKER), str(world), str(free_port()), str(base), round_],
-                          env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _results(base: Path, world: int, round_: str) -> list[dict]:
     return [json.loads((base / f"{round_}-{world}-{rank}.json").read_text()) for rank in range(world)]
 
 
 @pytest.fixture(scope="module")
 def rounds(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """One job per world size, side by side (each saves, waits for the others, restores them all)."""
     base = tmp_path_factory.mktemp("sharded")
-    saved = {world: _round(base, world, "save") for world in WORLDS}
-    restored = {world: _round(base, world, "restore") for world in WORLDS}
-    return base, saved, restored
+    worlds = ",".join(map(str, WORLDS))
+    logs = {world: open(base / f"stderr-{world}.txt", "w") for world in WORLDS}   # no pipe to fill and block
+    jobs = {world: subprocess.Popen([sys.executable, str(WORKER), str(world), str(free_port()), str(base), worlds],
+                                    env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                    stderr=logs[world]) for world in WORLDS}
+    for world, job in jobs.items():
+        job.wait(timeout=1200)
+        logs[world].close()
+    failed = {world: (base / f"stderr-{world}.txt").read_text()[-3000:] for world, job in jobs.items()
+              if job.returncode != 0}
+    assert not failed, failed
+    return base, {w: _results(base, w, "save") for w in WORLDS}, {w: _results(base, w, "restore") for w in WORLDS}
 
 
 def _source(name: str) -> tuple[str, int]:
