@@ -365,12 +365,15 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
     """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
 
     Only for replicated objects whose saved state has exactly the structure of their live state (same
-    keys, and every tensor with the same dtype and shape, contiguous, on the CPU): loading them then
-    cannot fail on a mismatch, and load_state_dict's copy becomes a no-op (copy_ of a tensor onto
-    itself). Other objects (a fresh optimizer without state, a changed model) are read into new buffers
-    as before. No two destinations share memory (tied weights: see _apart). A checksum error while
-    reading in place leaves those objects partially overwritten: the restore raises IntegrityError and
-    the caller must restore another version before training on.
+    keys, and every tensor with the same dtype and shape): loading them then cannot fail on a mismatch.
+    Their contiguous CPU tensors are read in place, so load_state_dict's copy becomes a no-op (copy_ of
+    a tensor onto itself); their DTensors are read as the boxes they hold; their other tensors (on a
+    GPU, or not contiguous) are read into new tensors that load_state_dict copies. (Such a tensor used
+    to drop the whole object, DTensors included, and an FSDP2 model on a GPU with a buffer then got
+    full plain tensors it could not load.) Other objects (a fresh optimizer without state, a changed
+    model) are read into new buffers as before. No two destinations share memory (tied weights: see
+    _apart). A checksum error while reading in place leaves those objects partially overwritten: the
+    restore raises IntegrityError and the caller must restore another version before training on.
     """
     live_tensors: list = []
     try:
@@ -392,11 +395,12 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
             if isinstance(t, DTensor) and list(t.shape) == rec.shape and not rec.is_numpy:
                 views[saved_index] = t    # read as the boxes it holds on this rank (shards.dtensor_target)
                 continue
-            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
-                    and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
-                    and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
+            if not (isinstance(t, torch.Tensor) and DTYPE_NAMES.get(t.dtype) == rec.dtype
+                    and list(t.shape) == rec.shape and t.nbytes == rec.nbytes) \
+                    or saved_index in out or saved_index in views:
                 break
-            views[saved_index] = t.detach() if t.requires_grad else t
+            if t.is_cpu and t.is_contiguous():   # else (a GPU buffer) read into a new tensor, copied at load
+                views[saved_index] = t.detach() if t.requires_grad else t
         else:
             out.update(views)
     return _apart(out)

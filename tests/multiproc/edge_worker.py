@@ -45,10 +45,12 @@ def full_values() -> dict[str, torch.Tensor]:
 
 
 class EdgeNet(torch.nn.Module):
-    """Parameters that are DTensors on a 1-D mesh, holding `values` (or zeros)."""
+    """Parameters that are DTensors on a 1-D mesh, holding `values` (or zeros), and a plain buffer
+    that cannot be read in place (not contiguous: as a buffer on a GPU is not)."""
 
-    def __init__(self, mesh, values: dict[str, torch.Tensor]):
+    def __init__(self, mesh, values: dict[str, torch.Tensor], zero: bool = False):
         super().__init__()
+        self.register_buffer("strided", (torch.zeros(10) if zero else torch.arange(10.0))[::2])
         for name, (_, dtype, placement) in LAYOUTS.items():
             tensor = distribute_tensor(values[name], mesh, [placement], src_data_rank=None)
             grad = dtype.is_floating_point and dtype.itemsize > 1
@@ -107,10 +109,11 @@ def main(rank: int, port: int, path: str, out: str) -> None:
             result["partial_cause"] = type(exc.__cause__).__name__
         saved = EdgeNet(mesh, values)
         coordinator.snapshot(path, _runtime(model=saved))
-        zeroed = EdgeNet(mesh, {name: torch.zeros_like(v) for name, v in values.items()})
+        zeroed = EdgeNet(mesh, {name: torch.zeros_like(v) for name, v in values.items()}, zero=True)
         before = {name: _bits(p.to_local()) for name, p in zeroed.named_parameters()}
         coordinator.restore(path, _runtime(model=zeroed))
         result["restored"] = {name: _bits(p.to_local()) for name, p in zeroed.named_parameters()}
+        result["strided"] = zeroed.strided.tolist()
         result["expected"] = _expected_local(mesh, values)
         result["zeroed_differs"] = before != result["expected"]
         result["still_dtensors"] = all(isinstance(p, DTensor) for p in zeroed.parameters())

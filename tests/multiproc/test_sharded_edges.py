@@ -36,10 +36,12 @@ def ranks(tmp_path_factory):
 
 def test_edge_dtypes_and_shapes_restore_bit_exact_on_the_same_ranks(ranks):
     """Proves: each rank's shard of every edge tensor comes back byte for byte into a zeroed DTensor
-    of the same layout (read in place, still a DTensor), and the zeros differed beforehand."""
+    of the same layout (read in place, still a DTensor), and the zeros differed beforehand; a plain
+    buffer of the same model that cannot be read in place (as on a GPU) does not stop that."""
     _, results = ranks
     for rank, result in enumerate(results):
         assert result["zeroed_differs"] and result["still_dtensors"], rank
+        assert result["strided"] == [0.0, 2.0, 4.0, 6.0, 8.0], rank
         wrong = [name for name in LAYOUTS if result["restored"][name] != result["expected"][name]]
         assert not wrong, f"rank {rank}: {wrong}"
     assert results[1]["expected"]["one_row"] == []      # the empty shard really is empty
