@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .errors import StateMismatchError
 from .manifest import Manifest
@@ -173,11 +173,28 @@ def _fit_module(label: str, name: str, module: torch.nn.Module, saved: Any, chan
     if unexpected:
         problems.append(f"{label} unexpected keys: {_listing(unexpected)}")
     if not wrong:
-        return saved
+        return _in_live_layout(saved, current)
     problems.append(f"{label} shape mismatches: " + _listing(
         [f"{k}: snapshot {_shape_text(saved[k])} vs model {tuple(current[k].shape)}" for k in wrong], "; "))
     left_out = set(wrong)
-    return {k: v for k, v in saved.items() if k not in left_out}
+    return _in_live_layout({k: v for k, v in saved.items() if k not in left_out}, current)
+
+
+def _in_live_layout(saved: dict, current: dict) -> dict:
+    """Whole tensors going into DTensors, cut to the live layout on this rank (the shards it holds).
+
+    A sharded model whose saved and live structures differ (a restore with strict=False) gets no
+    sharded destinations (live_destinations): its tensors are read whole, and load_state_dict would
+    refuse them ("mixed torch.Tensor and DTensor"). Every rank holds the whole tensor, so the cut needs
+    no communication. Layouts other than Shard/Replicate (tensor parallel's strided shards) are left
+    as they are."""
+    out = dict(saved)
+    for key, value in saved.items():
+        live = current.get(key)
+        if isinstance(live, DTensor) and type(value) is torch.Tensor and value.shape == live.shape \
+                and all(type(p) in (Shard, Replicate) for p in live.placements):
+            out[key] = distribute_tensor(value.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
+    return out
 
 
 def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, changed: dict,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -117,6 +118,11 @@ def main(rank: int, port: int, path: str, out: str) -> None:
         result["expected"] = _expected_local(mesh, values)
         result["zeroed_differs"] = before != result["expected"]
         result["still_dtensors"] = all(isinstance(p, DTensor) for p in zeroed.parameters())
+        changed = EdgeNet(mesh, {name: torch.zeros_like(v) for name, v in values.items()}, zero=True)
+        changed.extra = torch.nn.Linear(2, 2)     # another structure: no sharded destinations, read whole
+        with warnings.catch_warnings(record=True):
+            coordinator.restore(path, _runtime(model=changed), strict=False)
+        result["changed"] = {name: _bits(getattr(changed, name).to_local()) for name in LAYOUTS}
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -47,6 +47,16 @@ def test_edge_dtypes_and_shapes_restore_bit_exact_on_the_same_ranks(ranks):
     assert results[1]["expected"]["one_row"] == []      # the empty shard really is empty
 
 
+def test_a_changed_model_restored_with_strict_false_gets_its_shards(ranks):
+    """Proves: a sharded model whose structure differs from the saved one (an extra layer, restored
+    with strict=False) reads its tensors whole and still loads each rank's shard of them, bit-exact
+    (it failed with torch's "mixed torch.Tensor and DTensor")."""
+    _, results = ranks
+    for rank, result in enumerate(results):
+        wrong = [name for name in LAYOUTS if result["changed"][name] != result["expected"][name]]
+        assert not wrong, f"rank {rank}: {wrong}"
+
+
 def test_a_plain_process_loads_every_full_tensor_bit_exact(ranks):
     """Proves: pyckpt.load assembles the full tensors from the chunks of both ranks' files (strided
     columns, the empty shard, the 0-d tensor, float8 bytes)."""
