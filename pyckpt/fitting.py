@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .errors import StateMismatchError
 from .manifest import Manifest
@@ -173,11 +173,28 @@ def _fit_module(label: str, name: str, module: torch.nn.Module, saved: Any, chan
     if unexpected:
         problems.append(f"{label} unexpected keys: {_listing(unexpected)}")
     if not wrong:
-        return saved
+        return _in_live_layout(saved, current)
     problems.append(f"{label} shape mismatches: " + _listing(
         [f"{k}: snapshot {_shape_text(saved[k])} vs model {tuple(current[k].shape)}" for k in wrong], "; "))
     left_out = set(wrong)
-    return {k: v for k, v in saved.items() if k not in left_out}
+    return _in_live_layout({k: v for k, v in saved.items() if k not in left_out}, current)
+
+
+def _in_live_layout(saved: dict, current: dict) -> dict:
+    """Whole tensors going into DTensors, cut to the live layout on this rank (the shards it holds).
+
+    A sharded model whose saved and live structures differ (a restore with strict=False) gets no
+    sharded destinations (live_destinations): its tensors are read whole, and load_state_dict would
+    refuse them ("mixed torch.Tensor and DTensor"). Every rank holds the whole tensor, so the cut needs
+    no communication. Layouts other than Shard/Replicate (tensor parallel's strided shards) are left
+    as they are."""
+    out = dict(saved)
+    for key, value in saved.items():
+        live = current.get(key)
+        if isinstance(live, DTensor) and type(value) is torch.Tensor and value.shape == live.shape \
+                and all(type(p) in (Shard, Replicate) for p in live.placements):
+            out[key] = distribute_tensor(value.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
+    return out
 
 
 def _fit_optimizer(label: str, optimizer: torch.optim.Optimizer, saved: Any, changed: dict,
@@ -365,12 +382,15 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
     """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
 
     Only for replicated objects whose saved state has exactly the structure of their live state (same
-    keys, and every tensor with the same dtype and shape, contiguous, on the CPU): loading them then
-    cannot fail on a mismatch, and load_state_dict's copy becomes a no-op (copy_ of a tensor onto
-    itself). Other objects (a fresh optimizer without state, a changed model) are read into new buffers
-    as before. No two destinations share memory (tied weights: see _apart). A checksum error while
-    reading in place leaves those objects partially overwritten: the restore raises IntegrityError and
-    the caller must restore another version before training on.
+    keys, and every tensor with the same dtype and shape): loading them then cannot fail on a mismatch.
+    Their contiguous CPU tensors are read in place, so load_state_dict's copy becomes a no-op (copy_ of
+    a tensor onto itself); their DTensors are read as the boxes they hold; their other tensors (on a
+    GPU, or not contiguous) are read into new tensors that load_state_dict copies. (Such a tensor used
+    to drop the whole object, DTensors included, and an FSDP2 model on a GPU with a buffer then got
+    full plain tensors it could not load.) Other objects (a fresh optimizer without state, a changed
+    model) are read into new buffers as before. No two destinations share memory (tied weights: see
+    _apart). A checksum error while reading in place leaves those objects partially overwritten: the
+    restore raises IntegrityError and the caller must restore another version before training on.
     """
     live_tensors: list = []
     try:
@@ -392,11 +412,12 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
             if isinstance(t, DTensor) and list(t.shape) == rec.shape and not rec.is_numpy:
                 views[saved_index] = t    # read as the boxes it holds on this rank (shards.dtensor_target)
                 continue
-            if not (isinstance(t, torch.Tensor) and t.is_cpu and t.is_contiguous()
-                    and DTYPE_NAMES.get(t.dtype) == rec.dtype and list(t.shape) == rec.shape
-                    and t.nbytes == rec.nbytes) or saved_index in out or saved_index in views:
+            if not (isinstance(t, torch.Tensor) and DTYPE_NAMES.get(t.dtype) == rec.dtype
+                    and list(t.shape) == rec.shape and t.nbytes == rec.nbytes) \
+                    or saved_index in out or saved_index in views:
                 break
-            views[saved_index] = t.detach() if t.requires_grad else t
+            if t.is_cpu and t.is_contiguous():   # else (a GPU buffer) read into a new tensor, copied at load
+                views[saved_index] = t.detach() if t.requires_grad else t
         else:
             out.update(views)
     return _apart(out)

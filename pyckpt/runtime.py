@@ -46,6 +46,9 @@ class TrainingRuntime:
         """Register a model (pass a DDP model's `.module`)."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # its state_dict keys would carry a "module." prefix otherwise
+        if _uses_fsdp1(model):
+            raise TypeError(f"cannot register model {name!r}: it is wrapped in FSDP1 (FullyShardedDataParallel). "
+                            f"{_FSDP1_ADVICE}")
         self._add(name, model, "model", per_rank)
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer, name: str | None = None, *,
@@ -54,6 +57,9 @@ class TrainingRuntime:
         if name is None:
             count = sum(1 for kind in self._kinds.values() if kind == "optimizer")
             name = "optimizer" if count == 0 else f"optimizer_{count}"
+        if any(getattr(p, "_is_flat_param", False) for group in optimizer.param_groups for p in group["params"]):
+            raise TypeError(f"cannot register optimizer {name!r}: it updates the flat parameters of an FSDP1 "
+                            f"(FullyShardedDataParallel) model. {_FSDP1_ADVICE}")
         self._add(name, optimizer, "optimizer", per_rank)
 
     def register(self, name: str, obj: Stateful, *, per_rank: bool = False) -> None:
@@ -161,6 +167,25 @@ class TrainingRuntime:
         self._loss = fit.progress.get("loss", self._loss)
         if fit.rng is not None:
             set_rng_state(fit.rng)
+
+
+_FSDP1_ADVICE = ("Its optimizer state is a different flat shard on every rank, which pyckpt cannot store as "
+                 "replicated state nor restore on another layout. Use FSDP2 instead "
+                 "(torch.distributed.fsdp.fully_shard: pyckpt snapshots its DTensors sharded and restores them "
+                 "on any world size), or wrap the model with DistributedDataParallel.")
+
+
+def _uses_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether the model or one of its submodules is an FSDP1 wrapper."""
+    fsdp = _fsdp1_class()
+    return fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())
+
+
+def _fsdp1_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return FullyShardedDataParallel
 
 
 class _IdList(list):
