@@ -459,11 +459,14 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
     this rank: read as the boxes the parameter holds here and loaded as DTensors like it. This serves
     optimizers that have no state yet (FSDP2 creates it at the first step) without a fake step, which
     has cost other tools off-by-one step counts and weight decay applied at load."""
-    objects = unflatten(manifest.replicated, _Indexed(manifest), "manifest.json").get("objects", {})
+    objects = dict_items(dict_items(manifest.replicated).get("objects"))
     out: dict[int, Target] = {}
     for name, optimizer in runtime.objects.items():
-        saved = objects.get(name) if name not in runtime.per_rank_names else None
-        if not (isinstance(optimizer, torch.optim.Optimizer) and isinstance(saved, dict)):
+        if not (isinstance(optimizer, torch.optim.Optimizer) and name in objects and name not in runtime.per_rank_names
+                and any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])):
+            continue   # (decoding only the optimizers of sharded parameters: 20k-tensor states restore often)
+        saved = unflatten(objects[name], _Indexed(manifest), "manifest.json")
+        if not isinstance(saved, dict):
             continue
         groups, state = saved.get("param_groups"), saved.get("state")
         if not (isinstance(groups, list) and isinstance(state, dict)
