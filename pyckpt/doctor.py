@@ -356,9 +356,38 @@ def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode
                  mount)
 
 
-def check_writable(path: str) -> Check:
-    """Create, fsync and remove a file as this user (what every rank does when it snapshots)."""
-    user = _user()
+def check_writable(path: str, as_user: str | None = None) -> Check:
+    """Create, fsync and remove a file as `as_user` (the cluster user the ranks run as; default: this
+    user), what every rank does when it snapshots. Root checks as that user in a child process with
+    its uid and groups: root's own write would say nothing under root squashing (root is nobody on the
+    share) nor about the training user's permissions. Another unprivileged user cannot be checked as."""
+    me = _user()
+    user = as_user or me
+    if user != me:
+        try:
+            import pwd
+
+            account = pwd.getpwnam(user)
+        except KeyError:
+            return Check("shared_writable", FAIL, f"user {user!r} does not exist on this host",
+                         "create the cluster user with the same uid on every node (setup-cluster.yml does)")
+        if os.geteuid() != 0:
+            mine = _write_probe(path)
+            return Check("shared_writable", WARN, f"checked as {me}, not as {user}: "
+                         + (f"{path} is not writable by {me} ({mine})" if mine else f"{path} is writable by {me}"),
+                         f"run the doctor as root to check as {user} (doctor.yml does: become)")
+        problem = _probe_as(path, account)
+    else:
+        problem = _write_probe(path)
+    if problem:
+        return Check("shared_writable", FAIL, f"{path} is not writable by {user}: {problem}",
+                     f"give {user} write access (e.g. `chown -R {user} {path}`), check the export is rw and "
+                     "root_squash/all_squash maps users as intended")
+    return Check("shared_writable", PASS, f"{path} is writable by {user}")
+
+
+def _write_probe(path: str) -> str:
+    """'' if this process can create, fsync and remove a file in path, else the OS's words."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".pyckpt-doctor-", dir=path)
         try:
@@ -368,10 +397,32 @@ def check_writable(path: str) -> Check:
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
-        return Check("shared_writable", FAIL, f"{path} is not writable by {user}: {exc.strerror or exc}",
-                     f"give {user} write access (e.g. `chown -R {user} {path}`), check the export is rw and "
-                     "root_squash/all_squash maps users as intended")
-    return Check("shared_writable", PASS, f"{path} is writable by {user}")
+        return str(exc.strerror or exc)
+    return ""
+
+
+def _probe_as(path: str, account) -> str:
+    """_write_probe in a forked child that takes the account's uid, gid and groups (no interpreter to
+    start: the cluster user may not be able to run this one); its answer comes back through a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: only system calls, then _exit
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            problem = _write_probe(path)
+            os.write(write_end, problem.encode()[:500])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        problem = answer.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    return problem if os.waitstatus_to_exitcode(status) == 0 else f"could not check as {account.pw_name}"
 
 
 def _user() -> str:
@@ -485,8 +536,9 @@ def _read(path: str) -> str:
 
 def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = None,
                cluster_subnet: str | None = None, expect_listener: bool = False,
-               port_timeout: float = 3.0) -> tuple[list[Check], dict]:
-    """Run every check on this host; returns the checks and the facts compared across the cluster."""
+               port_timeout: float = 3.0, share_user: str | None = None) -> tuple[list[Check], dict]:
+    """Run every check on this host; returns the checks and the facts compared across the cluster.
+    share_user: who must be able to write the share (the cluster user); default: this user."""
     from .inspect import newest_complete_bytes
 
     environ = os.environ if environ is None else environ
@@ -520,7 +572,7 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     if exists.status == PASS:
         checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master,
                                     config.mode, nodes))
-        checks.append(check_writable(shared))
+        checks.append(check_writable(shared, share_user))
         try:
             last = newest_complete_bytes(config.snapshot_dir)
         except (PyckptError, OSError):

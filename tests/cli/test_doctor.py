@@ -288,6 +288,14 @@ def test_unwritable_dir_for_a_non_root_user(tmp_path):
     assert "Permission denied" in closed_check["message"] and "chown" in closed_check["hint"]
     assert _as_nobody(d.check_writable, str(open_))["status"] == "pass"
     assert d.check_writable(str(closed)).status == d.PASS  # and root may write there
+    # Issue 18, item 7: root checks as the cluster user (--share-user), in a child with its ids
+    as_user = d.check_writable(str(closed), "nobody")
+    assert as_user.status == d.FAIL and "not writable by nobody: Permission denied" in as_user.message
+    assert d.check_writable(str(open_), "nobody").status == d.PASS
+    assert "does not exist" in d.check_writable(str(open_), "no-such-user-ck4").message
+    # an unprivileged doctor cannot check as another user: it says so, with its own result
+    other = _as_nobody(d.check_writable, str(open_), "root")
+    assert other["status"] == "warn" and "checked as nobody, not as root" in other["message"], other
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")

@@ -45,8 +45,10 @@ def make_node(root: Path, backend: str = "gloo") -> dict:
 
 def write_inventory(path: Path, master: dict, workers: dict) -> Path:
     inventory = {"all": {
+        # Run as this user (root here, and no sudo on this machine): doctor.yml's become is not exercised
+        # here, the identity it checks the share as (cluster_user) is.
         "vars": {"distributed_mode": "single", "cluster_subnet": "127.0.0.0/8", "nproc_per_node": 1,
-                 "venv_path": sys.prefix,
+                 "venv_path": sys.prefix, "ansible_become": False, "cluster_user": "root",
                  "ansible_python_interpreter": sys.executable},
         "children": {"master": {"hosts": master}, "workers": {"hosts": workers}}}}
     path.write_text(yaml.safe_dump(inventory))
@@ -107,3 +109,21 @@ def test_nvidia_driver_reported_per_node_and_mismatch_flagged(tmp_path):
     assert ("the NVIDIA driver version differs between nodes: node0=550.54.15, node1=535.104.05, node2=unknown"
             in out), done.stdout[-3000:]
     assert "node2: nvidia-smi failed (rc 9): NVIDIA-SMI has failed" in out
+
+
+def test_the_share_is_checked_as_the_cluster_user(tmp_path):
+    """Issue 18, item 7: the write check runs as cluster_user, not as the user running the doctor.
+    Here the doctor runs as root, and the share is writable by root only: root's own write would pass,
+    the cluster user's (nobody, through a forked child with nobody's uid and groups) must fail."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to check as another user")
+    shared = tmp_path / "shared"
+    node = make_node(shared)
+    shared.chmod(0o755)
+    inventory = write_inventory(tmp_path / "hosts.yml", {"node0": node}, {})
+    spec = yaml.safe_load(inventory.read_text())
+    spec["all"]["vars"]["cluster_user"] = "nobody"
+    inventory.write_text(yaml.safe_dump(spec))
+    done = playbook("-i", str(inventory), "doctor.yml")
+    assert done.returncode != 0
+    assert f"shared_writable: {shared} is not writable by nobody: Permission denied" in done.stdout, done.stdout[-3000:]
