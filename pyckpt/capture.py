@@ -12,14 +12,12 @@ import numpy as np
 import torch
 from xxhash import xxh3_64_intdigest
 
-from torch.distributed.tensor import DTensor
-
 from .manifest import TensorRecord, align
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .runtime import TrainingRuntime
 from .shards import ShardPart, parts_to_write, pieces_of, placements_text
 from .sysio import byte_view, helper_pool
-from .tree import DTYPE_NAMES, flatten, subscripts, tensor_chains
+from .tree import DTYPE_NAMES, flatten, is_dtensor, subscripts, tensor_chains
 
 SAMPLE_BYTES = 512   # bytes hashed in the middle of each replicated tensor (divergence check)
 
@@ -75,10 +73,10 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
     rep_tree = flatten(runtime.replicated_state(), rep_tensors, "replicated")
     priv_tensors: list = []
     priv_tree = flatten(runtime.private_state(), priv_tensors, "private")
-    if any(isinstance(t, DTensor) for t in priv_tensors):
+    if any(is_dtensor(t) for t in priv_tensors):
         raise TypeError("a sharded tensor (DTensor) is registered with per_rank=True: register it without "
                         "per_rank, pyckpt stores each rank's shards and restores them on any world size")
-    views = [memoryview(b"") if isinstance(t, DTensor) else byte_view(t) for t in rep_tensors]
+    views = [memoryview(b"") if is_dtensor(t) else byte_view(t) for t in rep_tensors]
     priv_views = [byte_view(t) for t in priv_tensors]
     share = plans([len(v) for v in views], world_size)[rank]
     parts = _shard_parts(rep_tensors, rep_tree)
@@ -107,7 +105,7 @@ def _shard_parts(tensors: list, tree: Any) -> list[ShardPart]:
     be saved."""
     parts: list[ShardPart] = []
     for index, tensor in enumerate(tensors):
-        if isinstance(tensor, DTensor):
+        if is_dtensor(tensor):
             try:
                 parts += parts_to_write(index, tensor, tensor.dtype.itemsize)
             except ValueError as exc:
@@ -195,7 +193,7 @@ def divergence_samples(views: list[memoryview]) -> bytes:
 
 
 def _record(tensor) -> TensorRecord:
-    if isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.dtype.itemsize,
                             chunks=[], placements=placements_text(tensor))
     if isinstance(tensor, torch.Tensor):

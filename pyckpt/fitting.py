@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .errors import StateMismatchError
 from .manifest import Manifest
 from .shards import Target, dtensor_target
-from .tree import DTYPE_NAMES, TORCH_DTYPES, dict_items, flatten, matching_references, unflatten
+from .tree import DTYPE_NAMES, TORCH_DTYPES, dict_items, flatten, is_dtensor, matching_references, unflatten
 
 if TYPE_CHECKING:
     from .runtime import TrainingRuntime
@@ -188,10 +187,14 @@ def _in_live_layout(saved: dict, current: dict) -> dict:
     refuse them ("mixed torch.Tensor and DTensor"). Every rank holds the whole tensor, so the cut needs
     no communication. Layouts other than Shard/Replicate (tensor parallel's strided shards) are left
     as they are."""
+    if not any(is_dtensor(v) for v in current.values()):
+        return saved
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
     out = dict(saved)
     for key, value in saved.items():
         live = current.get(key)
-        if isinstance(live, DTensor) and type(value) is torch.Tensor and value.shape == live.shape \
+        if is_dtensor(live) and type(value) is torch.Tensor and value.shape == live.shape \
                 and all(type(p) in (Shard, Replicate) for p in live.placements):
             out[key] = distribute_tensor(value.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
     return out
@@ -409,7 +412,7 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
         records = manifest.tensors
         for saved_index, live_index in pairs:
             t, rec = live_tensors[live_index], records[saved_index]
-            if isinstance(t, DTensor) and list(t.shape) == rec.shape and not rec.is_numpy:
+            if is_dtensor(t) and list(t.shape) == rec.shape and not rec.is_numpy:
                 views[saved_index] = t    # read as the boxes it holds on this rank (shards.dtensor_target)
                 continue
             if not (isinstance(t, torch.Tensor) and DTYPE_NAMES.get(t.dtype) == rec.dtype
@@ -432,8 +435,8 @@ def _apart(destinations: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     kept_end = 0
     # DTensors are kept: two of them share memory only as one tied parameter under two keys, whose saved
     # bytes are then the same too.
-    out = {i: t for i, t in destinations.items() if isinstance(t, DTensor)}
-    plain = {i: t for i, t in destinations.items() if not isinstance(t, DTensor)}
+    out = {i: t for i, t in destinations.items() if is_dtensor(t)}
+    plain = {i: t for i, t in destinations.items() if not is_dtensor(t)}
     for start, index in sorted((t.data_ptr(), i) for i, t in plain.items()):
         tensor = destinations[index]
         if tensor.nbytes == 0:
@@ -463,7 +466,7 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
     out: dict[int, Target] = {}
     for name, optimizer in runtime.objects.items():
         if not (isinstance(optimizer, torch.optim.Optimizer) and name in objects and name not in runtime.per_rank_names
-                and any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])):
+                and any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"])):
             continue   # (decoding only the optimizers of sharded parameters: 20k-tensor states restore often)
         saved = unflatten(objects[name], _Indexed(manifest), "manifest.json")
         if not isinstance(saved, dict):
@@ -476,7 +479,7 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
         by_id = dict(zip((i for g in groups for i in g["params"]), params))
         for pid, entry in state.items():
             param = by_id.get(pid)
-            if not (isinstance(param, DTensor) and isinstance(entry, dict)):
+            if not (is_dtensor(param) and isinstance(entry, dict)):
                 continue
             for ref in entry.values():
                 if isinstance(ref, _Ref) and not ref.record.is_numpy and ref.record.shape == list(param.shape):

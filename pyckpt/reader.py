@@ -22,7 +22,6 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 from .errors import IntegrityError, PyckptError
 from .manifest import Manifest, Piece, TensorRecord, VersionRef, checksum
@@ -31,7 +30,7 @@ from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
 from .shards import Copy, Target, dtensor_target, plan_reads, whole_target
-from .tree import TORCH_DTYPES, references, unflatten
+from .tree import TORCH_DTYPES, is_dtensor, references, unflatten
 
 
 @dataclass
@@ -356,7 +355,7 @@ def _target(record: TensorRecord, given: Any) -> Target | None:
     one (a fresh optimizer's state); None for a whole tensor read as before."""
     if isinstance(given, Target):
         return given
-    if isinstance(given, DTensor):
+    if is_dtensor(given):
         return dtensor_target(given, TORCH_DTYPES[record.dtype])
     if record.chunks is not None:
         return whole_target(tuple(record.shape), given)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from typing import Any, Protocol
 
@@ -182,10 +183,10 @@ def _uses_fsdp1(model: torch.nn.Module) -> bool:
 
 
 def _fsdp1_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    return FullyShardedDataParallel
+    """FSDP1's wrapper class if its module is loaded (no FSDP1 model exists otherwise; importing it
+    costs seconds that a DDP job does not need)."""
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, "FullyShardedDataParallel", None)
 
 
 class _IdList(list):

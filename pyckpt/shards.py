@@ -8,14 +8,16 @@ split from the mesh alone, so no rank has to ask the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from .boxes import Box, SavedIndex, byte_span, holders, layout_of, local_layout, mesh_ranks
 from .manifest import MAX_PIECE
 from .sysio import byte_view
+
+if TYPE_CHECKING:   # imported where a DTensor exists: torch.distributed.tensor costs 1.4 s to import
+    from torch.distributed.tensor import DTensor
 
 # A box held by several ranks smaller than this is written whole by one of them (chosen by its
 # position, so the small ones spread over the holders) rather than cut into tiny parts.
@@ -118,6 +120,8 @@ def dtensor_target(live: DTensor, dtype: torch.dtype, in_place: bool = True) -> 
     def build(value: torch.Tensor) -> DTensor:
         if value is buffer:
             return live
+        from torch.distributed.tensor import DTensor
+
         return DTensor.from_local(value.to(local.device), live.device_mesh, live.placements, run_check=False,
                                   shape=live.shape, stride=live.stride())
     return Target(boxes, tuple(local.shape), buffer, build)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any, Callable, Sequence
 
+import sys
+
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 from .errors import IntegrityError
 
@@ -44,6 +45,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, name)
 }
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def is_dtensor(obj: Any) -> bool:
+    """Whether obj is a DTensor, without importing torch.distributed.tensor (1.4 s of CPU at start-up,
+    which DDP jobs do not need): no DTensor can exist before that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(obj, module.DTensor)
 
 
 def _index(value: Any) -> int:
@@ -204,7 +212,7 @@ def _classifier(tensors: list) -> Callable[[Any], tuple[str, Any]]:
                     return (DICT, [[_key(key), value] for key, value in obj.items()])   # refused, or a subclass
             return (DICT, list(map(list, obj.items())))
         if isinstance(obj, torch.Tensor):
-            if isinstance(obj, DTensor):
+            if is_dtensor(obj):
                 if obj.dtype not in DTYPE_NAMES:
                     raise Malformed(f"dtype {obj.dtype} is not supported")
                 append(obj)
