@@ -23,7 +23,8 @@ from pyckpt.errors import IntegrityError
 from tests.conftest import clean_env, free_port
 from tests.reliability.helpers import manifest_json, write_manifest
 
-pytestmark = pytest.mark.multiproc
+# The module fixture runs 4 jobs (10 ranks) side by side: minutes on 2 loaded cores, past the 600 s default.
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(1800)]
 WORKER = Path(__file__).with_name("sharded_worker.py")
 WORLDS = (1, 2, 3, 4)
 SMALL_PIECE = 4096     # sharded_worker.SMALL_PIECE
