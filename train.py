@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime.register_model(model)
     runtime.register_optimizer(optimizer)
     runtime.register("lr_scheduler", scheduler)
-    if os.path.exists(path):
-        coordinator.restore(path, runtime)
+    # missing_ok rather than os.path.exists: the path may be in object storage (s3://)
+    if coordinator.restore(path, runtime, missing_ok=True):
         say(f"resumed from {path} at step {runtime._step} (epoch {runtime._epoch})")
     else:
         say(f"no snapshot at {path}: starting from step 0")
