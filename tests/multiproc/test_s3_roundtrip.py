@@ -14,7 +14,7 @@ import torch
 import pyckpt
 from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
 from pyckpt.s3_store import S3Store, client
-from tests.conftest import REPO, clean_env, free_port, run
+from tests.conftest import REPO, clean_env, final_digest, free_port, run, torchrun
 from tests.s3server import new_bucket
 
 pytestmark = pytest.mark.multiproc
@@ -79,3 +79,18 @@ def test_two_gloo_ranks_snapshot_and_restore_through_s3():
     state = pyckpt.load(url)       # a plain process, another world size
     assert all(torch.all(t == 3.0) for t in state["objects"]["stamped"].values())
     assert [float(next(iter(r["objects"]["mine"].values()))[0]) for r in state["per_rank"]] == [3.0, 103.0]
+
+
+def test_fsdp2_training_killed_and_resumed_from_s3_ends_bit_identical(tmp_path):
+    """train.py with FSDP2 on 2 ranks, snapshots to s3://: killed at step 53, started again, it resumes
+    from the snapshot of step 40 in the bucket (it used to test the path with os.path.exists and start
+    from step 0) and ends with the parameters of an uninterrupted run (local files)."""
+    args = ["--steps", "80", "--checkpoint-interval", "20", "--log-every", "1000", "--parallel", "fsdp"]
+    reference = final_digest(torchrun(2, [*args, "--snapshot-path", str(tmp_path / "ref" / "ck.bin")]).stdout)
+    url = f"s3://{new_bucket()}/fsdp/checkpoint.bin"
+    crashed = torchrun(2, [*args, "--snapshot-path", url, "--crash-at-step", "53"], env=clean_env(), check=False)
+    assert crashed.returncode != 0 and "simulated crash at step 53" in crashed.stdout
+    resumed = torchrun(2, [*args, "--snapshot-path", url], env=clean_env())
+    assert f"resumed from {url} at step 40" in resumed.stdout, resumed.stdout[-2000:]
+    assert final_digest(resumed.stdout) == reference
+    assert pyckpt.Snapshot.open(url).manifest.format_version == 2   # sharded records in the bucket
