@@ -136,10 +136,14 @@ def table(data: dict) -> str:
               if key.endswith(".async_blocked_first")]
     if firsts:
         lines.append("first async snapshot of a process (one-time set-up, not in the medians): " + ", ".join(firsts))
-    lines.append("targets (issue 7):")
-    for t in data["targets"]:
-        lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']} (bound {t['bound']})")
+    lines += target_lines(data["targets"], "issue 7")
     return "\n".join(lines)
+
+
+def target_lines(targets: list[dict], issue: str) -> list[str]:
+    """The [met]/[MISSED] lines of a bench's targets (shared by bench.checkpoint and bench.sharded)."""
+    return [f"targets ({issue}):"] + [f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']} "
+                                      f"(bound {t['bound']})" for t in targets]
 
 
 def chart(data: dict, path: str) -> None:

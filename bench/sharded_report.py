@@ -1,6 +1,8 @@
 """The sharded bench's table, its targets (issue 16, ratios within the run) and its chart."""
 from __future__ import annotations
 
+from .report import target_lines
+
 READER_THREADS = 4        # pyckpt's helper threads (sysio._HelperPool)
 
 
@@ -149,9 +151,7 @@ def table(data: dict) -> str:
     firsts = [f"{k.split('.')[0]} {k.split('.')[1]} {v[k]:.3f} s" for k in sorted(v) if k.endswith("async_blocked_first")]
     if firsts:
         lines.append("first async snapshot of a job (one-time set-up, not in the medians): " + ", ".join(firsts))
-    lines.append("targets (issue 16):")
-    for t in data["targets"]:
-        lines.append(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']} (bound {t['bound']})")
+    lines += target_lines(data["targets"], "issue 16")
     return "\n".join(lines)
 
 
