@@ -103,6 +103,8 @@ def main() -> int:
                 continue
             report(step)
     coord.shutdown()
+    if args.world_size > 1:
+        dist.destroy_process_group()   # joined here, so left here (a live gloo group can abort at exit)
     print("done", flush=True)
     return 0
 
