@@ -5,9 +5,11 @@
     torchrun --nproc_per_node=2 train.py             # several processes on one machine
     NODE_RANK=k python train.py                      # one process per node, config/distributed.<mode>.env
 
-A small MLP on a synthetic regression set, DDP + DistributedSampler, a snapshot every
---checkpoint-interval steps to the same path, and a resume that continues at the exact step:
-an interrupted and resumed run ends bit-identical to an uninterrupted one. `--parallel fsdp` shards
+A small MLP on a synthetic regression set, DDP, a snapshot every --checkpoint-interval steps to the
+same path, and a resume that continues at the exact step and the exact sample: an interrupted and
+resumed run ends bit-identical to an uninterrupted one. The data position is global
+(pyckpt.ElasticSampler), so a job resumed on another number of ranks (torchrun's elastic rendezvous
+after a node is lost) trains every sample of the epoch once, none twice. `--parallel fsdp` shards
 the model and optimizer with FSDP2 (`fully_shard`) over all ranks, `--parallel hsdp` replicates between
 nodes and shards within one; pyckpt snapshots the shards and restores them on any world size.
 """
@@ -17,6 +19,7 @@ import argparse
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,9 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, TensorDataset
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
 
-from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
+from pyckpt import DistributedCoordinator, ElasticSampler, TrainingRuntime, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: $SHARED_FS_PATH/checkpoint.bin (SHARED_FS_PATH: the snapshot directory)")
     p.add_argument("--config-dir", default=os.environ.get("PYCKPT_CONFIG_DIR", str(Path(__file__).parent / "config")))
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="per rank (default 32): a step takes batch-size x world-size samples")
     p.add_argument("--samples", type=int, default=4096, help="size of the synthetic dataset")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -53,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "replicated between nodes")
     p.add_argument("--keep-last", type=int, default=2, help="committed versions to keep (default 2)")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (to watch or interrupt a run)")
+    p.add_argument("--sample-log", default=None,
+                   help="append each step's sample indices to SAMPLE_LOG.rank<N> (to check the data order)")
     p.add_argument("--crash-at-step", type=int, default=None,
                    help="simulate a crash: SIGKILL this process right after this step (before its snapshot)")
     return p.parse_args(argv)
@@ -101,6 +108,19 @@ def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, wor
     return fully_shard(model, mesh=mesh)
 
 
+def announce_group(config, world: int) -> None:
+    """One line per node (its first process) at every start: the group this run formed. With torchrun's
+    elastic rendezvous the node ranks and the node count come from the rendezvous; status.yml reads it."""
+    hosts = [socket.gethostname()]
+    if world > 1:
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+    members = list(dict.fromkeys(hosts))   # node-rank order: ranks are numbered node by node
+    if config.local_rank == 0:
+        print(f"group: world_size={world} nodes={len(members)} node_rank={config.node_rank} "
+              f"restart={os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} members={','.join(members)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(config_dir=args.config_dir)
@@ -127,18 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed + rank)
 
     dataset = synthetic_dataset(args.samples, args.seed)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
+    if args.samples < args.batch_size * world:
         raise SystemExit(f"--samples {args.samples} gives no full batch of {args.batch_size} on {world} ranks")
+    sampler = ElasticSampler(args.samples, batch_size=args.batch_size, rank=rank, world_size=world, seed=args.seed)
 
     runtime = TrainingRuntime()
     runtime.register_model(model)
     runtime.register_optimizer(optimizer)
     runtime.register("lr_scheduler", scheduler)
+    runtime.register("data", sampler)
+    announce_group(config, world)
     # missing_ok rather than os.path.exists: the path may be in object storage (s3://)
     if coordinator.restore(path, runtime, missing_ok=True):
-        say(f"resumed from {path} at step {runtime._step} (epoch {runtime._epoch})")
+        digest = param_digest(model)   # what was restored, before a step changes it
+        say(f"resumed from {path} at step {runtime.step} (epoch {sampler.epoch}, sample {sampler.position}) "
+            f"version={runtime.restored_version} param_xxh3={digest}")
     else:
         say(f"no snapshot at {path}: starting from step 0")
     say(f"training: mode={config.mode} world_size={world} backend={config.backend} parallel={args.parallel} "
@@ -148,36 +171,34 @@ def main(argv: list[str] | None = None) -> int:
     step = runtime.step
     loss_fn = torch.nn.MSELoss()
     started = time.perf_counter()
+    sample_log = open(f"{args.sample_log}.rank{rank}", "a") if args.sample_log else None
     while step < args.steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)
-        for batch in range(offset, steps_per_epoch):
-            chosen = indices[batch * args.batch_size:(batch + 1) * args.batch_size]
-            x, y = dataset[chosen]
-            net.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x.to(device)), y.to(device))
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            runtime.set_step(step)
-            runtime.set_epoch(epoch)
-            runtime.set_loss(loss.item())
-            if step % args.log_every == 0:
-                say(f"step {step} epoch {epoch} loss {loss.item():.6f}")
-            if args.crash_at_step == step:
-                say(f"simulated crash at step {step} (SIGKILL)")
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step % args.checkpoint_interval == 0 or step == args.steps:
-                info = coordinator.snapshot(path, runtime, blocking=not args.async_snapshots)
-                if not args.async_snapshots:
-                    say(f"snapshot {info.version} at step {step} ({info.seconds * 1000:.0f} ms)")
-            if args.step_delay:
-                time.sleep(args.step_delay)
-            if step >= args.steps:
-                break
+        chosen = sampler.next_batch()
+        if sample_log:
+            print(f"step={step + 1} epoch={sampler.epoch} world={world} samples={','.join(map(str, chosen))}",
+                  file=sample_log, flush=True)
+        x, y = dataset[chosen]
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x.to(device)), y.to(device))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        runtime.set_step(step)
+        runtime.set_epoch(sampler.epoch)
+        runtime.set_loss(loss.item())
+        if step % args.log_every == 0:
+            say(f"step {step} epoch {sampler.epoch} loss {loss.item():.6f}")
+        if args.crash_at_step == step:
+            say(f"simulated crash at step {step} (SIGKILL)")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % args.checkpoint_interval == 0 or step == args.steps:
+            info = coordinator.snapshot(path, runtime, blocking=not args.async_snapshots)
+            if not args.async_snapshots:
+                say(f"snapshot {info.version} at step {step} ({info.seconds * 1000:.0f} ms)")
+        if args.step_delay:
+            time.sleep(args.step_delay)
     coordinator.wait()
     say(f"FINAL step={step} param_xxh3={param_digest(model)} seconds={time.perf_counter() - started:.1f}")
     coordinator.shutdown()

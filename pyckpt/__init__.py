@@ -28,10 +28,12 @@ if TYPE_CHECKING:   # for type checkers and IDEs; at run time these load on firs
     from .coordinator import DistributedCoordinator, SnapshotInfo
     from .reader import Snapshot, load
     from .runtime import TrainingRuntime
+    from .sampler import ElasticSampler
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "ConfigError", "DistributedCoordinator", "DistributedInitError", "IntegrityError", "PyckptError",
+    "Config", "ConfigError", "DistributedCoordinator", "DistributedInitError", "ElasticSampler", "IntegrityError",
+    "PyckptError",
     "Snapshot", "SnapshotAccessError", "SnapshotError", "SnapshotInfo", "SnapshotLockedError", "SnapshotNotFoundError",
     "SnapshotPathError", "SnapshotReadError", "StateMismatchError", "TrainingRuntime", "load", "load_config",
 ]
@@ -39,7 +41,7 @@ __all__ = [
 # These import torch (over a second): loaded on first use, so that `pyckpt config validate`, which
 # Ansible runs on every node, starts without it.
 _FROM_MODULE = {"DistributedCoordinator": "coordinator", "SnapshotInfo": "coordinator", "Snapshot": "reader",
-                "load": "reader", "TrainingRuntime": "runtime"}
+                "load": "reader", "TrainingRuntime": "runtime", "ElasticSampler": "sampler"}
 
 
 def __getattr__(name: str):

@@ -220,9 +220,9 @@ def load_config(
                     stacklevel=2,
                 )
     torchrun = launched_by_torchrun(environ)
-    for key in KNOWN_KEYS | {"RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}:
-        if key in environ:
-            origin = "torchrun" if torchrun and key in TORCHRUN_KEYS + ("GROUP_RANK",) else "environment"
+    for key in KNOWN_KEYS | {"RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE"}:
+        if key in environ and (torchrun or key != "GROUP_WORLD_SIZE"):
+            origin = "torchrun" if torchrun and key in TORCHRUN_KEYS + ("GROUP_RANK", "GROUP_WORLD_SIZE") else "environment"
             merged[key] = Setting(environ[key], origin)
     if mode is not None and merged["DISTRIBUTED_MODE"].value != mode:
         merged["DISTRIBUTED_MODE"] = Setting(mode, "argument")
@@ -318,6 +318,13 @@ def _layout(merged: dict[str, Setting], mode: str, master_addr: str) -> dict:
     if "WORLD_SIZE" not in merged:
         world = (nodes if "PHYSICAL_NODES" in merged else 1) * nproc
         merged["WORLD_SIZE"] = Setting(str(world), "derived from PHYSICAL_NODES x NPROC_PER_NODE")
+    if "GROUP_WORLD_SIZE" in merged and "PHYSICAL_NODES" in merged and _int(merged, "GROUP_WORLD_SIZE", 1) != nodes:
+        # torchrun's elastic rendezvous (--nnodes=MIN:MAX) decides how many nodes this run has; the
+        # config file's PHYSICAL_NODES is the planned maximum.
+        planned = merged["PHYSICAL_NODES"]
+        nodes, addrs = int(merged["GROUP_WORLD_SIZE"].value), ()
+        merged["PHYSICAL_NODES"] = Setting(str(nodes), f"torchrun variable GROUP_WORLD_SIZE (the rendezvous; "
+                                                         f"{_where(planned)} plans {planned.value})")
     if "PHYSICAL_NODES" not in merged:
         nodes = max(1, world // nproc)
         merged["PHYSICAL_NODES"] = Setting(str(nodes), "derived from WORLD_SIZE / NPROC_PER_NODE")

@@ -56,6 +56,7 @@ def restore_snapshot(comm: Comm, neighbours: Neighbours, path: str, runtime: Tra
         warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                       "state are restored; per-rank RNG state only for ranks present in both", stacklevel=3)
     _load_everywhere(comm, path, runtime, job.replicated.tree(), job.private, strict)
+    runtime.restored_version = job.snap.ref.name
     return True
 
 

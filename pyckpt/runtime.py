@@ -38,6 +38,7 @@ class TrainingRuntime:
         self._step = 0
         self._loss: float | None = None
         self.capture_rng = capture_rng
+        self.restored_version: str | None = None   # the version the last restore loaded (`pyckpt ls` names it)
 
     # -- registration ----------------------------------------------------------------------
     # per_rank=True: the object differs between ranks (a generator seeded by rank, a pipeline stage's

@@ -87,6 +87,19 @@ def test_torchrun_variables_win(tmp_path):
     assert cfg.origin("WORLD_SIZE") == "torchrun"
 
 
+def test_an_elastic_rendezvous_with_fewer_nodes_than_planned_is_this_run_s_layout(tmp_path):
+    """torchrun --nnodes=2:4 formed a group of 3 nodes: the file's PHYSICAL_NODES=4 is the planned maximum."""
+    path = write(tmp_path, PHYSICAL)
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "1",
+           "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "3", "MASTER_ADDR": "192.168.1.102", "MASTER_PORT": "41234"}
+    cfg = load_config(path, environ=env, cuda_available=NO_CUDA)
+    assert (cfg.world_size, cfg.physical_nodes, cfg.node_rank, cfg.rank) == (3, 3, 2, 2)
+    assert "GROUP_WORLD_SIZE" in cfg.origin("PHYSICAL_NODES") and "plans 4" in cfg.origin("PHYSICAL_NODES")
+    # Outside torchrun a GROUP_WORLD_SIZE in the environment means nothing: the file's count stands.
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        load_config(path, environ={"WORLD_SIZE": "3", "GROUP_WORLD_SIZE": "3"}, cuda_available=NO_CUDA)
+
+
 def test_quotes_comments_and_export(tmp_path):
     path = write(tmp_path, 'export DISTRIBUTED_MODE="physical"\nWORLD_SIZE=2 # two nodes\n'
                            "PHYSICAL_NODES='2'\nMASTER_ADDR=10.1.1.1\nGLOO_SOCKET_IFNAME=eth1\n")
