@@ -440,6 +440,10 @@ def test_killed_training_process_on_a_worker_resumes_bit_identical(cluster: Clus
 
 def test_stopped_and_restarted_worker_container_resumes_bit_identical(cluster: Cluster, reference: str,
                                                                       tmp: Path):
+    if cluster.engine == "podman":
+        # podman's container stop and start (and the node's boot: firewall, name, the unit started again)
+        # are the elastic test's, below; the static job's resume after it is the killed-process test's.
+        pytest.skip("docker's: the podman cluster stops and starts a worker in the elastic test")
     since = start_training(cluster, tmp)
     reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
@@ -491,6 +495,9 @@ def test_elastic_job_goes_on_without_a_lost_worker_and_takes_it_back(cluster: Cl
     started_at, t1 = clock(cluster), time.monotonic()
     sh([cluster.engine, "start", victim], timeout=60)
     wait_for_boot(cluster, victim)
+    # The rebooted node comes back with its firewall on and its name still on the cluster address.
+    assert "Status: active" in on(cluster, victim, "ufw", "status").stdout
+    assert on(cluster, victim, "getent", "ahostsv4", victim).stdout.split()[0] == cluster.address[victim]
     node, _ = wait_in_journals(cluster, cluster.nodes, started_at, r"^group: world_size=3 nodes=3 .*$")
     node, _ = wait_in_journals(cluster, [node], started_at, RESUMED)
     grow_s = time.monotonic() - t1
