@@ -5,6 +5,7 @@ into pytest's tmp_path (code_dir/venv_path/render_dir are pointed there).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -435,3 +436,92 @@ def test_local_cluster_rejects_bad_settings_before_creating_anything(tmp_path, c
     assert rc != 0, out
     assert message in " ".join(out.split()), out
     assert not state.exists() and not (tmp_path / "inventory").exists(), "created things before failing"
+
+
+# --- status -------------------------------------------------------------------------------------
+
+def status_stand_ins(tmp_path: Path, units: dict[str, dict]) -> Path:
+    """Stand-in `systemctl` and `journalctl` (no systemd here), first on PATH. `units`: unit name ->
+    {"show": systemctl show's properties, "group": the journal entry of its latest group line or None}."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for unit, data in units.items():
+        (bin_dir / f"{unit}.show").write_text("".join(f"{k}={v}\n" for k, v in data["show"].items()))
+        if data.get("group"):
+            (bin_dir / f"{unit}.group").write_text(json.dumps(data["group"]) + "\n")
+    # systemctl show <unit> ...: the properties. journalctl --unit <unit> --grep ...: the group entry (JSON,
+    # exit 1 without one, like journalctl); journalctl without --grep: the log tail.
+    (bin_dir / "systemctl").write_text(
+        '#!/bin/sh\n# stand-in systemctl of tests/ansible\n[ "$1" = show ] && cat "$(dirname "$0")/$2.show"\n')
+    (bin_dir / "journalctl").write_text(
+        '#!/bin/sh\n# stand-in journalctl of tests/ansible\ndir=$(dirname "$0"); unit=$2\n'
+        'case "$*" in *--grep*) cat "$dir/$unit.group" 2>/dev/null || exit 1 ;; *) echo "step 7 loss 0.5" ;; esac\n')
+    for name in ("systemctl", "journalctl"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def unit_show(state: str = "active/running", restarts: int = 0, invocation: str = "inv") -> dict:
+    active, sub = state.split("/")
+    return {"LoadState": "loaded", "ActiveState": active, "SubState": sub, "Result": "success", "ExecMainStatus": 0,
+            "NRestarts": restarts, "ActiveEnterTimestamp": "Mon 2026-01-05 10:00:00 UTC", "InvocationID": invocation}
+
+
+def group_entry(time_s: int, hostname: str, node_rank: int, members: list[str], restart: int,
+                invocation: str = "inv") -> dict:
+    return {"__REALTIME_TIMESTAMP": str(time_s * 1_000_000), "_HOSTNAME": hostname, "_SYSTEMD_INVOCATION_ID": invocation,
+            "MESSAGE": f"group: world_size={len(members)} nodes={len(members)} node_rank={node_rank} restart={restart} "
+                       f"members={','.join(members)}"}
+
+
+def status_lines(tmp_path: Path, monkeypatch, units: dict[str, dict], **group_vars) -> list[str]:
+    """status.yml on the physical inventory (every node on this machine, unit checkpoint4-<node>), with the
+    stand-ins answering for the units; the lines of its cluster report."""
+    monkeypatch.setenv("PATH", f"{status_stand_ins(tmp_path, units)}{os.pathsep}{os.environ['PATH']}")
+    hosts = spec_hosts(**{f"node{i}": {"training_service_name": f"checkpoint4-node{i}"} for i in (1, 2, 3)})
+    hosts["master"]["hosts"]["node0"]["training_service_name"] = "checkpoint4-node0"
+    inv = make_inventory(tmp_path, hosts, **group_vars)
+    rc, out = run(tmp_path, REPO / "status.yml", inv, local(tmp_path, venv_path=str(tmp_path / "no-venv")))
+    assert rc == 0, out
+    report = out[out.index("TASK [Status | the cluster]"):]
+    return [line.strip().strip("-").strip().strip("'\"") for line in report.splitlines() if line.strip().startswith("- ")]
+
+
+def test_status_in_elastic_mode_reports_the_group_and_its_ranks(tmp_path, monkeypatch):
+    # node3 died: the others re-formed at 3 (their agents restarted once; node1's unit also once by systemd).
+    # Its own latest line is the older 4-node group's: it is not in the current group, so its rank is ?.
+    # node2's line is from an earlier run of its unit (another invocation): its agent restarts do not count.
+    old = ["h0", "h1", "h2", "h3"]
+    new = ["h0", "h2", "h1"]
+    units = {
+        "checkpoint4-node0": {"show": unit_show(), "group": group_entry(200, "h0", 0, new, 1)},
+        "checkpoint4-node1": {"show": unit_show(restarts=1), "group": group_entry(201, "h1", 2, new, 1)},
+        "checkpoint4-node2": {"show": unit_show(restarts=3), "group": group_entry(202, "h2", 1, new, 5, "older")},
+        "checkpoint4-node3": {"show": unit_show("activating/auto-restart", 4), "group": group_entry(100, "h3", 3, old, 0)},
+    }
+    lines = status_lines(tmp_path, monkeypatch, units, elastic_training=True)
+    assert lines[:4] == [
+        "node0 (rank 0): active/running, restarts 1, latest snapshot step none",
+        "node1 (rank 2): active/running, restarts 2, latest snapshot step none",
+        "node2 (rank 1): active/running, restarts 3, latest snapshot step none",
+        "node3 (rank ?): activating/auto-restart, restarts 4, latest snapshot step none",
+    ], lines
+    assert lines[4] == "group: world size 3, nodes h0,h2,h1, restarts 4, latest snapshot step none", lines
+
+
+def test_status_in_static_mode_keeps_the_inventory_ranks(tmp_path, monkeypatch):
+    members = ["h0", "h1", "h2", "h3"]
+    units = {f"checkpoint4-node{i}": {"show": unit_show(restarts=i), "group": group_entry(100, f"h{i}", 3 - i, members, 0)}
+             for i in range(4)}
+    units["checkpoint4-node3"]["group"] = None   # no group line yet
+    lines = status_lines(tmp_path, monkeypatch, units)
+    assert lines[:4] == [f"node{i} (rank {i}): active/running, restarts {i}, latest snapshot step none"
+                         for i in range(4)], lines
+    assert lines[4] == "group: world size 4, nodes h0,h1,h2,h3, restarts 3, latest snapshot step none", lines
+
+
+def test_status_before_any_group_line(tmp_path, monkeypatch):
+    units = {f"checkpoint4-node{i}": {"show": unit_show("inactive/dead"), "group": None} for i in range(4)}
+    lines = status_lines(tmp_path, monkeypatch, units, elastic_training=True)
+    assert lines[0] == "node0 (rank ?): inactive/dead, restarts 0, latest snapshot step none", lines
+    assert lines[4].startswith("group: none reported yet"), lines
