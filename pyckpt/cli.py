@@ -443,6 +443,9 @@ def doctor_cmd(
     expect_listener: bool = typer.Option(False, "--expect-listener",
                                          help="training runs: MASTER_PORT must accept connections"),
     port_timeout: float = typer.Option(3.0, "--port-timeout", min=0.1, help="seconds to wait for MASTER_PORT"),
+    rdzv_port: Optional[int] = typer.Option(None, "--rdzv-port", min=1, max=65535,
+                                            help="elastic mode: also check torchrun's c10d rendezvous port on "
+                                                 "MASTER_ADDR, like MASTER_PORT"),
     share_user: Optional[str] = typer.Option(None, "--share-user",
                                              help="check that this user (the cluster user) can write the share; "
                                                   "needs root when it is not you"),
@@ -450,11 +453,13 @@ def doctor_cmd(
 ) -> None:
     """Check this host against the spec's troubleshooting list; exit 1 if any check fails.
 
-    Config, MASTER_ADDR/PORT, firewall, backend vs hardware, shared filesystem, NFS export."""
+    Config, MASTER_ADDR/PORT (and the rendezvous port with --rdzv-port), firewall, backend vs hardware,
+    shared filesystem, NFS export."""
     from .doctor import exit_code, run_doctor
 
     checks, facts = run_doctor(str(file) if file else None, cluster_subnet=cluster_subnet,
-                               expect_listener=expect_listener, port_timeout=port_timeout, share_user=share_user)
+                               expect_listener=expect_listener, port_timeout=port_timeout, share_user=share_user,
+                               rdzv_port=rdzv_port)
     code = exit_code(checks)
     if as_json:
         typer.echo(json.dumps({"ok": code == 0, "host": facts, "checks": [c.as_dict() for c in checks]},

@@ -157,40 +157,63 @@ def tcp_bind_probe(host: str, port: int) -> str:
         return f"error: {exc.strerror or exc}"
 
 
+@dataclass(frozen=True)
+class ListenPort:
+    """Who listens on a port of the master, and the setting that names the port: one check per port."""
+    check: str       # the check's name
+    listener: str    # who opens the port on the master
+    setting: str     # the setting to compare across nodes
+
+
+MASTER_PORT = ListenPort("master_port", "rank 0", "MASTER_PORT")
+# Elastic mode: the master's torchrun hosts the c10d rendezvous store (is_host=true) on its own port.
+RDZV_PORT = ListenPort("rdzv_port", "torchrun's elastic agent", "the rendezvous port (rdzv_port)")
+
+
 def check_master_port(master_addr: str, port: int, is_master: bool, *, expect_listener: bool = False,
                       probe: Callable[[str, int], str] = tcp_probe,
-                      bind_probe: Callable[[str, int], str] = tcp_bind_probe) -> Check:
-    """Workers reach MASTER_ADDR:MASTER_PORT; on the master the port is listening or free to listen on."""
+                      bind_probe: Callable[[str, int], str] = tcp_bind_probe,
+                      role: ListenPort = MASTER_PORT) -> Check:
+    """Workers reach MASTER_ADDR:port; on the master the port is listening or free to listen on."""
+    name, who, setting = role.check, role.listener, role.setting
     where = f"{master_addr}:{port}"
     state = probe(master_addr, port)
     if state == "open":
-        return Check("master_port", PASS, f"{where} accepts connections (rank 0 is listening)")
+        return Check(name, PASS, f"{where} accepts connections ({who} is listening)")
     if is_master:
         bound = bind_probe(master_addr, port)
         if bound == "free" and not expect_listener:
-            return Check("master_port", PASS, f"{where} is free: rank 0 can listen on it")
+            return Check(name, PASS, f"{where} is free: {who} can listen on it")
         if bound == "not local":
-            return Check("master_port", FAIL, f"MASTER_ADDR={master_addr} is not an address of this host, "
+            return Check(name, FAIL, f"MASTER_ADDR={master_addr} is not an address of this host, "
                          "but this host is node rank 0", "set MASTER_ADDR to this host's cluster address, or "
                          "give the master NODE_RANK=0 and the others 1..N-1")
         if bound == "in use":
-            return Check("master_port", FAIL, f"{where} is taken by a process that does not accept connections",
-                         f"find it with `ss -ltnp 'sport = :{port}'` and stop it, or change MASTER_PORT")
+            return Check(name, FAIL, f"{where} is taken by a process that does not accept connections",
+                         f"find it with `ss -ltnp 'sport = :{port}'` and stop it, or change {setting}")
         if bound == "free":
-            return Check("master_port", FAIL, f"nothing listens on {where} (connection {state})",
-                         "start rank 0 (the master) first; check its log for errors")
-        return Check("master_port", FAIL, f"cannot bind {where}: {bound}", "check MASTER_ADDR and MASTER_PORT")
+            return Check(name, FAIL, f"nothing listens on {where} (connection {state})",
+                         f"start {who} on the master first; check its log for errors")
+        return Check(name, FAIL, f"cannot bind {where}: {bound}", f"check MASTER_ADDR and {setting}")
     if state == "refused":
         status = FAIL if expect_listener else WARN
-        return Check("master_port", status, f"{where} refused the connection: the master is reachable but nothing "
-                     "listens there", "start rank 0 on the master first (it opens the port); if it runs, check "
-                     "MASTER_PORT is the same on every node")
+        return Check(name, status, f"{where} refused the connection: the master is reachable but nothing "
+                     "listens there", f"start {who} on the master first (it opens the port); if it runs, check "
+                     f"{setting} is the same on every node")
     if state == "timeout":
-        return Check("master_port", FAIL, f"{where} did not answer (timeout): a firewall drops the traffic or "
+        return Check(name, FAIL, f"{where} did not answer (timeout): a firewall drops the traffic or "
                      "the host is down", f"allow the cluster subnet in on the master (`ufw allow from <subnet>`), "
                      f"and check `nc -vz {master_addr} {port}` from this node")
-    return Check("master_port", FAIL, f"{where}: {state}", "check the route to the master (`ip route get "
+    return Check(name, FAIL, f"{where}: {state}", "check the route to the master (`ip route get "
                  f"{master_addr}`) and MASTER_ADDR")
+
+
+def check_rdzv_port(master_addr: str, port: int, is_master: bool, *, expect_listener: bool = False,
+                    probe: Callable[[str, int], str] = tcp_probe,
+                    bind_probe: Callable[[str, int], str] = tcp_bind_probe) -> Check:
+    """Elastic mode: the c10d rendezvous port on the master, checked like MASTER_PORT."""
+    return check_master_port(master_addr, port, is_master, expect_listener=expect_listener, probe=probe,
+                             bind_probe=bind_probe, role=RDZV_PORT)
 
 
 def check_firewall(ufw_status: str | None, subnet: str | None, *, reason: str = "") -> Check:
@@ -536,9 +559,11 @@ def _read(path: str) -> str:
 
 def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = None,
                cluster_subnet: str | None = None, expect_listener: bool = False,
-               port_timeout: float = 3.0, share_user: str | None = None) -> tuple[list[Check], dict]:
+               port_timeout: float = 3.0, share_user: str | None = None,
+               rdzv_port: int | None = None) -> tuple[list[Check], dict]:
     """Run every check on this host; returns the checks and the facts compared across the cluster.
-    share_user: who must be able to write the share (the cluster user); default: this user."""
+    share_user: who must be able to write the share (the cluster user); default: this user.
+    rdzv_port: elastic mode's c10d rendezvous port on MASTER_ADDR, checked like MASTER_PORT (none: not checked)."""
     from .inspect import newest_complete_bytes
 
     environ = os.environ if environ is None else environ
@@ -563,6 +588,9 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
                                         probe=lambda h, p: tcp_probe(h, p, port_timeout)))
     else:
         checks.append(Check("master_port", SKIP, "single process: no rendezvous port needed"))
+    if rdzv_port is not None:
+        checks.append(check_rdzv_port(config.master_addr, rdzv_port, is_master, expect_listener=expect_listener,
+                                      probe=lambda h, p: tcp_probe(h, p, port_timeout)))
     ufw = run_tool(["ufw", "status"])
     checks.append(check_firewall(None if ufw is None else ufw[1], cluster_subnet))
     checks.append(check_backend(configured_backend(config, environ), versions))

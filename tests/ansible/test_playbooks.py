@@ -5,6 +5,7 @@ into pytest's tmp_path (code_dir/venv_path/render_dir are pointed there).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -135,6 +136,8 @@ BAD_INVENTORIES = {
         spec_hosts(), {"nfs_port": "nfs"}, "nfs_port=nfs"),
     "ports clash": (
         spec_hosts(), {"master_port": 2049}, "master_port=2049, nfs_port=2049"),
+    "rendezvous port clash": (
+        spec_hosts(), {"rdzv_port": 29500}, "master_port=29500, nfs_port=2049, portmapper_port=111, rdzv_port=29500"),
     "bad subnet": (
         spec_hosts(), {"cluster_subnet": "192.168.1.7/24"}, "is not a network in CIDR form"),
     "unknown backend": (
@@ -221,6 +224,24 @@ def test_cluster_config_world_size_and_passthrough(tmp_path):
     assert (env["WORLD_SIZE"], env["NPROC_PER_NODE"], env["PHYSICAL_NODES"]) == ("8", "2", "4")
     assert env["NCCL_DEBUG"] == "INFO"
     assert "NODE_RANK" not in env
+
+
+def test_cluster_config_header_names_the_mode(tmp_path):
+    # Elastic mode changes only the header (ranks and node count come from the rendezvous); the keys stay.
+    args = (tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical")
+    rc, out = run(*args, local(tmp_path, venv_path=str(VENV)))
+    assert rc == 0, out
+    rendered = tmp_path / "shared/checkpoint4/config/distributed.physical.env"
+    static_text, static_env = rendered.read_text(), read_env(rendered)
+    assert "NODE_RANK is deliberately absent" in static_text and "rendezvous" not in static_text
+    rc, out = run(*args, local(tmp_path, venv_path=str(VENV), elastic_training=True))
+    assert rc == 0, out
+    elastic_text = rendered.read_text()
+    assert read_env(rendered) == static_env
+    flat = " ".join(line.lstrip("# ") for line in elastic_text.splitlines() if line.startswith("#"))
+    assert ("Elastic mode: the node ranks and the node count of a run come from torchrun's rendezvous" in flat
+            and "PHYSICAL_NODES and WORLD_SIZE below are the planned maximum" in flat), elastic_text
+    assert "NODE_RANK is deliberately absent" not in elastic_text
 
 
 def test_a_role_variable_in_group_vars_wins_over_the_shared_name(tmp_path):
@@ -322,6 +343,87 @@ def test_training_unit_runs_a_script_of_ones_own_with_its_own_arguments(tmp_path
         ' --max_restarts=0 "/opt/my job/fine_tune.py" --epochs 3 --out "/tmp/a b" 50%% $$HOME "say \\"hi\\"" '
         '"back\\\\slash" "" --seed=7'), exec_start
     assert "--snapshot-path" not in exec_start and "--config-dir" not in exec_start
+
+
+# The extra variables of tests/ansible/static-units/rich-*.service.
+STATIC_RICH = {"cluster_ifname": "ens5", "nccl_socket_ifname": "ib0", "nproc_per_node": 2,
+               "training_environment": {"TORCH_SHOW_CPP_STACKTRACES": "1", "MY_VAR": "a b"},
+               "training_extra_args": ["--seed=7", "x y"]}
+
+
+def test_static_unit_is_unchanged(tmp_path):
+    # Static mode renders byte for byte what it rendered before elastic mode existed (the files in
+    # static-units/ were rendered by that template), with elastic_training unset or false.
+    golden = REPO / "tests/ansible/static-units"
+    # The inventory's own paths (not tmp_path): the golden files hold them.
+    here = {"ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable}
+    for name, extra in [("plain", {}), ("plain", {"elastic_training": False}), ("rich", STATIC_RICH)]:
+        out_dir = tmp_path / f"{name}-{len(extra)}"
+        out_dir.mkdir()
+        rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", REPO / "inventory/physical",
+                      {**here, **extra, "render_dir": str(out_dir)})
+        assert rc == 0, out
+        for expected in golden.glob(f"{name}-*.service"):
+            host = expected.stem.split("-", 1)[1]
+            assert (out_dir / f"{host}.service").read_text() == expected.read_text(), f"{name} {host}"
+
+
+def exec_start(unit: str) -> str:
+    return next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+
+
+def test_training_unit_in_elastic_mode(tmp_path):
+    units = render_units(tmp_path, REPO / "inventory/physical", elastic_training=True, training_steps=500)
+    assert sorted(units) == ["node0", "node1", "node2", "node3"]
+    for rank, host in enumerate(["node0", "node1", "node2", "node3"]):
+        unit = units[host]
+        is_host = "true" if host == "node0" else "false"   # the master hosts the rendezvous store, no one else
+        assert exec_start(unit) == (
+            f"ExecStart=/shared/venv/bin/torchrun --nnodes=3:4 --nproc_per_node=1 --rdzv_backend=c10d "
+            f"--rdzv_endpoint=192.168.1.100:29400 --rdzv_id=checkpoint4 --local_addr=192.168.1.10{rank} "
+            f"--rdzv_conf=is_host={is_host},join_timeout=900,last_call_timeout=10,keep_alive_interval=2,"
+            f"keep_alive_max_attempt=5 --max_restarts=100 --monitor_interval=1 {tmp_path}/shared/checkpoint4/train.py "
+            f"--snapshot-path {tmp_path}/shared/snapshots/checkpoint.bin --checkpoint-interval 100 --steps 500 "
+            f"--config-dir {tmp_path}/shared/checkpoint4/config --parallel ddp"), host
+        # Ranks come from the rendezvous: nothing in the unit names one.
+        assert "NODE_RANK" not in unit and "--node_rank" not in unit and "--master_port" not in unit
+        assert "\nEnvironment=TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in unit
+        assert "\nDescription=checkpoint4 distributed training (elastic: node rank from the rendezvous)\n" in unit
+        assert "# Node ranks come from the rendezvous at every (re)start, not from the inventory." in unit
+        assert f"# checkpoint4 training on {host}, elastic: 3 to 4 nodes," in unit
+        for kept in ("Restart=on-failure", "KillMode=control-group", "RemainAfterExit=yes",
+                     "Environment=DISTRIBUTED_MODE=physical", f'Environment="PYCKPT_CONFIG_DIR={tmp_path}/shared/checkpoint4/config"'):
+            assert f"\n{kept}\n" in unit, kept
+
+
+def test_training_unit_elastic_knobs(tmp_path):
+    # The cluster-wide names set the range and the port; the role's knobs the rest (a training_ knob wins).
+    inv = make_inventory(tmp_path, spec_hosts(node2={"cluster_address": "192.168.1.77"}), elastic_training=True,
+                         elastic_min_nodes=2, rdzv_port=29411, nproc_per_node=2)
+    units = render_units(tmp_path, inv, training_rdzv_id="run 7", training_elastic_max_restarts=5,
+                         training_rdzv_conf={"join_timeout": 60, "last_call_timeout": 1})
+    assert (" --nnodes=2:4 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=192.168.1.100:29411 "
+            '--rdzv_id="run 7" --local_addr=192.168.1.77 --rdzv_conf=is_host=false,join_timeout=60,last_call_timeout=1 '
+            "--max_restarts=5 --monitor_interval=1 ") in exec_start(units["node2"])
+    # training_elastic: false in the inventory wins over elastic_training: true: the static unit.
+    (tmp_path / "static").mkdir()
+    static = render_units(tmp_path / "static", inv, training_elastic=False)
+    assert " --node_rank=2 --master_addr=192.168.1.100 --master_port=29500 --max_restarts=0 " in static["node2"]
+
+
+@pytest.mark.parametrize("min_nodes", [0, 5])
+def test_training_min_nodes_outside_the_node_count_fails(tmp_path, min_nodes):
+    inv = make_inventory(tmp_path, spec_hosts(), elastic_training=True, elastic_min_nodes=min_nodes)
+    rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", inv, {**local(tmp_path), "render_dir": str(tmp_path)})
+    assert rc != 0, out
+    assert (f"training_min_nodes={min_nodes} on node0 (elastic_min_nodes in the inventory, when set): the fewest nodes "
+            "the elastic job runs on must be 1 to 4, the number of nodes (training_nnodes)") in " ".join(out.split()), out
+    assert not list(tmp_path.glob("*.service"))
+
+
+def test_training_min_nodes_is_not_checked_in_static_mode(tmp_path):
+    inv = make_inventory(tmp_path, spec_hosts(), elastic_min_nodes=0)
+    assert sorted(render_units(tmp_path, inv)) == ["node0", "node1", "node2", "node3"]
 
 
 def gpu_stand_in(tmp_path: Path, gpus: int) -> Path:
@@ -435,3 +537,92 @@ def test_local_cluster_rejects_bad_settings_before_creating_anything(tmp_path, c
     assert rc != 0, out
     assert message in " ".join(out.split()), out
     assert not state.exists() and not (tmp_path / "inventory").exists(), "created things before failing"
+
+
+# --- status -------------------------------------------------------------------------------------
+
+def status_stand_ins(tmp_path: Path, units: dict[str, dict]) -> Path:
+    """Stand-in `systemctl` and `journalctl` (no systemd here), first on PATH. `units`: unit name ->
+    {"show": systemctl show's properties, "group": the journal entry of its latest group line or None}."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for unit, data in units.items():
+        (bin_dir / f"{unit}.show").write_text("".join(f"{k}={v}\n" for k, v in data["show"].items()))
+        if data.get("group"):
+            (bin_dir / f"{unit}.group").write_text(json.dumps(data["group"]) + "\n")
+    # systemctl show <unit> ...: the properties. journalctl --unit <unit> --grep ...: the group entry (JSON,
+    # exit 1 without one, like journalctl); journalctl without --grep: the log tail.
+    (bin_dir / "systemctl").write_text(
+        '#!/bin/sh\n# stand-in systemctl of tests/ansible\n[ "$1" = show ] && cat "$(dirname "$0")/$2.show"\n')
+    (bin_dir / "journalctl").write_text(
+        '#!/bin/sh\n# stand-in journalctl of tests/ansible\ndir=$(dirname "$0"); unit=$2\n'
+        'case "$*" in *--grep*) cat "$dir/$unit.group" 2>/dev/null || exit 1 ;; *) echo "step 7 loss 0.5" ;; esac\n')
+    for name in ("systemctl", "journalctl"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def unit_show(state: str = "active/running", restarts: int = 0, invocation: str = "inv") -> dict:
+    active, sub = state.split("/")
+    return {"LoadState": "loaded", "ActiveState": active, "SubState": sub, "Result": "success", "ExecMainStatus": 0,
+            "NRestarts": restarts, "ActiveEnterTimestamp": "Mon 2026-01-05 10:00:00 UTC", "InvocationID": invocation}
+
+
+def group_entry(time_s: int, hostname: str, node_rank: int, members: list[str], restart: int,
+                invocation: str = "inv") -> dict:
+    return {"__REALTIME_TIMESTAMP": str(time_s * 1_000_000), "_HOSTNAME": hostname, "_SYSTEMD_INVOCATION_ID": invocation,
+            "MESSAGE": f"group: world_size={len(members)} nodes={len(members)} node_rank={node_rank} restart={restart} "
+                       f"members={','.join(members)}"}
+
+
+def status_lines(tmp_path: Path, monkeypatch, units: dict[str, dict], **group_vars) -> list[str]:
+    """status.yml on the physical inventory (every node on this machine, unit checkpoint4-<node>), with the
+    stand-ins answering for the units; the lines of its cluster report."""
+    monkeypatch.setenv("PATH", f"{status_stand_ins(tmp_path, units)}{os.pathsep}{os.environ['PATH']}")
+    hosts = spec_hosts(**{f"node{i}": {"training_service_name": f"checkpoint4-node{i}"} for i in (1, 2, 3)})
+    hosts["master"]["hosts"]["node0"]["training_service_name"] = "checkpoint4-node0"
+    inv = make_inventory(tmp_path, hosts, **group_vars)
+    rc, out = run(tmp_path, REPO / "status.yml", inv, local(tmp_path, venv_path=str(tmp_path / "no-venv")))
+    assert rc == 0, out
+    report = out[out.index("TASK [Status | the cluster]"):]
+    return [line.strip().strip("-").strip().strip("'\"") for line in report.splitlines() if line.strip().startswith("- ")]
+
+
+def test_status_in_elastic_mode_reports_the_group_and_its_ranks(tmp_path, monkeypatch):
+    # node3 died: the others re-formed at 3 (their agents restarted once; node1's unit also once by systemd).
+    # Its own latest line is the older 4-node group's: it is not in the current group, so its rank is ?.
+    # node2's line is from an earlier run of its unit (another invocation): its agent restarts do not count.
+    old = ["h0", "h1", "h2", "h3"]
+    new = ["h0", "h2", "h1"]
+    units = {
+        "checkpoint4-node0": {"show": unit_show(), "group": group_entry(200, "h0", 0, new, 1)},
+        "checkpoint4-node1": {"show": unit_show(restarts=1), "group": group_entry(201, "h1", 2, new, 1)},
+        "checkpoint4-node2": {"show": unit_show(restarts=3), "group": group_entry(202, "h2", 1, new, 5, "older")},
+        "checkpoint4-node3": {"show": unit_show("activating/auto-restart", 4), "group": group_entry(100, "h3", 3, old, 0)},
+    }
+    lines = status_lines(tmp_path, monkeypatch, units, elastic_training=True)
+    assert lines[:4] == [
+        "node0 (rank 0): active/running, restarts 1, latest snapshot step none",
+        "node1 (rank 2): active/running, restarts 2, latest snapshot step none",
+        "node2 (rank 1): active/running, restarts 3, latest snapshot step none",
+        "node3 (rank ?): activating/auto-restart, restarts 4, latest snapshot step none",
+    ], lines
+    assert lines[4] == "group: world size 3, nodes h0,h2,h1, restarts 4, latest snapshot step none", lines
+
+
+def test_status_in_static_mode_keeps_the_inventory_ranks(tmp_path, monkeypatch):
+    members = ["h0", "h1", "h2", "h3"]
+    units = {f"checkpoint4-node{i}": {"show": unit_show(restarts=i), "group": group_entry(100, f"h{i}", 3 - i, members, 0)}
+             for i in range(4)}
+    units["checkpoint4-node3"]["group"] = None   # no group line yet
+    lines = status_lines(tmp_path, monkeypatch, units)
+    assert lines[:4] == [f"node{i} (rank {i}): active/running, restarts {i}, latest snapshot step none"
+                         for i in range(4)], lines
+    assert lines[4] == "group: world size 4, nodes h0,h1,h2,h3, restarts 3, latest snapshot step none", lines
+
+
+def test_status_before_any_group_line(tmp_path, monkeypatch):
+    units = {f"checkpoint4-node{i}": {"show": unit_show("inactive/dead"), "group": None} for i in range(4)}
+    lines = status_lines(tmp_path, monkeypatch, units, elastic_training=True)
+    assert lines[0] == "node0 (rank ?): inactive/dead, restarts 0, latest snapshot step none", lines
+    assert lines[4].startswith("group: none reported yet"), lines

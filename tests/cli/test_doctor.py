@@ -372,6 +372,37 @@ def test_run_tool_reports_missing_tools():
 
 # -- the command ---------------------------------------------------------------------------
 
+# -- the elastic rendezvous port (--rdzv-port): the same probes as MASTER_PORT, its own name and hints ----
+
+def test_rdzv_port_listening_passes(listener):
+    check = d.check_rdzv_port("127.0.0.1", listener, is_master=False)
+    assert (check.name, check.status) == ("rdzv_port", d.PASS) and "elastic agent is listening" in check.message
+
+
+def test_rdzv_port_closed_on_a_worker_warns_then_fails_while_training():
+    port = free_port()
+    before = d.check_rdzv_port("127.0.0.1", port, is_master=False)
+    assert (before.name, before.status) == ("rdzv_port", d.WARN) and "refused" in before.message
+    during = d.check_rdzv_port("127.0.0.1", port, is_master=False, expect_listener=True)
+    assert during.status == d.FAIL and "start torchrun's elastic agent on the master" in during.hint
+    assert "the rendezvous port (rdzv_port) is the same on every node" in during.hint
+
+
+def test_rdzv_port_on_the_master_free_or_taken():
+    port = free_port()
+    assert d.check_rdzv_port("127.0.0.1", port, is_master=True).status == d.PASS
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        taken = squatter.getsockname()[1]
+        check = d.check_rdzv_port("127.0.0.1", taken, is_master=True)
+    assert check.status == d.FAIL and "taken" in check.message and "change the rendezvous port" in check.hint
+
+
+def test_rdzv_port_filtered_by_a_firewall_times_out():
+    check = d.check_rdzv_port("10.77.0.1", 29400, is_master=False, probe=lambda h, p: "timeout")
+    assert check.status == d.FAIL and "firewall" in check.message and "nc -vz 10.77.0.1 29400" in check.hint
+
+
 def doctor(*args, **env):
     """The real console entry point in a subprocess (environment controlled)."""
     done = subprocess.run([sys.executable, "-m", "pyckpt.cli", "doctor", *map(str, args)], capture_output=True,
@@ -409,6 +440,28 @@ def test_doctor_command_fails_on_wrong_backend_and_closed_port(tmp_path):
     human = doctor("--file", env_file, "--expect-listener")
     assert human.returncode == 1 and "FAIL backend" in human.stdout and "fix:" in human.stdout
     assert "Traceback" not in human.stderr
+
+
+def test_doctor_command_checks_the_rendezvous_port_only_when_asked(tmp_path):
+    # A worker (NODE_RANK=1) of a 2-node docker config: the master port listens, the rendezvous port does not.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        master_port, rdzv_port = sock.getsockname()[1], free_port()
+        env_file = write_env(shared / "distributed.docker.env", DISTRIBUTED_MODE="docker", WORLD_SIZE="2",
+                             PHYSICAL_NODES="2", MASTER_PORT=str(master_port), SHARED_FS_PATH=str(shared),
+                             SHARED_FS_TYPE="local")
+        without = json.loads(doctor("--file", env_file, "--json", NODE_RANK="1").stdout)
+        done = doctor("--file", env_file, "--json", "--expect-listener", "--rdzv-port", rdzv_port, NODE_RANK="1")
+    assert "rdzv_port" not in {c["name"] for c in without["checks"]}
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["master_port"]["status"] == "pass"
+    assert checks["rdzv_port"]["status"] == "fail" and f"127.0.0.1:{rdzv_port} refused" in checks["rdzv_port"]["message"]
+    assert done.returncode == 1
+    bad = doctor("--file", env_file, "--rdzv-port", "70000")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
 def test_doctor_command_broken_config_exits_1_without_traceback(tmp_path):

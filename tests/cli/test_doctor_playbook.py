@@ -8,6 +8,7 @@ container cluster (real SSH, NFS stand-in, firewall) belong to the cluster end-t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ PLAYBOOK = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 
 def playbook(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = clean_env(ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    # PYTHONPATH: the venv's `pyckpt` that doctor.yml runs imports this checkout's package, also when the
+    # venv was installed (editable) from another checkout of the repository.
+    env = clean_env(ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PYTHONPATH=str(REPO))
     return subprocess.run([PLAYBOOK, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -127,3 +130,19 @@ def test_the_share_is_checked_as_the_cluster_user(tmp_path):
     done = playbook("-i", str(inventory), "doctor.yml")
     assert done.returncode != 0
     assert f"shared_writable: {shared} is not writable by nobody: Permission denied" in done.stdout, done.stdout[-3000:]
+
+
+def test_the_rendezvous_port_is_checked_in_elastic_mode(tmp_path):
+    """Issue 17: with elastic_training the master's rendezvous port is checked like MASTER_PORT. Here a socket
+    holds it without listening (the port is taken); in static mode the port is not looked at."""
+    inventory = write_inventory(tmp_path / "hosts.yml", {"node0": make_node(tmp_path / "shared")}, {})
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        static = playbook("-i", str(inventory), "doctor.yml", "-e", f"rdzv_port={port}")
+        elastic = playbook("-i", str(inventory), "doctor.yml", "-e", f"rdzv_port={port}", "-e", "elastic_training=true")
+    assert static.returncode == 0, static.stdout[-3000:] + static.stderr
+    assert "rdzv_port" not in static.stdout
+    flat = " ".join(elastic.stdout.split())
+    assert elastic.returncode == 2, elastic.stdout[-3000:] + elastic.stderr
+    assert f"node0: rdzv_port: 127.0.0.1:{port} is taken by a process that does not accept connections" in flat, flat[-3000:]

@@ -190,14 +190,15 @@ def start_training(cluster: Cluster, tmp: Path, steps: int = STEPS, **more) -> i
 
 
 def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
-    """status.yml's per-node lines, parsed: {node: {"state", "restarts", "step"}}."""
+    """status.yml's per-node lines, parsed: {node: {"state", "restarts", "step"}}. In elastic mode a node
+    outside the current group has rank ?."""
     result = playbook("status.yml", tmp, cluster.inventory)
     lines = [line for event in result.events if event.get("event") == "runner_on_ok"
              and event["event_data"].get("task") == "Status | the cluster"
              for line in event["event_data"]["res"]["msg"]]
     found = {}
     for node in cluster.nodes:
-        m = next(filter(None, (re.match(rf"{re.escape(node)} \(rank \d+\): (\S+),\s+restarts (\d+),"
+        m = next(filter(None, (re.match(rf"{re.escape(node)} \(rank (?:\d+|\?)\): (\S+),\s+restarts (\d+),"
                                         r"\s+latest snapshot step (\S+)", line) for line in lines)), None)
         assert m, f"status.yml does not report {node}: {lines}"
         found[node] = {"state": m.group(1), "restarts": int(m.group(2)),
