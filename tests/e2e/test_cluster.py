@@ -206,6 +206,15 @@ def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
     return found
 
 
+def group_status(cluster: Cluster, tmp: Path) -> str:
+    """status.yml's line for the whole cluster ("group: world size ..."); a stopped node may be unreachable."""
+    result = playbook("status.yml", tmp, cluster.inventory, unreachable_ok=True)
+    lines = [line for event in result.events if event.get("event") == "runner_on_ok"
+             and event["event_data"].get("task") == "Status | the cluster"
+             for line in event["event_data"]["res"]["msg"]]
+    return next((line for line in lines if line.startswith("group: ")), f"no group line in {lines}")
+
+
 def wait_for_boot(cluster: Cluster, node: str, timeout: float = 120) -> None:
     """Until systemd in the container has finished booting (right after `podman/docker start` systemctl
     may not reach PID 1 yet, so one `is-system-running --wait` is not enough)."""
@@ -492,6 +501,8 @@ def test_elastic_job_goes_on_without_a_lost_worker_and_takes_it_back(cluster: Cl
     assert snap.manifest.world_size == 2, f"snapshots after the shrink are from {snap.manifest.world_size} ranks"
     members = re.findall(r"^group: world_size=2 .*members=(\S+)$", shrunk_log, re.MULTILINE)[-1].split(",")
     assert sorted(members) == sorted(survivors), members
+    shown = group_status(cluster, tmp)
+    assert shown.startswith(f"group: world size 2, nodes {','.join(members)}, "), shown
 
     started_at, t1 = clock(cluster), time.monotonic()
     sh([cluster.engine, "start", victim], timeout=60)
