@@ -582,7 +582,12 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     nodes = config.physical_nodes
     checks.append(check_master_addr(config.master_addr, nodes))
     checks.append(check_hostname(socket.gethostname(), nodes))
-    if config.world_size > 1 or config.mode != "single":
+    if rdzv_port is not None:
+        # torchrun's elastic agent gives the workers rank 0's address and a port it picks at every start:
+        # MASTER_PORT is not used, and would only show "refused" on the workers.
+        checks.append(Check("master_port", SKIP, f"elastic mode: the rendezvous port {rdzv_port} is checked instead "
+                            "(torchrun picks the workers' port at every start)"))
+    elif config.world_size > 1 or config.mode != "single":
         checks.append(check_master_port(config.master_addr, config.master_port, is_master,
                                         expect_listener=expect_listener,
                                         probe=lambda h, p: tcp_probe(h, p, port_timeout)))
