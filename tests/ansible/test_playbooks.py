@@ -411,6 +411,35 @@ def test_training_unit_elastic_knobs(tmp_path):
     assert " --node_rank=2 --master_addr=192.168.1.100 --master_port=29500 --max_restarts=0 " in static["node2"]
 
 
+def test_elastic_workers_say_plainly_when_the_master_is_lost(tmp_path):
+    """The rendered ExecStopPost, run by bash as systemd would run it (systemd is not in the loop here:
+    `$$` unescaped by hand, SERVICE_RESULT set as systemd sets it), against a real closed and a real
+    listening port on 127.0.0.1 standing in for the master's rendezvous port."""
+    import shlex
+    import socket
+    import subprocess
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        units = render_units(tmp_path, REPO / "inventory/physical", elastic_training=True,
+                             training_master_addr="127.0.0.1", training_rdzv_port=port)
+        assert "ExecStopPost" not in units["node0"]     # the master hosts the rendezvous itself
+        line = next(x for x in units["node2"].splitlines() if x.startswith("ExecStopPost="))
+        argv = shlex.split(line.removeprefix("ExecStopPost=").replace("$$", "$"))
+
+        def after(result: str) -> str:
+            return subprocess.run(argv, env={"PATH": os.environ["PATH"], "SERVICE_RESULT": result},
+                                  capture_output=True, text=True, timeout=30).stdout
+        assert after("exit-code") == ""                 # the master answers: torch's own error is the story
+    assert after("success") == ""                       # a run that ended well says nothing
+    said = " ".join(after("exit-code").split())
+    assert said.startswith(f"checkpoint4: the master 127.0.0.1 does not answer on the rendezvous port {port}: "
+                           "the elastic job cannot go on without the master"), said
+    assert "make another host the master in the inventory and run setup-cluster.yml and train.yml" in said
+
+
 @pytest.mark.parametrize("min_nodes", [0, 5])
 def test_training_min_nodes_outside_the_node_count_fails(tmp_path, min_nodes):
     inv = make_inventory(tmp_path, spec_hosts(), elastic_training=True, elastic_min_nodes=min_nodes)
