@@ -243,3 +243,14 @@ def test_paths_that_name_no_object_are_refused():
     for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"):
         with pytest.raises(s3_store.SnapshotPathError):
             S3Store(bad)
+
+
+def test_the_lock_age_takes_a_date_header_that_names_no_zone_or_was_doubled_by_a_proxy():
+    """A proxy in front of the server that adds its own Date header makes botocore join the two
+    ("date, date"), which parses to a naive datetime: the lock check raised TypeError on it."""
+    from datetime import datetime, timezone
+    date = "Sun, 30 Nov 2025 04:50:00 GMT"
+    utc = datetime(2025, 11, 30, 4, 50, tzinfo=timezone.utc)
+    assert s3_store._server_now({"date": date}) == s3_store._server_now({"date": f"{date}, {date}"}) == utc
+    assert s3_store._server_now({"date": "Sun, 30 Nov 2025 04:50:00 -0000"}) == utc
+    assert s3_store._server_now({}).tzinfo is not None and s3_store._server_now({"date": "junk"}).tzinfo is not None
