@@ -56,7 +56,7 @@ from .testhooks import crash_point
 log = logging.getLogger("pyckpt")
 PART_SIZE = 16 << 20          # multipart part size (S3: >= 5 MiB, <= 10,000 parts; grown for big files)
 UPLOADS_IN_FLIGHT = 4         # parts of one data object uploading at once
-MAX_ATTEMPTS = 8              # tries of one request (AWS_MAX_ATTEMPTS overrides): ~1 min of backoff at most
+MAX_ATTEMPTS = 9              # tries of one request, the first included (AWS_MAX_ATTEMPTS overrides): ~50 s
 LOCK_LEASE = 120.0            # seconds after its last renewal that a lock counts as left by a dead writer
 MARKER = ".stage"
 _MAX_PARTS = 9000
@@ -89,7 +89,7 @@ def client():
             session = boto3.session.Session()
             mode = session._session.get_config_variable("retry_mode")
             retries = {"mode": mode if mode == "adaptive" else "standard",
-                       "max_attempts": session._session.get_config_variable("max_attempts") or MAX_ATTEMPTS}
+                       "total_max_attempts": session._session.get_config_variable("max_attempts") or MAX_ATTEMPTS}
             config = Config(retries=retries, max_pool_connections=32, request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
             _clients[key] = session.client("s3", config=config)
