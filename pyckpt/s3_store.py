@@ -36,6 +36,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Iterator
 
@@ -55,6 +56,7 @@ from .testhooks import crash_point
 log = logging.getLogger("pyckpt")
 PART_SIZE = 16 << 20          # multipart part size (S3: >= 5 MiB, <= 10,000 parts; grown for big files)
 UPLOADS_IN_FLIGHT = 4         # parts of one data object uploading at once
+MAX_ATTEMPTS = 9              # tries of one request, the first included (AWS_MAX_ATTEMPTS overrides): ~50 s
 LOCK_LEASE = 120.0            # seconds after its last renewal that a lock counts as left by a dead writer
 MARKER = ".stage"
 _MAX_PARTS = 9000
@@ -82,12 +84,26 @@ def client():
     key = (os.getpid(), env)
     with _clients_lock:
         if key not in _clients:
-            # standard retries: 5xx, SlowDown/throttling and connection errors, with backoff
-            config = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32,
-                            request_checksum_calculation="when_required",
+            # standard retries: 5xx, SlowDown/throttling and connection errors, with backoff; the
+            # attempts (and "adaptive" mode) from AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or the profile
+            session = boto3.session.Session()
+            mode = session._session.get_config_variable("retry_mode")
+            retries = {"mode": mode if mode == "adaptive" else "standard",
+                       "total_max_attempts": session._session.get_config_variable("max_attempts") or MAX_ATTEMPTS}
+            config = Config(retries=retries, max_pool_connections=32, request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
-            _clients[key] = boto3.session.Session().client("s3", config=config)
+            _clients[key] = session.client("s3", config=config)
         return _clients[key]
+
+
+def _server_now(headers: dict) -> datetime:
+    """The server's clock from an answer's Date header (UTC if it names no zone, as "-0000" or a
+    header doubled by a proxy, "date, date", parse); this machine's clock if there is none."""
+    try:
+        now = parsedate_to_datetime(headers.get("date", ""))
+    except (TypeError, ValueError):
+        return datetime.now(timezone.utc)
+    return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
 
 
 def _code(exc: Exception) -> str:
@@ -339,8 +355,7 @@ class S3Store:
             holder = json.loads(data)
         except ValueError:
             holder = {}
-        now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
-        age = (now - got["LastModified"]).total_seconds()
+        age = (_server_now(got["ResponseMetadata"]["HTTPHeaders"]) - got["LastModified"]).total_seconds()
         return (holder if isinstance(holder, dict) else {}), got["ETag"], age
 
     def _check_lock(self) -> None:

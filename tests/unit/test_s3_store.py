@@ -243,3 +243,45 @@ def test_paths_that_name_no_object_are_refused():
     for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"):
         with pytest.raises(s3_store.SnapshotPathError):
             S3Store(bad)
+
+
+def test_the_lock_age_takes_a_date_header_that_names_no_zone_or_was_doubled_by_a_proxy():
+    """A proxy in front of the server that adds its own Date header makes botocore join the two
+    ("date, date"), which parses to a naive datetime: the lock check raised TypeError on it."""
+    from datetime import datetime, timezone
+    date = "Sun, 30 Nov 2025 04:50:00 GMT"
+    utc = datetime(2025, 11, 30, 4, 50, tzinfo=timezone.utc)
+    assert s3_store._server_now({"date": date}) == s3_store._server_now({"date": f"{date}, {date}"}) == utc
+    assert s3_store._server_now({"date": "Sun, 30 Nov 2025 04:50:00 -0000"}) == utc
+    assert s3_store._server_now({}).tzinfo is not None and s3_store._server_now({"date": "junk"}).tzinfo is not None
+
+
+def test_in_a_versioned_bucket_pruned_versions_stay_as_noncurrent_object_versions(url):
+    """What retention and gc leave in a bucket with versioning on (README, "Snapshots in S3"): they
+    delete as any S3 client does, without version ids, so each deleted object gets a delete marker
+    and its bytes stay as a noncurrent version, which readers never see and which costs storage
+    until a lifecycle rule (NoncurrentVersionExpiration) expires it; pyckpt does not delete by
+    version id (that needs s3:DeleteObjectVersion and undoes the protection versioning was turned
+    on for). Server: moto, which emulates versioning and stores lifecycle rules but never runs them."""
+    store = S3Store(url)
+    s3 = client()
+    s3.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    for step in (1, 2, 3):
+        _write_version(store, step, keep_last=2)
+    assert store.gc(1) and [v.step for v in store.read_commit().versions] == [3]
+    current = {k[len(store.root):].split("/")[0] for k in _keys(store, store.root)}
+    assert current == {"v00000003"}                                         # what readers and ls see
+    listed = s3.list_object_versions(Bucket=store.bucket, Prefix=store.root)
+    noncurrent = {v["Key"][len(store.root):] for v in listed.get("Versions", []) if not v["IsLatest"]}
+    markers = {m["Key"][len(store.root):] for m in listed.get("DeleteMarkers", []) if m["IsLatest"]}
+    for gone in ("v00000001", "v00000002"):
+        data = {f"{gone}/data-0.bin", f"{gone}/data-1.bin", f"{gone}/manifest.json", f"{gone}/.stage"}
+        assert data <= noncurrent and data <= markers                       # still stored, behind markers
+    assert S3Store(url).read_commit().current.step == 3
+    # the lifecycle rule README suggests is one the S3 API takes
+    s3.put_bucket_lifecycle_configuration(Bucket=store.bucket, LifecycleConfiguration={"Rules": [{
+        "ID": "pyckpt-snapshots", "Status": "Enabled", "Filter": {"Prefix": "runs/"},
+        "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
+        "Expiration": {"ExpiredObjectDeleteMarker": True},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2}}]})
+    assert s3.get_bucket_lifecycle_configuration(Bucket=store.bucket)["Rules"][0]["ID"] == "pyckpt-snapshots"

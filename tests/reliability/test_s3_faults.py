@@ -1,0 +1,198 @@
+"""The S3 backend under faults and crashes: throttling (503 SlowDown) and cut connections in the
+middle of a multipart upload, a server that never takes a part, and a writer SIGKILLed mid-upload.
+
+Server: moto's standalone S3 server (tests/s3server.py, an emulator over real HTTP) behind the
+fault-injecting proxy of tests/s3faults.py (real HTTP too, on 127.0.0.1), which answers 503 SlowDown,
+cuts connections or holds requests on rules and counts what it did. Neither emulates a real network's
+latency, partial packet loss or a server that fails *after* it acted (a lost answer to a request
+that took effect); moto's conditional PUT is not atomic (no test here races two writers)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pyckpt
+import pyckpt.s3_store as s3_store
+from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
+from pyckpt.cli import app
+from pyckpt.s3_store import S3Store, client
+from tests.conftest import REPO, StateHolder
+from tests.s3faults import FaultProxy
+from tests.s3server import ENV, endpoint, new_bucket
+
+pytestmark = pytest.mark.reliability
+PART = 5 << 20                       # S3's (and moto's) smallest part: a 12 MiB object is 3 parts
+
+
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch):
+    monkeypatch.setattr(s3_store, "PART_SIZE", PART)
+
+
+def _state(seed: int, mib: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(mib << 18, generator=g), "b": torch.randint(0, 1 << 30, (1000,), generator=g)}
+
+
+def _runtime(state: dict, step: int) -> TrainingRuntime:
+    runtime = TrainingRuntime()
+    runtime.register("state", StateHolder(state))
+    runtime.set_step(step)
+    return runtime
+
+
+def _coordinator(tmp_path) -> DistributedCoordinator:
+    return DistributedCoordinator(load_config(environ={}, config_dir=str(tmp_path)), keep_last=2)
+
+
+def _snapshot(tmp_path, url: str, state: dict, step: int) -> None:
+    with _coordinator(tmp_path) as coordinator:
+        coordinator.snapshot(url, _runtime(state, step))
+
+
+def _assert_restores(tmp_path, url: str, state: dict, step: int) -> None:
+    """restore() into fresh tensors and pyckpt.load in this process: the bytes of `state` at `step`."""
+    fresh = {k: torch.zeros_like(v) for k, v in state.items()}
+    runtime = _runtime(fresh, 0)
+    with _coordinator(tmp_path) as coordinator:
+        assert coordinator.restore(url, runtime)
+    assert runtime.step == step
+    loaded = pyckpt.load(url)
+    assert loaded["progress"]["step"] == step
+    for key, tensor in state.items():
+        assert torch.equal(fresh[key], tensor) and torch.equal(loaded["objects"]["state"][key], tensor), key
+
+
+def _uploads(store: S3Store) -> list[dict]:
+    """The unfinished multipart uploads under the snapshot's prefix, asked of moto directly."""
+    return client().list_multipart_uploads(Bucket=store.bucket, Prefix=store.root).get("Uploads", [])
+
+
+def _versions_in_bucket(store: S3Store) -> set[str]:
+    listed = client().list_objects_v2(Bucket=store.bucket, Prefix=store.root).get("Contents", [])
+    return {o["Key"][len(store.root):].split("/")[0] for o in listed} - {s3_store.LOCK}
+
+
+@pytest.mark.parametrize("method, query, action, times", [
+    ("PUT", "partNumber=", "slowdown", 2),       # UploadPart throttled twice
+    ("PUT", "partNumber=", "cut", 1),            # UploadPart's connection cut mid-body
+    ("POST", "uploads", "slowdown", 1),          # CreateMultipartUpload throttled
+    ("POST", "uploadId=", "cut", 1),             # CompleteMultipartUpload's connection cut
+])
+def test_a_throttled_or_cut_request_is_retried_and_the_snapshot_commits(tmp_path, method, query, action, times):
+    """Server: moto behind the fault proxy. The faulted requests never reach moto, so a retry is
+    always safe here; a lost answer to a request moto did carry out is not emulated."""
+    url = f"s3://{new_bucket()}/runs/faults/checkpoint.bin"
+    state = _state(1)
+    with FaultProxy(endpoint()) as proxy:
+        rule = proxy.add(method, query, action, first=1, last=times)
+        with proxy.environment():
+            _snapshot(tmp_path, url, state, 7)
+        assert rule.fired == times                                   # the faults really happened
+        assert proxy.count(method, query) == rule.seen > times       # and the request was sent again
+        assert proxy.count("PUT", "partNumber=") >= 3                # a multipart upload (12 MiB, 5 MiB parts)
+    _assert_restores(tmp_path, url, state, 7)
+    assert _uploads(S3Store(url)) == []
+
+
+def test_a_server_that_refuses_every_part_gives_a_clean_snapshot_error_and_keeps_the_previous_version(
+        tmp_path, monkeypatch, capfd):
+    """Server: moto behind the fault proxy answering 503 SlowDown to every UploadPart (a bucket
+    throttled for good, or a gateway in front of a dead server). AWS_MAX_ATTEMPTS=3 bounds the test's
+    time: pyckpt honours it (its default, 9 tries, gave up after ~50 s here)."""
+    url = f"s3://{new_bucket()}/runs/refused/checkpoint.bin"
+    before = _state(2)
+    _snapshot(tmp_path, url, before, 1)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    capfd.readouterr()
+    with FaultProxy(endpoint()) as proxy:
+        rule = proxy.add("PUT", "partNumber=", "slowdown")
+        with proxy.environment():
+            start = time.monotonic()
+            with pytest.raises(pyckpt.SnapshotError) as err:
+                _snapshot(tmp_path, url, _state(3), 2)
+            took = time.monotonic() - start
+        aborts = proxy.count("DELETE", "uploadId=")
+    out, errors = capfd.readouterr()
+    text = str(err.value)
+    assert took < 30, f"gave up after {took:.1f} s"
+    assert rule.fired == 3 * 3                                     # each of the 3 parts tried 3 times, no more
+    assert aborts == 1                                             # the writer aborted its upload
+    assert "previous snapshot is intact" in text and "SlowDown" in text
+    assert f"s3://{S3Store(url).bucket}" in text and proxy.url in text          # the bucket and the endpoint
+    assert ENV["AWS_SECRET_ACCESS_KEY"] not in text and "Traceback" not in out + errors
+    store = S3Store(url)
+    assert [v.step for v in store.read_commit().versions] == [1]
+    assert _uploads(store) == [] and _versions_in_bucket(store) == {"v00000001"}   # no stage, no lock left
+    _assert_restores(tmp_path, url, before, 1)
+
+
+WRITER = """
+import sys
+import torch
+import pyckpt.s3_store as s3_store
+from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
+from tests.conftest import StateHolder
+s3_store.PART_SIZE = 5 << 20
+runtime = TrainingRuntime()
+runtime.register("state", StateHolder({"w": torch.randn(6 << 20)}))     # 24 MiB: 5 parts
+runtime.set_step(2)
+with DistributedCoordinator(load_config(environ={}, config_dir=sys.argv[2]), keep_last=2) as coordinator:
+    coordinator.snapshot(sys.argv[1], runtime)
+print("committed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("cleaner", ["next-writer", "gc"])
+def test_a_writer_killed_mid_multipart_upload_leaves_the_previous_version_and_its_leftovers_are_cleaned(
+        tmp_path, monkeypatch, cleaner):
+    """Server: moto behind the fault proxy, which holds every UploadPart (the parts are in flight)
+    until the writer, a separate process, has been SIGKILLed. The lock the writer left is a lease
+    (LOCK_LEASE, 120 s): it is shortened to 2 s in this process so the cleaner may take it over."""
+    url = f"s3://{new_bucket()}/runs/killed/checkpoint.bin"
+    before = _state(4)
+    _snapshot(tmp_path, url, before, 1)
+    store = S3Store(url)
+    with FaultProxy(endpoint()) as proxy:
+        proxy.add("PUT", "partNumber=", "hold")
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, url, str(tmp_path)], cwd=REPO,
+                                  env={**os.environ, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": str(REPO),
+                                       "OMP_NUM_THREADS": "1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proxy.wait_for("PUT", "partNumber=", 1, timeout=90), "the writer never uploaded a part"
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            out = writer.communicate()[0]
+        assert writer.returncode == -signal.SIGKILL and "committed" not in out, out
+        assert proxy.count("POST", "uploads") == 1 and proxy.count("POST", "uploadId=") == 0
+    # What the killed writer left: an open multipart upload, a stage no reader sees, its lock
+    assert len(_uploads(store)) == 1
+    assert _versions_in_bucket(store) == {"v00000001", "v00000002"}
+    assert [(u.name, u.status) for u in store.uncommitted()] == [("v00000002", "stage")]
+    assert store.read_commit().current.step == 1 and len(store.read_commit().versions) == 1
+    _assert_restores(tmp_path, url, before, 1)
+
+    if cleaner == "gc":     # within the lease the lock is still the dead writer's: gc removes nothing
+        busy = CliRunner().invoke(app, ["gc", url, "--keep", "2"])
+        assert busy.exit_code == 1 and "busy" in busy.output and len(_uploads(store)) == 1, busy.output
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 2.0)
+    time.sleep(3.5)                       # the lease runs out (the server's clock counts in seconds)
+    if cleaner == "gc":
+        done = CliRunner().invoke(app, ["gc", url, "--keep", "2"])
+        assert done.exit_code == 0 and "removed v00000002" in done.output, done.output
+        assert _versions_in_bucket(store) == {"v00000001"}
+        _assert_restores(tmp_path, url, before, 1)
+    else:
+        after = _state(5)
+        _snapshot(tmp_path, url, after, 3)
+        assert _versions_in_bucket(store) == {"v00000001", "v00000003"}
+        _assert_restores(tmp_path, url, after, 3)
+    assert _uploads(store) == []
