@@ -140,12 +140,18 @@ def _list(s3, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
         raise s3_error(exc, bucket, f"listing s3://{bucket}/{prefix}", SnapshotReadError) from exc
 
 
+def snapshot_object(url: str) -> tuple[str, str]:
+    """A snapshot path s3://bucket/key -> (bucket, key); SnapshotPathError unless it names an object."""
+    bucket, key = split_url(url)
+    if not key or key.endswith("/"):
+        raise SnapshotPathError(f"{url!r} cannot be a snapshot path: it must name an object, e.g. "
+                                "s3://bucket/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
+    return bucket, key
+
+
 class S3Store:
     def __init__(self, url: str):
-        self.bucket, key = split_url(url)
-        if not key or key.endswith("/"):
-            raise SnapshotPathError(f"{url!r} cannot be a snapshot path: it must name an object, e.g. "
-                                    "s3://bucket/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
+        self.bucket, key = snapshot_object(url)
         self.path, self.key, self.root = url, key, key + SUFFIX + "/"
         self.s3 = client()
         self._base: tuple[CommitRecord | None, str | None] | None = None   # the record (and ETag) begin() read
