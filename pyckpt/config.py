@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import ConfigError, SnapshotPathError
+from .paths import check_file_path, is_s3, snapshot_object
 
 MODES = ("single", "docker", "physical")
 CLUSTER_MODES = ("docker", "physical")
@@ -337,19 +338,15 @@ def _snapshot_path(setting: Setting) -> str | None:
     if not value:
         return None
     try:
-        if value.startswith("s3://"):
-            from .s3_store import snapshot_object   # the S3 backend's own check: a bucket and an object key
-
-            snapshot_object(value)
+        if is_s3(value):
+            snapshot_object(value)   # the S3 store's own check: a bucket and an object key
             return value
         if "://" in value:
             raise SnapshotPathError(f"the scheme {value.split('://')[0]}:// is not a store pyckpt has")
         if not os.path.isabs(value):
             raise SnapshotPathError("a relative path: each process would resolve it against its own working "
                                     "directory")
-        from .posix_store import PosixStore   # the POSIX backend's own check: the path names a file
-
-        PosixStore(value)
+        check_file_path(value)   # the POSIX store's own check: the path names a file
     except SnapshotPathError as exc:
         raise _fail("SNAPSHOT_PATH", setting, f"is not a snapshot path ({exc})",
                     f"use an absolute path or an s3://BUCKET/KEY URL, {example}") from None

@@ -352,7 +352,8 @@ def check_snapshot_bucket(url: str) -> Check:
     import botocore.config
     import botocore.exceptions
 
-    from .s3_store import s3_error, snapshot_object
+    from .paths import snapshot_object
+    from .s3_store import s3_error
 
     bucket, _ = snapshot_object(url)
     hint = ("the training job reads the same AWS_* variables (training_environment) or the cluster user's "
@@ -596,8 +597,6 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     """Run every check on this host; returns the checks and the facts compared across the cluster.
     share_user: who must be able to write the share (the cluster user); default: this user.
     rdzv_port: elastic mode's c10d rendezvous port on MASTER_ADDR, checked like MASTER_PORT (none: not checked)."""
-    from .inspect import newest_complete_bytes
-
     environ = os.environ if environ is None else environ
     checks: list[Check] = []
     config_check, config = check_config(file, environ)
@@ -631,19 +630,25 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     ufw = run_tool(["ufw", "status"])
     checks.append(check_firewall(None if ufw is None else ufw[1], cluster_subnet))
     checks.append(check_backend(configured_backend(config, environ), versions))
+    checks.extend(storage_checks(config, is_master, share_user))
+    return checks, facts
+
+
+def storage_checks(config: Config, is_master: bool, share_user: str | None) -> list[Check]:
+    """Where the snapshots go: the shared directory and its NFS export, or with an s3:// SNAPSHOT_PATH the
+    bucket (the shared directory's checks then say nothing about the snapshots, and are skipped)."""
+    from .inspect import newest_complete_bytes
+
     shared = config.shared_fs_path
     if config.snapshot_path.startswith("s3://"):
-        # The snapshots live in object storage: the shared directory's checks say nothing about them.
         why = f"SNAPSHOT_PATH={config.snapshot_path}: the snapshots are in S3, not in SHARED_FS_PATH={shared}"
-        checks.extend(Check(name, SKIP, why) for name in
-                      ("shared_path", "shared_fs_type", "shared_writable", "free_space", "nfs_export"))
-        checks.append(check_snapshot_bucket(config.snapshot_path))
-        return checks, facts
-    exists = check_shared_exists(shared)
-    checks.append(exists)
-    if exists.status == PASS:
+        return [*(Check(name, SKIP, why) for name in
+                  ("shared_path", "shared_fs_type", "shared_writable", "free_space", "nfs_export")),
+                check_snapshot_bucket(config.snapshot_path)]
+    checks = [check_shared_exists(shared)]
+    if checks[0].status == PASS:
         checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master,
-                                    config.mode, nodes))
+                                    config.mode, config.physical_nodes))
         checks.append(check_writable(shared, share_user))
         try:
             last = newest_complete_bytes(config.snapshot_dir)
@@ -651,10 +656,10 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
             last = 0
         checks.append(check_free_space(shared, shutil.disk_usage(shared).free, last))
     else:
-        for name in ("shared_fs_type", "shared_writable", "free_space"):
-            checks.append(Check(name, SKIP, f"{shared} does not exist"))
+        checks.extend(Check(name, SKIP, f"{shared} does not exist")
+                      for name in ("shared_fs_type", "shared_writable", "free_space"))
     checks.append(check_nfs_export(config.master_addr, shared, config.shared_fs_type, is_master))
-    return checks, facts
+    return checks
 
 
 def configured_backend(config: Config, environ: Mapping[str, str]) -> str:

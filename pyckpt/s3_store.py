@@ -44,8 +44,9 @@ import botocore.exceptions
 from botocore.config import Config
 
 from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotError, SnapshotLockedError,
-                     SnapshotNotFoundError, SnapshotPathError, SnapshotReadError)
+                     SnapshotNotFoundError, SnapshotReadError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
+from .paths import snapshot_object, split_url
 from .planner import Slice
 from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
                       next_version, verified_manifest, wait_for_lock)
@@ -66,14 +67,6 @@ _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
            "AllAccessDisabled"}
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """s3://bucket/key -> (bucket, key); the key may be empty."""
-    bucket, _, key = url[len("s3://"):].partition("/")
-    if not bucket:
-        raise SnapshotPathError(f"{url!r} names no bucket: write s3://BUCKET/prefix/checkpoint.bin")
-    return bucket, key
 
 
 def client():
@@ -138,15 +131,6 @@ def _list(s3, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
         yield from s3.get_paginator("list_objects_v2").paginate(**args)
     except _ERRORS as exc:
         raise s3_error(exc, bucket, f"listing s3://{bucket}/{prefix}", SnapshotReadError) from exc
-
-
-def snapshot_object(url: str) -> tuple[str, str]:
-    """A snapshot path s3://bucket/key -> (bucket, key); SnapshotPathError unless it names an object."""
-    bucket, key = split_url(url)
-    if not key or key.endswith("/"):
-        raise SnapshotPathError(f"{url!r} cannot be a snapshot path: it must name an object, e.g. "
-                                "s3://bucket/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
-    return bucket, key
 
 
 class S3Store:
