@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="total optimizer steps (default 200)")
     p.add_argument("--checkpoint-interval", type=int, default=20, help="snapshot every K steps (default 20)")
     p.add_argument("--snapshot-path", default=None,
-                   help="default: $SHARED_FS_PATH/checkpoint.bin (SHARED_FS_PATH: the snapshot directory)")
+                   help="default: the config's SNAPSHOT_PATH (a path or s3:// URL), else $SHARED_FS_PATH/checkpoint.bin")
     p.add_argument("--config-dir", default=os.environ.get("PYCKPT_CONFIG_DIR", str(Path(__file__).parent / "config")))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=32,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     coordinator.initialize()
     rank, world = coordinator.rank, coordinator.world_size
     device = torch.device(f"cuda:{config.local_rank}" if config.backend == "nccl" else "cpu")
-    path = args.snapshot_path or os.path.join(config.snapshot_dir, "checkpoint.bin")
+    path = args.snapshot_path or config.snapshot_path
     if "://" not in path:   # a directory on the shared filesystem; object storage (s3://) has none to make
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 

@@ -3,6 +3,11 @@
 Precedence (lowest to highest): built-in defaults < config file < environment. torchrun exports
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT into the environment,
 so its values win over the file the same way.
+
+SNAPSHOT_PATH (the full snapshot path, a filesystem path or an s3:// URL) is read from the environment
+under its own name or as PYCKPT_SNAPSHOT_PATH, the name the training unit sets for any training script:
+one setting, two spellings. Both set to different values is an error; unset, it is
+SHARED_FS_PATH/checkpoint.bin.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, SnapshotPathError
+from .paths import check_file_path, is_s3, snapshot_object
 
 MODES = ("single", "docker", "physical")
 CLUSTER_MODES = ("docker", "physical")
@@ -32,8 +38,11 @@ DEFAULTS: dict[str, str] = {
     "NPROC_PER_NODE": "1",
     "INIT_TIMEOUT_S": "300",
 }
-# The spec's keys plus the two knobs a multi-process node needs.
-KNOWN_KEYS = frozenset(DEFAULTS) | {"WORLD_SIZE", "PHYSICAL_NODES"}
+# The spec's keys plus the two knobs a multi-process node needs, and where the snapshots go.
+KNOWN_KEYS = frozenset(DEFAULTS) | {"WORLD_SIZE", "PHYSICAL_NODES", "SNAPSHOT_PATH"}
+# Other environment spellings of a key (the training unit exports PYCKPT_SNAPSHOT_PATH).
+ENV_ALIASES = {"SNAPSHOT_PATH": "PYCKPT_SNAPSHOT_PATH"}
+SNAPSHOT_NAME = "checkpoint.bin"   # the snapshot path's name in SHARED_FS_PATH when SNAPSHOT_PATH is unset
 # Set by torchrun for every worker process.
 TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Lines for torch/NCCL/gloo themselves, exported to the process environment by the coordinator.
@@ -68,6 +77,7 @@ class Config:
     passthrough: tuple[tuple[str, str], ...] = ()
     origins: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     node_addrs: tuple[str, ...] = ()  # PHYSICAL_NODES as the spec writes it: master first
+    snapshot_path_setting: str | None = None  # SNAPSHOT_PATH as set (file or environment), validated
 
     @property
     def is_distributed(self) -> bool:
@@ -77,6 +87,11 @@ class Config:
     def snapshot_dir(self) -> str:
         """SHARED_FS_PATH is the directory holding the snapshots (the spec's /shared/snapshots)."""
         return self.shared_fs_path
+
+    @property
+    def snapshot_path(self) -> str:
+        """Where train.py snapshots: SNAPSHOT_PATH (a path or an s3:// URL), else SHARED_FS_PATH/checkpoint.bin."""
+        return self.snapshot_path_setting or os.path.join(self.shared_fs_path, SNAPSHOT_NAME)
 
     def origin(self, key: str) -> str:
         return dict(self.origins).get(key, "default")
@@ -91,6 +106,7 @@ class Config:
             "BACKEND": self.backend,
             "SHARED_FS_PATH": self.shared_fs_path,
             "SHARED_FS_TYPE": self.shared_fs_type,
+            "SNAPSHOT_PATH": self.snapshot_path,
             "PHYSICAL_NODES": ",".join(self.node_addrs) or str(self.physical_nodes),
             "NODE_RANK": str(self.node_rank),
             "NPROC_PER_NODE": str(self.nproc_per_node),
@@ -224,6 +240,13 @@ def load_config(
         if key in environ and (torchrun or key != "GROUP_WORLD_SIZE"):
             origin = "torchrun" if torchrun and key in TORCHRUN_KEYS + ("GROUP_RANK", "GROUP_WORLD_SIZE") else "environment"
             merged[key] = Setting(environ[key], origin)
+    for key, alias in ENV_ALIASES.items():
+        if alias in environ:
+            if key in environ and environ[key] != environ[alias]:
+                raise ConfigError(
+                    f"environment variables {key}={environ[key]!r} and {alias}={environ[alias]!r} disagree; "
+                    f"they are one setting ({alias} is the name the training unit sets): unset one or make them equal")
+            merged[key] = Setting(environ[alias], f"environment ({alias})")
     if mode is not None and merged["DISTRIBUTED_MODE"].value != mode:
         merged["DISTRIBUTED_MODE"] = Setting(mode, "argument")
     return _validate(merged, file, torchrun, passthrough, cuda_available)
@@ -232,6 +255,8 @@ def load_config(
 def _where(setting: Setting) -> str:
     if setting.origin in ("environment", "torchrun"):
         return f"{setting.origin} variable"
+    if setting.origin.startswith("environment ("):   # an alias: environment variable PYCKPT_SNAPSHOT_PATH
+        return f"environment variable {setting.origin[len('environment ('):-1]}"
     return setting.origin
 
 
@@ -292,6 +317,7 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
     if not shared:
         raise _fail("SHARED_FS_PATH", merged["SHARED_FS_PATH"], "is empty",
                     "use the directory that holds the snapshots, e.g. /shared/snapshots")
+    snapshot_path = _snapshot_path(merged["SNAPSHOT_PATH"]) if "SNAPSHOT_PATH" in merged else None
 
     return Config(
         mode=mode, world_size=world, rank=layout["rank"], local_rank=layout["local_rank"],
@@ -300,7 +326,31 @@ def _validate(merged, file, torchrun, passthrough, cuda_available) -> Config:
         shared_fs_type=fs_type, init_timeout_s=timeout, launched_by_torchrun=torchrun, source_file=file,
         passthrough=tuple(sorted(passthrough.items())),
         origins=tuple(sorted((k, s.origin) for k, s in merged.items())), node_addrs=layout["addrs"],
+        snapshot_path_setting=snapshot_path,
     )
+
+
+def _snapshot_path(setting: Setting) -> str | None:
+    """SNAPSHOT_PATH: an absolute filesystem path or s3://BUCKET/KEY (checked as the S3 store checks it);
+    empty means unset (SHARED_FS_PATH/checkpoint.bin)."""
+    value = setting.value.strip()
+    example = "e.g. SNAPSHOT_PATH=/shared/snapshots/checkpoint.bin or s3://bucket/run1/checkpoint.bin"
+    if not value:
+        return None
+    try:
+        if is_s3(value):
+            snapshot_object(value)   # the S3 store's own check: a bucket and an object key
+            return value
+        if "://" in value:
+            raise SnapshotPathError(f"the scheme {value.split('://')[0]}:// is not a store pyckpt has")
+        if not os.path.isabs(value):
+            raise SnapshotPathError("a relative path: each process would resolve it against its own working "
+                                    "directory")
+        check_file_path(value)   # the POSIX store's own check: the path names a file
+    except SnapshotPathError as exc:
+        raise _fail("SNAPSHOT_PATH", setting, f"is not a snapshot path ({exc})",
+                    f"use an absolute path or an s3://BUCKET/KEY URL, {example}") from None
+    return value
 
 
 def _layout(merged: dict[str, Setting], mode: str, master_addr: str) -> dict:

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from .config import KNOWN_KEYS, Config, load_config, parse_env_file
+from .config import ENV_ALIASES, KNOWN_KEYS, Config, load_config, parse_env_file
 from .errors import PyckptError
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
@@ -59,8 +59,11 @@ def check_config(file: str | None, environ: Mapping[str, str]) -> tuple[Check, C
     overrides = []
     if config.source_file and os.path.exists(config.source_file):
         for key, setting in parse_env_file(config.source_file).items():
-            if key in KNOWN_KEYS and key in environ and environ[key] != setting.value:
-                overrides.append(f"{key}: file {setting.value!r} ({setting.origin}), environment {environ[key]!r}")
+            for name in (key, ENV_ALIASES.get(key, key)):
+                if key in KNOWN_KEYS and name in environ and environ[name] != setting.value:
+                    overrides.append(f"{key}: file {setting.value!r} ({setting.origin}), environment "
+                                     f"{'' if name == key else name + '='}{environ[name]!r}")
+                    break
     details = {"file": config.source_file, "config": config.as_env()}
     if overrides:
         return Check("config", WARN, f"{source}: the environment overrides the file: " + "; ".join(overrides),
@@ -340,6 +343,36 @@ def check_shared_exists(path: str) -> Check:
                  "that filesystem and create the directory (setup-cluster.yml does), or fix SHARED_FS_PATH")
 
 
+def check_snapshot_bucket(url: str) -> Check:
+    """SNAPSHOT_PATH is an s3:// URL: the bucket answers a HEAD with this process's AWS settings (endpoint,
+    region, credentials: the standard AWS_* variables or a profile). No credentials here only warns: the
+    training job may get them where the doctor does not (the unit's training_environment, the cluster
+    user's ~/.aws)."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    from .paths import snapshot_object
+    from .s3_store import s3_error
+
+    bucket, _ = snapshot_object(url)
+    hint = ("the training job reads the same AWS_* variables (training_environment) or the cluster user's "
+            "~/.aws profile: check them there, and run the doctor with them to test the bucket")
+    try:
+        # Not the store's client: a dead endpoint must not cost its 8 retries of 60 s connects.
+        s3 = boto3.session.Session().client("s3", config=botocore.config.Config(
+            connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 2}))
+        s3.head_bucket(Bucket=bucket)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        if isinstance(exc, botocore.exceptions.ClientError) and exc.response.get("Error", {}).get("Code") == "404":
+            # A HEAD answer has no body: botocore names a missing bucket only by its status.
+            exc.response["Error"]["Code"] = "NoSuchBucket"
+        status = WARN if isinstance(exc, botocore.exceptions.NoCredentialsError) else FAIL
+        return Check("snapshot_store", status, f"SNAPSHOT_PATH={url}: {s3_error(exc, bucket, 'a HEAD of the bucket')}",
+                     hint)
+    return Check("snapshot_store", PASS, f"SNAPSHOT_PATH={url}: bucket {bucket} answers at {s3.meta.endpoint_url}")
+
+
 def check_fs_type(path: str, mountinfo: str, fs_type: str, is_master: bool, mode: str = "physical",
                   nodes: int = 1) -> Check:
     """Workers of an nfs cluster must see SHARED_FS_PATH through an NFS mount; the master exports it.
@@ -564,8 +597,6 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     """Run every check on this host; returns the checks and the facts compared across the cluster.
     share_user: who must be able to write the share (the cluster user); default: this user.
     rdzv_port: elastic mode's c10d rendezvous port on MASTER_ADDR, checked like MASTER_PORT (none: not checked)."""
-    from .inspect import newest_complete_bytes
-
     environ = os.environ if environ is None else environ
     checks: list[Check] = []
     config_check, config = check_config(file, environ)
@@ -599,12 +630,25 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
     ufw = run_tool(["ufw", "status"])
     checks.append(check_firewall(None if ufw is None else ufw[1], cluster_subnet))
     checks.append(check_backend(configured_backend(config, environ), versions))
+    checks.extend(storage_checks(config, is_master, share_user))
+    return checks, facts
+
+
+def storage_checks(config: Config, is_master: bool, share_user: str | None) -> list[Check]:
+    """Where the snapshots go: the shared directory and its NFS export, or with an s3:// SNAPSHOT_PATH the
+    bucket (the shared directory's checks then say nothing about the snapshots, and are skipped)."""
+    from .inspect import newest_complete_bytes
+
     shared = config.shared_fs_path
-    exists = check_shared_exists(shared)
-    checks.append(exists)
-    if exists.status == PASS:
+    if config.snapshot_path.startswith("s3://"):
+        why = f"SNAPSHOT_PATH={config.snapshot_path}: the snapshots are in S3, not in SHARED_FS_PATH={shared}"
+        return [*(Check(name, SKIP, why) for name in
+                  ("shared_path", "shared_fs_type", "shared_writable", "free_space", "nfs_export")),
+                check_snapshot_bucket(config.snapshot_path)]
+    checks = [check_shared_exists(shared)]
+    if checks[0].status == PASS:
         checks.append(check_fs_type(shared, _read("/proc/self/mountinfo"), config.shared_fs_type, is_master,
-                                    config.mode, nodes))
+                                    config.mode, config.physical_nodes))
         checks.append(check_writable(shared, share_user))
         try:
             last = newest_complete_bytes(config.snapshot_dir)
@@ -612,10 +656,10 @@ def run_doctor(file: str | None = None, *, environ: Mapping[str, str] | None = N
             last = 0
         checks.append(check_free_space(shared, shutil.disk_usage(shared).free, last))
     else:
-        for name in ("shared_fs_type", "shared_writable", "free_space"):
-            checks.append(Check(name, SKIP, f"{shared} does not exist"))
+        checks.extend(Check(name, SKIP, f"{shared} does not exist")
+                      for name in ("shared_fs_type", "shared_writable", "free_space"))
     checks.append(check_nfs_export(config.master_addr, shared, config.shared_fs_type, is_master))
-    return checks, facts
+    return checks
 
 
 def configured_backend(config: Config, environ: Mapping[str, str]) -> str:

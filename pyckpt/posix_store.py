@@ -31,9 +31,9 @@ import numpy as np
 
 from . import safe_fs
 from .testhooks import crash_point
-from .errors import (IntegrityError, PyckptError, SnapshotNotFoundError,
-                     SnapshotPathError)
+from .errors import IntegrityError, PyckptError, SnapshotNotFoundError
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
+from .paths import check_file_path
 from .planner import Slice
 from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted,
                       next_version, verified_manifest, wait_for_lock)
@@ -52,9 +52,7 @@ _LEFTOVER_MANIFEST = 64 << 20   # ls shows step/epoch of a stage from its manife
 class PosixStore:
     def __init__(self, path: str | os.PathLike):
         raw = os.fspath(path)
-        if os.path.basename(raw) in ("", ".", ".."):  # "", "/", "dir/": the store would land beside or above it
-            raise SnapshotPathError(f"{raw!r} cannot be a snapshot path: it must name a file, e.g. "
-                                    "/shared/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
+        check_file_path(raw)
         self.path = os.path.abspath(raw)
         self.root = self.path + SUFFIX
 

@@ -47,6 +47,7 @@ from botocore.config import Config
 from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotError, SnapshotLockedError,
                      SnapshotNotFoundError, SnapshotPathError, SnapshotReadError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
+from .paths import snapshot_object, split_url   # s3_store.SnapshotPathError, split_url: as before
 from .planner import Slice
 from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
                       next_version, verified_manifest, wait_for_lock)
@@ -68,14 +69,6 @@ _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
            "AllAccessDisabled"}
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """s3://bucket/key -> (bucket, key); the key may be empty."""
-    bucket, _, key = url[len("s3://"):].partition("/")
-    if not bucket:
-        raise SnapshotPathError(f"{url!r} names no bucket: write s3://BUCKET/prefix/checkpoint.bin")
-    return bucket, key
 
 
 def client():
@@ -158,10 +151,7 @@ def _list(s3, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
 
 class S3Store:
     def __init__(self, url: str):
-        self.bucket, key = split_url(url)
-        if not key or key.endswith("/"):
-            raise SnapshotPathError(f"{url!r} cannot be a snapshot path: it must name an object, e.g. "
-                                    "s3://bucket/snapshots/checkpoint.bin (its data goes to checkpoint.bin.pyckpt/)")
+        self.bucket, key = snapshot_object(url)
         self.path, self.key, self.root = url, key, key + SUFFIX + "/"
         self.s3 = client()
         self._base: tuple[CommitRecord | None, str | None] | None = None   # the record (and ETag) begin() read

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 
+from .paths import is_s3
 from .posix_store import PosixStore, snapshot_paths as posix_snapshot_paths
 from .storage import Store
-
-
-def is_s3(path: str | os.PathLike) -> bool:
-    return isinstance(path, str) and path.startswith("s3://")
 
 
 def open_store(path: str | os.PathLike) -> Store:

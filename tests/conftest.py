@@ -66,7 +66,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment minus any torch.distributed/pyckpt settings, plus `extra`."""
     drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
             "GROUP_RANK", "TORCHELASTIC_RUN_ID", "DISTRIBUTED_MODE", "PYCKPT_CONFIG", "PYCKPT_CONFIG_DIR",
-            "PHYSICAL_NODES", "BACKEND"}
+            "PHYSICAL_NODES", "BACKEND", "SNAPSHOT_PATH", "PYCKPT_SNAPSHOT_PATH"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)

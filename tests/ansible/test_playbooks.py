@@ -282,6 +282,31 @@ def test_cluster_config_without_pyckpt_skips_validation(tmp_path):
     assert (tmp_path / "shared/checkpoint4/config/distributed.single.env").exists()
 
 
+S3_LOCATION = "s3://ckpt/run1/checkpoint.bin"
+
+
+def test_cluster_config_renders_the_snapshot_location(tmp_path):
+    # snapshot_location (the full snapshot path) is SNAPSHOT_PATH in the file, validated by pyckpt; unset,
+    # the file has no SNAPSHOT_PATH line (test_cluster_config_renders_every_key) and pyckpt uses
+    # SHARED_FS_PATH/checkpoint.bin.
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
+                  local(tmp_path, venv_path=str(VENV), snapshot_location=S3_LOCATION))
+    assert rc == 0, out
+    env = read_env(tmp_path / "shared/checkpoint4/config/distributed.physical.env")
+    assert env["SNAPSHOT_PATH"] == S3_LOCATION and env["SHARED_FS_PATH"] == str(tmp_path / "shared/snapshots")
+    assert not any(key.startswith("AWS_") for key in env)
+    assert task_hosts(out, "Validate the file with pyckpt's own loader") == inventory_hosts("physical")
+
+
+@pytest.mark.parametrize("location", ["runs/checkpoint.bin", "s3://ckpt/run1/", "s3://ckpt/x\nMASTER_PORT=1"])
+def test_cluster_config_refuses_a_bad_snapshot_location_before_rendering(tmp_path, location):
+    rc, out = run(tmp_path, REPO / "playbooks/cluster-config.yml", REPO / "inventory/physical",
+                  local(tmp_path, venv_path=str(VENV), snapshot_location=location.replace("\\n", "\n")))
+    assert rc != 0, out
+    assert "SNAPSHOT_PATH (snapshot_location" in " ".join(out.split())
+    assert not (tmp_path / "shared/checkpoint4/config/distributed.physical.env").exists()
+
+
 def render_units(tmp_path: Path, inventory: Path, **extra) -> dict[str, str]:
     out_dir = tmp_path / "units"
     out_dir.mkdir()
@@ -345,7 +370,28 @@ def test_training_unit_runs_a_script_of_ones_own_with_its_own_arguments(tmp_path
     assert "--snapshot-path" not in exec_start and "--config-dir" not in exec_start
 
 
-# The extra variables of tests/ansible/static-units/rich-*.service.
+def test_training_unit_follows_an_s3_snapshot_location(tmp_path):
+    # The job's --snapshot-path and PYCKPT_SNAPSHOT_PATH are the location; no snapshot directory to mount
+    # (RequiresMountsFor keeps the code directory only), credentials only through training_environment.
+    units = render_units(tmp_path, REPO / "inventory/physical", snapshot_location=S3_LOCATION,
+                         training_environment={"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "us-east-1"})
+    for unit in units.values():
+        assert f" --snapshot-path {S3_LOCATION} --checkpoint-interval " in exec_start(unit)
+        assert f'Environment="PYCKPT_SNAPSHOT_PATH={S3_LOCATION}"\n' in unit
+        assert f"RequiresMountsFor={tmp_path}/shared/checkpoint4\n" in unit
+        assert 'Environment="AWS_ENDPOINT_URL=http://minio:9000"\n' in unit
+        assert "/shared/snapshots" not in unit
+
+
+def test_training_unit_follows_a_filesystem_snapshot_location(tmp_path):
+    units = render_units(tmp_path, REPO / "inventory/physical", snapshot_location="/mnt/fast/run1/ck.bin")
+    for unit in units.values():
+        assert " --snapshot-path /mnt/fast/run1/ck.bin --checkpoint-interval " in exec_start(unit)
+        assert 'Environment="PYCKPT_SNAPSHOT_PATH=/mnt/fast/run1/ck.bin"\n' in unit
+        assert f"RequiresMountsFor={tmp_path}/shared/checkpoint4 /mnt/fast/run1\n" in unit
+
+
+# The extra variables of tests/ansible/static-units/rich-*.service.# The extra variables of tests/ansible/static-units/rich-*.service.
 STATIC_RICH = {"cluster_ifname": "ens5", "nccl_socket_ifname": "ib0", "nproc_per_node": 2,
                "training_environment": {"TORCH_SHOW_CPP_STACKTRACES": "1", "MY_VAR": "a b"},
                "training_extra_args": ["--seed=7", "x y"]}
@@ -655,3 +701,26 @@ def test_status_before_any_group_line(tmp_path, monkeypatch):
     lines = status_lines(tmp_path, monkeypatch, units, elastic_training=True)
     assert lines[0] == "node0 (rank ?): inactive/dead, restarts 0, latest snapshot step none", lines
     assert lines[4].startswith("group: none reported yet"), lines
+
+
+def test_status_lists_the_snapshots_at_an_s3_location(tmp_path, monkeypatch):
+    # status.yml's listing is `pyckpt ls --json <the job's snapshot path>`: with an s3:// snapshot_location,
+    # that URL, with the job's environment (training_environment: the AWS_* variables). A stand-in
+    # venv's `pyckpt` records what it was given and answers like `pyckpt ls --json`.
+    venv = tmp_path / "venv/bin"
+    venv.mkdir(parents=True)
+    (venv / "pyckpt").write_text(
+        '#!/bin/sh\n# stand-in pyckpt of tests/ansible\n'
+        'echo "$* AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL" >> "$(dirname "$0")/calls"\n'
+        'echo \'[{"status": "current", "step": 40}, {"status": "committed", "step": 20}]\'\n')
+    (venv / "pyckpt").chmod(0o755)
+    units = {f"checkpoint4-node{i}": {"show": unit_show(), "group": None} for i in range(4)}
+    monkeypatch.setenv("PATH", f"{status_stand_ins(tmp_path, units)}{os.pathsep}{os.environ['PATH']}")
+    hosts = spec_hosts(**{f"node{i}": {"training_service_name": f"checkpoint4-node{i}"} for i in (1, 2, 3)})
+    hosts["master"]["hosts"]["node0"]["training_service_name"] = "checkpoint4-node0"
+    inv = make_inventory(tmp_path, hosts, snapshot_location=S3_LOCATION,
+                         training_environment={"AWS_ENDPOINT_URL": "http://minio:9000"})
+    rc, out = run(tmp_path, REPO / "status.yml", inv, local(tmp_path, venv_path=str(tmp_path / "venv")))
+    assert rc == 0, out
+    assert (venv / "calls").read_text().splitlines() == [f"ls --json {S3_LOCATION} AWS_ENDPOINT_URL=http://minio:9000"] * 4
+    assert "node0 (rank 0): active/running, restarts 0, latest snapshot step 40" in out

@@ -479,3 +479,50 @@ def test_doctor_in_process_runner_matches(tmp_path):
     assert result.exit_code == 1
     checks = {c["name"]: c["status"] for c in json.loads(result.stdout)["checks"]}
     assert checks["shared_path"] == "fail" and checks["shared_writable"] == "skip"
+
+
+# -- SNAPSHOT_PATH in S3 ---------------------------------------------------------------------
+# Server: moto's standalone S3 server (tests/s3server.py), real HTTP; it accepts any credentials, so
+# "refused credentials" cannot be shown here (a missing bucket and missing credentials can).
+
+def s3_doctor(tmp_path, location: str) -> dict[str, d.Check]:
+    env_file = write_env(tmp_path / "distributed.single.env", SHARED_FS_PATH=str(tmp_path / "no-such-dir"),
+                         SNAPSHOT_PATH=location)
+    checks, facts = d.run_doctor(str(env_file), environ={})
+    return {c.name: c for c in checks}
+
+
+def test_doctor_with_an_s3_snapshot_path_skips_the_shared_dir_checks_and_heads_the_bucket(tmp_path):
+    from tests.s3server import new_bucket
+
+    bucket = new_bucket()
+    checks = s3_doctor(tmp_path, f"s3://{bucket}/run1/checkpoint.bin")
+    for name in ("shared_path", "shared_fs_type", "shared_writable", "free_space", "nfs_export"):
+        assert checks[name].status == d.SKIP, checks[name]
+        assert f"SNAPSHOT_PATH=s3://{bucket}/run1/checkpoint.bin: the snapshots are in S3" in checks[name].message
+    assert checks["snapshot_store"].status == d.PASS, checks["snapshot_store"]
+    assert f"bucket {bucket} answers at http://127.0.0.1:" in checks["snapshot_store"].message
+    assert d.exit_code(list(checks.values())) == 0
+
+
+def test_doctor_names_a_missing_bucket_and_warns_without_credentials(tmp_path, monkeypatch):
+    from tests.s3server import endpoint
+
+    url = endpoint()
+    check = s3_doctor(tmp_path, "s3://no-such-bucket/checkpoint.bin")["snapshot_store"]
+    assert check.status == d.FAIL and f"no bucket 'no-such-bucket' at {url}" in check.message, check
+    assert "AWS_ENDPOINT_URL" in check.message and "training_environment" in check.hint
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    check = s3_doctor(tmp_path, "s3://ckpt/checkpoint.bin")["snapshot_store"]
+    assert check.status == d.WARN and "needs credentials" in check.message, check
+
+
+def test_doctor_reports_an_environment_snapshot_path_over_the_file(tmp_path):
+    env_file = write_env(tmp_path / "distributed.single.env", SNAPSHOT_PATH="/shared/a/checkpoint.bin")
+    check, config = d.check_config(str(env_file), {"PYCKPT_SNAPSHOT_PATH": "/shared/b/checkpoint.bin"})
+    assert check.status == d.WARN and config.snapshot_path == "/shared/b/checkpoint.bin"
+    assert "SNAPSHOT_PATH: file '/shared/a/checkpoint.bin'" in check.message
+    assert "environment PYCKPT_SNAPSHOT_PATH='/shared/b/checkpoint.bin'" in check.message

@@ -33,6 +33,23 @@ def test_the_spec_block_passes_config_validate(tmp_path):
     assert (values["WORLD_SIZE"], values["SHARED_FS_PATH"], values["BACKEND"]) == ("4", "/shared/snapshots", "gloo")
 
 
+def test_config_validate_prints_the_snapshot_path(tmp_path):
+    """SNAPSHOT_PATH: unset, SHARED_FS_PATH/checkpoint.bin; set in the file (an s3:// URL), that; a relative
+    path is refused naming the file's line and the fix."""
+    path = spec_config_dir(tmp_path) / "distributed.physical.env"
+    done = run_cli("config", "validate", "--file", path)
+    assert resolved(done.stdout)["SNAPSHOT_PATH"] == "/shared/snapshots/checkpoint.bin"
+    path.write_text(SPEC_BLOCK + "SNAPSHOT_PATH=s3://ckpt/run1/checkpoint.bin\n")
+    done = run_cli("config", "validate", "--file", path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert resolved(done.stdout)["SNAPSHOT_PATH"] == "s3://ckpt/run1/checkpoint.bin"
+    path.write_text(SPEC_BLOCK + "SNAPSHOT_PATH=run1/checkpoint.bin\n")
+    done = run_cli("config", "validate", "--file", path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{path}:9: SNAPSHOT_PATH='run1/checkpoint.bin' is not a snapshot path (a relative path" in done.stderr
+    assert "use an absolute path or an s3://BUCKET/KEY URL" in done.stderr
+
+
 def test_config_validate_finds_the_spec_file_for_a_node_told_its_rank(tmp_path):
     """No --file, no DISTRIBUTED_MODE, no distributed.env link: NODE_RANK=2 picks the one cluster file."""
     config = spec_config_dir(tmp_path)

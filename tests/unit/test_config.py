@@ -265,3 +265,67 @@ def test_node_list_accepts_host_names_and_agrees_with_nproc_per_node(tmp_path):
                            "MASTER_ADDR=NODE0\n", mode="docker")
     cfg = load_config(path, environ={"NODE_RANK": "1"}, cuda_available=NO_CUDA)
     assert (cfg.world_size, cfg.physical_nodes, cfg.rank, cfg.node_addrs) == (4, 2, 2, ("node0", "node1"))
+
+
+# -- SNAPSHOT_PATH: the full snapshot path, a filesystem path or an s3:// URL --------------------
+
+def test_snapshot_path_defaults_to_checkpoint_bin_in_shared_fs_path(tmp_path):
+    cfg = load_config(write(tmp_path, PHYSICAL), environ={}, cuda_available=NO_CUDA)
+    assert cfg.snapshot_path == "/shared/checkpoint.bin" and cfg.origin("SNAPSHOT_PATH") == "default"
+    assert cfg.as_env()["SNAPSHOT_PATH"] == "/shared/checkpoint.bin"
+    # An empty value is unset (what the cluster_config role renders without a snapshot_location).
+    cfg = load_config(write(tmp_path, PHYSICAL + "SNAPSHOT_PATH=\n"), environ={}, cuda_available=NO_CUDA)
+    assert cfg.snapshot_path == "/shared/checkpoint.bin"
+
+
+@pytest.mark.parametrize("value", ["s3://ckpt/run1/checkpoint.bin", "/mnt/fast/run1/checkpoint.bin"])
+def test_snapshot_path_from_the_file(tmp_path, value):
+    path = write(tmp_path, PHYSICAL + f"SNAPSHOT_PATH={value}\n")
+    cfg = load_config(path, environ={}, cuda_available=NO_CUDA)
+    assert cfg.snapshot_path == value and cfg.origin("SNAPSHOT_PATH") == f"{path}:10"
+    assert cfg.shared_fs_path == cfg.snapshot_dir == "/shared"   # SHARED_FS_PATH keeps its meaning
+    assert cfg.as_env()["SNAPSHOT_PATH"] == value
+
+
+def test_snapshot_path_environment_wins_under_either_name(tmp_path):
+    path = write(tmp_path, PHYSICAL + "SNAPSHOT_PATH=s3://ckpt/file/checkpoint.bin\n")
+    cfg = load_config(path, environ={"SNAPSHOT_PATH": "s3://ckpt/env/checkpoint.bin"}, cuda_available=NO_CUDA)
+    assert (cfg.snapshot_path, cfg.origin("SNAPSHOT_PATH")) == ("s3://ckpt/env/checkpoint.bin", "environment")
+    # PYCKPT_SNAPSHOT_PATH (what the training unit sets) is the same setting.
+    cfg = load_config(path, environ={"PYCKPT_SNAPSHOT_PATH": "/shared/x/checkpoint.bin"}, cuda_available=NO_CUDA)
+    assert cfg.snapshot_path == "/shared/x/checkpoint.bin"
+    assert cfg.origin("SNAPSHOT_PATH") == "environment (PYCKPT_SNAPSHOT_PATH)"
+    same = {"SNAPSHOT_PATH": "s3://b/k", "PYCKPT_SNAPSHOT_PATH": "s3://b/k"}
+    assert load_config(path, environ=same, cuda_available=NO_CUDA).snapshot_path == "s3://b/k"
+
+
+def test_snapshot_path_under_both_names_must_agree(tmp_path):
+    path = write(tmp_path, PHYSICAL)
+    with pytest.raises(ConfigError, match=r"SNAPSHOT_PATH='s3://b/one' and PYCKPT_SNAPSHOT_PATH='s3://b/two' "
+                                          r"disagree; they are one setting .*unset one or make them equal"):
+        load_config(path, environ={"SNAPSHOT_PATH": "s3://b/one", "PYCKPT_SNAPSHOT_PATH": "s3://b/two"},
+                    cuda_available=NO_CUDA)
+
+
+@pytest.mark.parametrize(
+    "value, env, expected",
+    [
+        ("s3://", {}, r"physical\.env:10: SNAPSHOT_PATH='s3://' is not a snapshot path \('s3://' names no bucket"),
+        ("s3://ckpt", {}, r"SNAPSHOT_PATH='s3://ckpt' is not a snapshot path \('s3://ckpt' cannot be a snapshot "
+                          r"path: it must name an object"),
+        ("s3://ckpt/run1/", {}, r"SNAPSHOT_PATH='s3://ckpt/run1/' is not a snapshot path .*must name an object"),
+        ("runs/checkpoint.bin", {}, r"physical\.env:10: SNAPSHOT_PATH='runs/checkpoint.bin' is not a snapshot path "
+                                    r"\(a relative path.*\); use an absolute path or an s3://BUCKET/KEY URL, e\.g\. "
+                                    r"SNAPSHOT_PATH=/shared/snapshots/checkpoint\.bin"),
+        ("/shared/snapshots/", {}, r"SNAPSHOT_PATH='/shared/snapshots/' is not a snapshot path .*must name a file"),
+        ("gs://ckpt/checkpoint.bin", {}, r"SNAPSHOT_PATH='gs://ckpt/checkpoint\.bin' is not a snapshot path \(the "
+                                         r"scheme gs:// is not a store pyckpt has\)"),
+        ("", {"PYCKPT_SNAPSHOT_PATH": "ckpt.bin"}, r"environment variable PYCKPT_SNAPSHOT_PATH: SNAPSHOT_PATH="
+                                                    r"'ckpt\.bin' is not a snapshot path \(a relative path"),
+        ("", {"SNAPSHOT_PATH": "s3:///k"}, r"environment variable: SNAPSHOT_PATH='s3:///k' .*names no bucket"),
+    ],
+)
+def test_bad_snapshot_path_names_key_value_origin_and_fix(tmp_path, value, env, expected):
+    path = write(tmp_path, PHYSICAL + f"SNAPSHOT_PATH={value}\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, environ=env, cuda_available=NO_CUDA)

@@ -58,10 +58,10 @@ LAYERS = [
     ["s3_store"],
     ["posix_store"],
     ["writer", "storage", "messages", "config"],
-    ["planner", "safe_fs", "shards"],
+    ["planner", "safe_fs", "shards", "paths"],
     ["manifest", "sysio", "testhooks", "collectives"],
     ["tree"],
-    ["errors", "boxes"],
+    ["errors", "boxes", "sampler"],
 ]
 
 
