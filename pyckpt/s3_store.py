@@ -45,9 +45,9 @@ import botocore.exceptions
 from botocore.config import Config
 
 from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotError, SnapshotLockedError,
-                     SnapshotNotFoundError, SnapshotPathError, SnapshotReadError)
+                     SnapshotNotFoundError, SnapshotReadError)
 from .manifest import MAX_MANIFEST, CommitRecord, Manifest, VersionRef, checksum, data_file_name
-from .paths import snapshot_object, split_url   # s3_store.SnapshotPathError, split_url: as before
+from .paths import snapshot_object, split_url
 from .planner import Slice
 from .storage import (LOCK, LOCK_WAIT, MANIFEST, SUFFIX, DataSource, Stage, Uncommitted, lock_holder_text,
                       next_version, verified_manifest, wait_for_lock)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from xxhash import xxh3_64_hexdigest
 
+import pyckpt
 import pyckpt.s3_store as s3_store
 from pyckpt.errors import SnapshotAccessError, SnapshotError, SnapshotLockedError, SnapshotReadError
 from pyckpt.manifest import CommitRecord, VersionRef, checksum
@@ -241,7 +242,7 @@ def test_missing_credentials_say_where_they_are_read_from(url, monkeypatch, tmp_
 
 def test_paths_that_name_no_object_are_refused():
     for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"):
-        with pytest.raises(s3_store.SnapshotPathError):
+        with pytest.raises(pyckpt.SnapshotPathError):
             S3Store(bad)
 
 
