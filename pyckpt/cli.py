@@ -16,6 +16,7 @@ from typer.exceptions import TyperException
 
 from .config import load_config
 from .errors import IntegrityError, PyckptError, SnapshotLockedError, SnapshotNotFoundError
+from .paths import is_s3
 
 # Exit codes: 0 everything fine, 1 a check failed (corrupted snapshot, failing doctor check, a writer
 # holds the lock), 2 usage error (bad options, no such path), 3 a bug in pyckpt (an unexpected
@@ -150,12 +151,12 @@ def _opt(value) -> str:
 
 def _shown(path: str) -> str:
     """A snapshot path as messages show it: an s3:// URL as given, a file path absolute."""
-    return path if path.startswith("s3://") else os.path.abspath(path)
+    return path if is_s3(path) else os.path.abspath(path)
 
 
 def _relative(paths: list[str], where: str) -> tuple[str, list[str]]:
     """The directory (or S3 prefix) that snapshot paths share, and each path relative to it."""
-    if where.startswith("s3://"):
+    if is_s3(where):
         base = "s3://" + posixpath.commonpath([posixpath.dirname(p[5:]) for p in paths]) if paths else where
         return base, [p[len(base):].lstrip("/") for p in paths]
     base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else os.path.abspath(where)

@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 from .config import ENV_ALIASES, KNOWN_KEYS, Config, load_config, parse_env_file
 from .errors import PyckptError
+from .paths import is_s3
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 NFS_TYPES = ("nfs", "nfs4")
@@ -640,7 +641,7 @@ def storage_checks(config: Config, is_master: bool, share_user: str | None) -> l
     from .inspect import newest_complete_bytes
 
     shared = config.shared_fs_path
-    if config.snapshot_path.startswith("s3://"):
+    if is_s3(config.snapshot_path):
         why = f"SNAPSHOT_PATH={config.snapshot_path}: the snapshots are in S3, not in SHARED_FS_PATH={shared}"
         return [*(Check(name, SKIP, why) for name in
                   ("shared_path", "shared_fs_type", "shared_writable", "free_space", "nfs_export")),

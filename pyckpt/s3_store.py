@@ -42,6 +42,7 @@ from typing import Iterator
 
 import boto3
 import botocore.exceptions
+import botocore.session
 from botocore.config import Config
 
 from .errors import (IntegrityError, PyckptError, SnapshotAccessError, SnapshotError, SnapshotLockedError,
@@ -79,13 +80,13 @@ def client():
         if key not in _clients:
             # standard retries: 5xx, SlowDown/throttling and connection errors, with backoff; the
             # attempts (and "adaptive" mode) from AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or the profile
-            session = boto3.session.Session()
-            mode = session._session.get_config_variable("retry_mode")
+            settings = botocore.session.get_session()
+            mode = settings.get_config_variable("retry_mode")
             retries = {"mode": mode if mode == "adaptive" else "standard",
-                       "total_max_attempts": session._session.get_config_variable("max_attempts") or MAX_ATTEMPTS}
+                       "total_max_attempts": settings.get_config_variable("max_attempts") or MAX_ATTEMPTS}
             config = Config(retries=retries, max_pool_connections=32, request_checksum_calculation="when_required",
                             response_checksum_validation="when_required")
-            _clients[key] = session.client("s3", config=config)
+            _clients[key] = boto3.session.Session(botocore_session=settings).client("s3", config=config)
         return _clients[key]
 
 
