@@ -321,6 +321,18 @@ def read_plan(saved: Sequence[Box] | SavedIndex, target: Box) -> list[tuple[int,
 
 # -- torch: reading a DTensor's layout --------------------------------------------------------------
 
+def _pure_placements(placements: tuple) -> list[tuple]:
+    """Pure forms of a DTensor's placements, computed once per distinct placements tuple (every
+    parameter of an FSDP2 model shares one; 20,000 tensors made the isinstance chain show)."""
+    pure = _PLACEMENTS.get(placements)
+    if pure is None:
+        pure = _PLACEMENTS[placements] = tuple(_pure_placement(p) for p in placements)
+    return list(pure)
+
+
+_PLACEMENTS: dict[tuple, tuple] = {}   # placements (hashable torch objects) -> pure forms
+
+
 def _pure_placement(placement: Any) -> tuple:
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -345,19 +357,31 @@ def _coordinate(mesh: Any) -> tuple[int, ...] | None:
     if not dist.is_initialized():
         coordinate = mesh.get_coordinate()
         return None if coordinate is None else tuple(coordinate)
-    where = np.argwhere(_ranks(mesh) == dist.get_rank())
-    return tuple(int(c) for c in where[0]) if len(where) else None
+    rank = dist.get_rank()
+    key = (id(mesh), rank)
+    hit = _COORDINATES.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    where = np.argwhere(_ranks(mesh) == rank)
+    coordinate = tuple(int(c) for c in where[0]) if len(where) else None
+    if len(_COORDINATES) >= 64:
+        _COORDINATES.clear()
+    _COORDINATES[key] = (mesh, coordinate)
+    return coordinate
 
 
 def layout_of(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...], list[tuple], tuple[int, ...] | None]:
     """A DTensor's (global shape, mesh shape, pure placements, this rank's mesh coordinate); the
     coordinate is None on a rank outside the mesh."""
     mesh = tensor.device_mesh
-    return (tuple(tensor.shape), tuple(mesh.shape), [_pure_placement(p) for p in tensor.placements],
+    return (tuple(tensor.shape), tuple(mesh.shape), _pure_placements(tuple(tensor.placements)),
             _coordinate(mesh))
 
 
 _MESH_RANKS: dict[int, tuple[Any, np.ndarray]] = {}   # id(mesh) -> (mesh, its ranks): the mesh is kept alive
+# (id(mesh), global rank) -> (mesh, that rank's coordinate): the rank is in the key for one process
+# playing several ranks (tests with the fake backend)
+_COORDINATES: dict[tuple[int, int], tuple[Any, tuple[int, ...] | None]] = {}
 
 
 def _ranks(mesh: Any) -> np.ndarray:
