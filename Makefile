@@ -23,10 +23,10 @@ lint: setup
 	yamllint -s .
 	ansible-lint --profile production
 
-# tests/molecule runs its six scenarios three at a time (MOLECULE_JOBS, see tests/molecule/test_molecule.py):
-# one after another they were the largest part of a CI run on 2 cores.
+# tests/e2e runs beside the container-free tests, then tests/molecule (three scenarios at a time,
+# MOLECULE_JOBS): scripts/run-tests.sh says why. `$(PY) -m pytest tests` still runs everything in one session.
 pytest: setup setup-containers setup-docker
-	OMP_NUM_THREADS=1 $(PY) -m pytest -ra --durations=30 tests
+	PY=$(PY) bash scripts/run-tests.sh
 
 test: lint pytest     ## everything CI runs
 
