@@ -307,13 +307,14 @@ def test_cluster_config_refuses_a_bad_snapshot_location_before_rendering(tmp_pat
     assert not (tmp_path / "shared/checkpoint4/config/distributed.physical.env").exists()
 
 
-def render_units(tmp_path: Path, inventory: Path, **extra) -> dict[str, str]:
+def render_units(tmp_path: Path, inventory: Path, suffix: str = ".service", **extra) -> dict[str, str]:
+    """The training unit (suffix .service) or the environment file (.env) of every node."""
     out_dir = tmp_path / "units"
     out_dir.mkdir()
     rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", inventory,
                   {**local(tmp_path), "render_dir": str(out_dir), **extra})
     assert rc == 0, out
-    return {p.stem: p.read_text() for p in out_dir.glob("*.service")}
+    return {p.stem: p.read_text() for p in out_dir.glob(f"*{suffix}")}
 
 
 def test_training_unit_per_node_of_the_physical_cluster(tmp_path):
@@ -379,8 +380,30 @@ def test_training_unit_follows_an_s3_snapshot_location(tmp_path):
         assert f" --snapshot-path {S3_LOCATION} --checkpoint-interval " in exec_start(unit)
         assert f'Environment="PYCKPT_SNAPSHOT_PATH={S3_LOCATION}"\n' in unit
         assert f"RequiresMountsFor={tmp_path}/shared/checkpoint4\n" in unit
-        assert 'Environment="AWS_ENDPOINT_URL=http://minio:9000"\n' in unit
+        assert "\nEnvironmentFile=/etc/default/checkpoint4-training\n" in unit
+        assert "minio" not in unit and "AWS_" not in unit
         assert "/shared/snapshots" not in unit
+
+
+def test_the_job_s_variables_go_to_a_root_only_file_not_the_world_readable_unit(tmp_path):
+    # A unit file is world-readable (and `systemctl show` prints its Environment= to every user): S3 keys in
+    # training_environment go to training_environment_file, each value double-quoted for systemd's parser.
+    secret = 'wJal"rXUt\\nFEMI/K7MDENG'
+    env = render_units(tmp_path, REPO / "inventory/physical", ".env",
+                       training_environment={"AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "eu-west-1"})
+    assert sorted(env) == ["node0", "node1", "node2", "node3"]
+    lines = [line for line in env["node0"].splitlines() if not line.startswith("#")]
+    assert lines == ['AWS_REGION="eu-west-1"', 'AWS_SECRET_ACCESS_KEY="wJal\\"rXUt\\\\nFEMI/K7MDENG"'], lines
+
+
+@pytest.mark.parametrize("bad", [{"AWS-REGION": "x"}, {"AWS_SECRET_ACCESS_KEY": "two\nlines"}])
+def test_a_variable_systemd_cannot_read_back_is_refused_by_name(tmp_path, bad):
+    out_dir = tmp_path / "units"
+    out_dir.mkdir()
+    rc, out = run(tmp_path, REPO / "tests/ansible/render-unit.yml", REPO / "inventory/physical",
+                  {**local(tmp_path), "render_dir": str(out_dir), "training_environment": bad})
+    assert rc != 0
+    assert f"training_environment: {next(iter(bad))}: a variable's name must match" in " ".join(out.split()), out
 
 
 def test_training_unit_follows_a_filesystem_snapshot_location(tmp_path):
@@ -399,7 +422,8 @@ STATIC_RICH = {"cluster_ifname": "ens5", "nccl_socket_ifname": "ib0", "nproc_per
 
 def test_static_unit_is_unchanged(tmp_path):
     # Static mode renders byte for byte what it rendered before elastic mode existed (the files in
-    # static-units/ were rendered by that template), with elastic_training unset or false.
+    # static-units/ were rendered by that template), with elastic_training unset or false; one deliberate
+    # change since: training_environment moved from Environment= lines to a root-only EnvironmentFile=.
     golden = REPO / "tests/ansible/static-units"
     # The inventory's own paths (not tmp_path): the golden files hold them.
     here = {"ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable}
