@@ -196,3 +196,36 @@ def test_a_writer_killed_mid_multipart_upload_leaves_the_previous_version_and_it
         assert _versions_in_bucket(store) == {"v00000001", "v00000003"}
         _assert_restores(tmp_path, url, after, 3)
     assert _uploads(store) == []
+
+
+RECORD, LOCK_KEY = r"/checkpoint\.bin$", r"\.pyckpt/\.lock$"
+
+
+@pytest.mark.parametrize("method, query, path, first, retry", [
+    pytest.param("PUT", "", RECORD, 1, None, id="first-record"),   # If-None-Match: *, retried -> 412 against itself
+    pytest.param("PUT", "", RECORD, 2, None, id="record"),         # If-Match: the ETag begin() read, retried -> 412
+    pytest.param("PUT", "", LOCK_KEY, 1, None, id="lock-create"),  # If-None-Match: *, retried -> 412: its own lock
+    pytest.param("POST", "uploadId=", "", 1, None, id="complete"),  # CompleteMultipartUpload: moto completes a retry
+    pytest.param("POST", "uploadId=", "", 1, "no-such-upload", id="complete-nosuchupload"),   # as some stores answer
+])
+def test_a_lost_answer_to_a_request_that_took_effect_is_recognized_and_the_snapshot_commits(
+        tmp_path, method, query, path, first, retry):
+    """Server: moto behind the fault proxy, which forwards the request (moto carries it out) and then
+    cuts the connection before the answer: botocore retries it, and the retry meets the request's own
+    effect (a conditional PUT gets 412 PreconditionFailed; a second Complete is done again by moto,
+    answered NoSuchUpload by the proxy in the last case). pyckpt must recognize its own write: the
+    snapshot commits, nothing of it is deleted, no lock stays."""
+    url = f"s3://{new_bucket()}/runs/lost/checkpoint.bin"
+    old, new = _state(6), _state(7)
+    with FaultProxy(endpoint()) as proxy:
+        rule = proxy.add(method, query, "forward-cut", first=first, last=first, path=path)
+        then = proxy.add(method, query, retry, first=first, last=first, path=path) if retry else None
+        with proxy.environment():
+            _snapshot(tmp_path, url, old, 1)
+            _snapshot(tmp_path, url, new, 2)
+        assert rule.fired == 1 and rule.seen > first                  # the fault happened, the request was retried
+        assert then is None or then.fired == 1
+    store = S3Store(url)
+    assert [v.step for v in store.read_commit().versions] == [2, 1]
+    assert _uploads(store) == [] and _versions_in_bucket(store) == {"v00000001", "v00000002"}   # no lock left
+    _assert_restores(tmp_path, url, new, 2)
