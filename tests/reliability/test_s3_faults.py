@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 
@@ -73,6 +74,10 @@ def _assert_restores(tmp_path, url: str, state: dict, step: int) -> None:
 def _uploads(store: S3Store) -> list[dict]:
     """The unfinished multipart uploads under the snapshot's prefix, asked of moto directly."""
     return client().list_multipart_uploads(Bucket=store.bucket, Prefix=store.root).get("Uploads", [])
+
+
+def _lock_left(store: S3Store) -> bool:
+    return client().list_objects_v2(Bucket=store.bucket, Prefix=store.root + s3_store.LOCK)["KeyCount"] > 0
 
 
 def _versions_in_bucket(store: S3Store) -> set[str]:
@@ -227,5 +232,44 @@ def test_a_lost_answer_to_a_request_that_took_effect_is_recognized_and_the_snaps
         assert then is None or then.fired == 1
     store = S3Store(url)
     assert [v.step for v in store.read_commit().versions] == [2, 1]
-    assert _uploads(store) == [] and _versions_in_bucket(store) == {"v00000001", "v00000002"}   # no lock left
+    assert _uploads(store) == [] and _versions_in_bucket(store) == {"v00000001", "v00000002"}
+    assert not _lock_left(store)
     _assert_restores(tmp_path, url, new, 2)
+
+
+def test_a_lost_answer_to_a_lock_renewal_keeps_the_lock_and_the_snapshot_commits(tmp_path, monkeypatch):
+    """Server: moto behind the fault proxy, which forwards the first renewal of the lock and cuts its
+    answer; the first UploadPart is held until the renewal was retried, so the renewal happens while
+    the snapshot is under way. LOCK_LEASE is 1 s here (a renewal every 0.25 s). On moto (ETag = the
+    body's MD5) the retried If-Match still matches; the next test covers stores where it does not."""
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 1.0)
+    url = f"s3://{new_bucket()}/runs/renewal/checkpoint.bin"
+    state = _state(8)
+    with FaultProxy(endpoint()) as proxy:
+        renewal = proxy.add("PUT", "", "forward-cut", first=2, last=2, path=LOCK_KEY)   # 1: create, 2: renewal
+        held = proxy.add("PUT", "partNumber=", "hold", first=1, last=1)
+        with proxy.environment():
+            waiter = threading.Thread(target=lambda: proxy.wait_for("PUT", "", 3, timeout=30, path=LOCK_KEY)
+                                      and held.released.set())
+            waiter.start()
+            _snapshot(tmp_path, url, state, 4)
+            waiter.join()
+        assert renewal.fired == 1 and held.fired == 1 and proxy.count("PUT", path=LOCK_KEY) >= 3
+    assert _versions_in_bucket(S3Store(url)) == {"v00000001"} and not _lock_left(S3Store(url))
+    _assert_restores(tmp_path, url, state, 4)
+
+
+def test_a_renewal_that_finds_its_own_lock_under_a_new_etag_keeps_it(monkeypatch):
+    """Server: moto. Where ETags are not the body's MD5 (AWS with SSE-KMS), a renewal whose answer was
+    lost leaves the writer with a stale ETag, and the retried If-Match gets 412 against its own write.
+    moto's ETags are MD5s, so the test puts the lease in that state itself (a stale ETag, its own body
+    in the bucket): the renewal must adopt the new ETag, keep the lock and release it at the end."""
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 0.4)
+    store = S3Store(f"s3://{new_bucket()}/runs/etag/checkpoint.bin")
+    with store.locked():
+        real = store._lease.etag
+        store._lease.etag = '"00000000000000000000000000000000"'
+        time.sleep(0.35)                                    # three renewals: 412, then with the adopted ETag
+        assert not store._lease.lost and store._lease.etag == real
+        store._check_lock()                                 # publish() would go ahead
+    assert not _lock_left(store)                            # released
