@@ -164,8 +164,7 @@ class S3Store:
     def _get(self, key: str, limit: int, what: str) -> tuple[bytes, str]:
         """An object of at most `limit` bytes and its ETag; KeyError if there is none."""
         try:
-            got = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
-            data = got["Body"].read(limit + 1)
+            data, got = self._get_whole(key, limit)
         except _ERRORS as exc:
             if _code(exc) == "InvalidRange":    # an empty object has no byte 0
                 return b"", ""
@@ -176,6 +175,24 @@ class S3Store:
             raise IntegrityError(f"{self._url(key)}: more than the {limit} bytes expected of this {what}; "
                                  "corrupted, replaced or not written by pyckpt", file=self._url(key))
         return data, got.get("ETag", "")
+
+    def _get_whole(self, key: str, limit: int) -> tuple[bytes, dict]:
+        """GET the first limit + 1 bytes, asked again (up to _READ_RETRIES times) when the connection
+        drops mid-body: a read of a given size returns the bytes that came before the drop without an
+        error, and a cut record or manifest would look corrupted."""
+        drops = 0
+        while True:
+            try:
+                got = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
+                data = got["Body"].read(limit + 1)
+                if len(data) < got["ContentLength"]:
+                    raise botocore.exceptions.IncompleteReadError(actual_bytes=len(data),
+                                                                  expected_bytes=got["ContentLength"])
+                return data, got
+            except _STREAM_ERRORS:
+                drops += 1
+                if drops > _READ_RETRIES:
+                    raise
 
     def _put(self, key: str, body: bytes, doing: str, **condition) -> str:
         try:

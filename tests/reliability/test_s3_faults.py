@@ -273,3 +273,34 @@ def test_a_renewal_that_finds_its_own_lock_under_a_new_etag_keeps_it(monkeypatch
         assert not store._lease.lost and store._lease.etag == real
         store._check_lock()                                 # publish() would go ahead
     assert not _lock_left(store)                            # released
+
+
+DATA, MANIFEST_KEY = r"/data-0\.bin$", r"/manifest\.json$"
+
+
+@pytest.mark.parametrize("action, path, times", [
+    pytest.param("slowdown", DATA, 2, id="data-slowdown"),        # ranged GETs of the data object throttled
+    pytest.param("truncate", DATA, 2, id="data-cut-mid-body"),    # ... and cut in the middle of their body
+    pytest.param("slowdown", RECORD, 1, id="record-slowdown"),
+    pytest.param("truncate", RECORD, 1, id="record-cut-mid-body"),
+    pytest.param("truncate", MANIFEST_KEY, 1, id="manifest-cut-mid-body"),
+])
+def test_a_throttled_or_cut_read_is_retried_and_restore_and_load_are_bit_exact(tmp_path, action, path, times):
+    """Server: moto behind the fault proxy, faulting GETs during restore() and again during
+    pyckpt.load(): a 503 is retried by botocore, a body cut mid-way is asked again by pyckpt."""
+    url = f"s3://{new_bucket()}/runs/reads/checkpoint.bin"
+    state = _state(9)
+    _snapshot(tmp_path, url, state, 5)
+    fresh = {k: torch.zeros_like(v) for k, v in state.items()}
+    runtime = _runtime(fresh, 0)
+    with FaultProxy(endpoint()) as proxy, proxy.environment():
+        during_restore = proxy.add("GET", "", action, first=1, last=times, path=path)
+        with _coordinator(tmp_path) as coordinator:
+            assert coordinator.restore(url, runtime)
+        assert during_restore.fired == times
+        during_load = proxy.add("GET", "", action, first=1, last=times, path=path)
+        loaded = pyckpt.load(url)
+        assert during_load.fired == times and proxy.count("GET", path=path) > 2 * times    # and asked again
+    assert runtime.step == 5 and loaded["progress"]["step"] == 5
+    for key, tensor in state.items():
+        assert torch.equal(fresh[key], tensor) and torch.equal(loaded["objects"]["state"][key], tensor), key
