@@ -304,3 +304,33 @@ def test_a_throttled_or_cut_read_is_retried_and_restore_and_load_are_bit_exact(t
     assert runtime.step == 5 and loaded["progress"]["step"] == 5
     for key, tensor in state.items():
         assert torch.equal(fresh[key], tensor) and torch.equal(loaded["objects"]["state"][key], tensor), key
+
+
+@pytest.mark.parametrize("path, key", [
+    pytest.param("", "checkpoint.bin", id="every-get"),             # the commit record cannot be read
+    pytest.param(DATA, "v00000001/data-0.bin", id="data-gets"),     # record and manifest read, the data not
+])
+def test_a_server_that_refuses_every_read_gives_a_clean_read_error_and_restores_nothing(
+        tmp_path, monkeypatch, capfd, path, key):
+    """Server: moto behind the fault proxy answering 503 SlowDown to every GET (or every GET of the
+    data object). AWS_MAX_ATTEMPTS=2 keeps the test short."""
+    url = f"s3://{new_bucket()}/runs/unreadable/checkpoint.bin"
+    state = _state(10)
+    _snapshot(tmp_path, url, state, 6)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    runtime = _runtime({k: torch.zeros_like(v) for k, v in state.items()}, 0)
+    capfd.readouterr()
+    with FaultProxy(endpoint()) as proxy, proxy.environment():
+        rule = proxy.add("GET", "", "slowdown", path=path)
+        with pytest.raises(pyckpt.SnapshotReadError) as restoring, _coordinator(tmp_path) as coordinator:
+            coordinator.restore(url, runtime)
+        with pytest.raises(pyckpt.SnapshotReadError) as loading:
+            pyckpt.load(url)
+    out, errors = capfd.readouterr()
+    assert rule.fired >= 2 * 2                                  # each refused read tried twice
+    for err in (restoring, loading):
+        text = str(err.value)
+        assert f"s3://{S3Store(url).bucket}/runs/unreadable/checkpoint.bin" in text and key in text, text
+        assert proxy.url in text and "SlowDown" in text, text
+    assert runtime.step == 0 and "Traceback" not in out + errors       # nothing claimed restored
+    _assert_restores(tmp_path, url, state, 6)                         # the server answers again: all there
