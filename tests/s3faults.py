@@ -126,14 +126,14 @@ class FaultProxy:
         listens on the port any more (a new connection is refused)."""
         if self.server is None:
             return
-        self.release()
         self.server.shutdown()
-        self.server.server_close()
+        self.server.server_close()              # first: a retry must find nothing listening
         self.server = None
         with self.lock:
             connections = list(self.connections)
         for connection in connections:
             _reset(connection)
+        self.release()
 
     def add(self, method: str, query: str, action: str, first: int = 1, last: int | None = None,
             path: str = "") -> Rule:

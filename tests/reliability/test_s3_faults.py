@@ -334,3 +334,48 @@ def test_a_server_that_refuses_every_read_gives_a_clean_read_error_and_restores_
         assert proxy.url in text and "SlowDown" in text, text
     assert runtime.step == 0 and "Traceback" not in out + errors       # nothing claimed restored
     _assert_restores(tmp_path, url, state, 6)                         # the server answers again: all there
+
+
+def test_the_server_gone_mid_upload_fails_cleanly_in_bounded_time_and_the_next_snapshot_commits(
+        tmp_path, monkeypatch, capfd):
+    """Server: moto behind the fault proxy, which is stopped while it holds the UploadParts: the
+    connections in flight are reset and new ones refused, which is how a killed server looks to the
+    client. moto itself is not killed: it keeps every object in its process's memory, so killing it
+    would lose the previous version too, which a real store (data on disk) does not; stopping the
+    proxy gives the client the same view while the data survives, as on a store that comes back.
+    AWS_MAX_ATTEMPTS=2 bounds the time. The lock the failed writer could not delete is a lease:
+    LOCK_LEASE is 2 s here so that the next snapshot may take it over."""
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 2.0)
+    url = f"s3://{new_bucket()}/runs/gone/checkpoint.bin"
+    store, before, after = S3Store(url), _state(11), _state(12)
+    _snapshot(tmp_path, url, before, 1)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    capfd.readouterr()
+    with FaultProxy(endpoint()) as proxy:
+        proxy.add("PUT", "partNumber=", "hold")
+        killer = threading.Thread(target=lambda: proxy.wait_for("PUT", "partNumber=", timeout=30) and proxy.stop())
+        killer.start()
+        start = time.monotonic()
+        with proxy.environment(), pytest.raises(pyckpt.SnapshotError) as err:
+            _snapshot(tmp_path, url, after, 2)
+        took = time.monotonic() - start
+        killer.join()
+        out, errors = capfd.readouterr()
+        text = str(err.value)
+        assert took < 15, f"gave up after {took:.1f} s"
+        assert "previous snapshot is intact" in text and f"cannot reach {proxy.url}" in text, text
+        assert "Traceback" not in out + errors
+        # What the failed writer could not remove (the server was gone), asked of moto directly:
+        # its upload, its stage and its lock
+        assert len(_uploads(store)) == 1 and _lock_left(store)
+        assert _versions_in_bucket(store) == {"v00000001", "v00000002"}
+        assert store.read_commit().current.step == 1 and len(store.read_commit().versions) == 1
+        proxy.rules.clear()
+        proxy.start()                                   # the server is back, on the same address, without faults
+        with proxy.environment():
+            _assert_restores(tmp_path, url, before, 1)
+            time.sleep(2.5)                             # the dead writer's lease runs out
+            _snapshot(tmp_path, url, after, 3)
+    assert _uploads(store) == [] and not _lock_left(store)
+    assert _versions_in_bucket(store) == {"v00000001", "v00000003"}
+    _assert_restores(tmp_path, url, after, 3)
