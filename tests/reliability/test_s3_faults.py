@@ -1,11 +1,15 @@
 """The S3 backend under faults and crashes: throttling (503 SlowDown) and cut connections in the
-middle of a multipart upload, a server that never takes a part, and a writer SIGKILLed mid-upload.
+middle of a multipart upload, a server that never takes a part, a writer SIGKILLed mid-upload, lost
+answers to requests that took effect (conditional PUTs, CompleteMultipartUpload), faulted reads during
+restore, and the server gone mid-upload.
 
 Server: moto's standalone S3 server (tests/s3server.py, an emulator over real HTTP) behind the
 fault-injecting proxy of tests/s3faults.py (real HTTP too, on 127.0.0.1), which answers 503 SlowDown,
-cuts connections or holds requests on rules and counts what it did. Neither emulates a real network's
-latency, partial packet loss or a server that fails *after* it acted (a lost answer to a request
-that took effect); moto's conditional PUT is not atomic (no test here races two writers)."""
+cuts connections, holds requests, forwards a request and drops its answer, or truncates an answer,
+on rules, and counts what it did. Neither emulates a real network's latency or partial packet loss;
+moto's conditional PUT is not atomic (no test here races two writers), its ETags are MD5s (stores
+with other ETags: see the renewal tests) and it completes a retried CompleteMultipartUpload again
+(the proxy answers NoSuchUpload where a test needs what other stores answer)."""
 from __future__ import annotations
 
 import os
