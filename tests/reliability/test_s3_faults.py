@@ -383,3 +383,30 @@ def test_the_server_gone_mid_upload_fails_cleanly_in_bounded_time_and_the_next_s
     assert _uploads(store) == [] and not _lock_left(store)
     assert _versions_in_bucket(store) == {"v00000001", "v00000003"}
     _assert_restores(tmp_path, url, after, 3)
+
+
+@pytest.mark.parametrize("readable", [pytest.param(True, id="record-readable"),
+                                      pytest.param(False, id="record-unreadable")])
+def test_every_answer_to_the_commit_lost_commits_or_says_the_outcome_is_unknown(tmp_path, monkeypatch, readable):
+    """Server: moto behind the fault proxy, which carries out the commit record's PUT and every retry
+    of it and drops every answer (the retries are refused by moto with 412 and that answer is lost
+    too), so botocore gives up with a connection error although the first PUT took effect. If the
+    record can be read back, it is this writer's: committed. If not (the proxy refuses the record's
+    GETs after begin() read it), the error says the outcome is unknown and the version is kept; once
+    the server answers again, the record names it and it restores."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    url = f"s3://{new_bucket()}/runs/unknown/checkpoint.bin"
+    old, new = _state(13), _state(14)
+    _snapshot(tmp_path, url, old, 1)
+    with FaultProxy(endpoint()) as proxy, proxy.environment():
+        puts = proxy.add("PUT", "", "forward-cut", path=RECORD)
+        if not readable:
+            proxy.add("GET", "", "slowdown", first=2, path=RECORD)         # the first is begin()'s
+            with pytest.raises(pyckpt.SnapshotError) as err:
+                _snapshot(tmp_path, url, new, 2)
+            assert "whether v00000002 is committed is unknown" in str(err.value), str(err.value)
+        else:
+            _snapshot(tmp_path, url, new, 2)
+        assert puts.fired == 2                                   # the PUT and its retry, answers lost
+    assert [v.step for v in S3Store(url).read_commit().versions] == [2, 1]
+    _assert_restores(tmp_path, url, new, 2)
