@@ -17,6 +17,11 @@ writer's) is taken over with If-Match on its ETag; a holder that finds its lock 
 to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
 path to another: that is the price of a lock that a crash cannot leave held forever.
 
+botocore retries a request whose answer was lost; when the lost try had taken effect, the retry meets
+it (412 on a conditional PUT, NoSuchUpload on CompleteMultipartUpload). That is recognized as done:
+the record read back is the one this writer PUT, the lock holds this writer's body, the object has the
+uploaded size. A failed snapshot's stage is deleted only if a readable record does not name it.
+
 Client: boto3 (well kept, reads AWS_ENDPOINT_URL/AWS_REGION/credentials/profiles like every AWS SDK).
 obstore uploads with less CPU, but cannot list or abort multipart uploads (retention must abort the
 uploads of crashed writers) and cannot read into a caller's buffer (a restore would copy every byte
@@ -428,7 +433,7 @@ class S3Store:
             self._replace_record(record, etag)
         except BaseException as exc:
             landed = False if isinstance(exc, SnapshotLockedError) else self._landed(record)
-            if landed is None:                  # abort() keeps the version too: the record may name it
+            if landed is None:     # the record may name the version: abort() deletes it only if a readable one does not
                 raise SnapshotError(f"{self.path}: writing the commit record failed and it cannot be read back, so "
                                     f"whether {stage.name} is committed is unknown (`pyckpt ls {self.path}` tells "
                                     f"once the store answers): {exc}") from exc
@@ -600,7 +605,6 @@ class _Upload:
             if isinstance(exc, _ERRORS):
                 raise s3_error(exc, bucket, doing) from exc
             raise
-
 
     def _complete(self, upload: str, parts: list[dict], size: int) -> None:
         """CompleteMultipartUpload. A retry whose first try completed the upload (its answer lost) gets
