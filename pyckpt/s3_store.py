@@ -17,6 +17,11 @@ writer's) is taken over with If-Match on its ETag; a holder that finds its lock 
 to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
 path to another: that is the price of a lock that a crash cannot leave held forever.
 
+botocore retries a request whose answer was lost; when the lost try had taken effect, the retry meets
+it (412 on a conditional PUT, NoSuchUpload on CompleteMultipartUpload). That is recognized as done:
+the record read back is the one this writer PUT, the lock holds this writer's body, the object has the
+uploaded size. A failed snapshot's stage is deleted only if a readable record does not name it.
+
 Client: boto3 (well kept, reads AWS_ENDPOINT_URL/AWS_REGION/credentials/profiles like every AWS SDK).
 obstore uploads with less CPU, but cannot list or abort multipart uploads (retention must abort the
 uploads of crashed writers) and cannot read into a caller's buffer (a restore would copy every byte
@@ -164,8 +169,7 @@ class S3Store:
     def _get(self, key: str, limit: int, what: str) -> tuple[bytes, str]:
         """An object of at most `limit` bytes and its ETag; KeyError if there is none."""
         try:
-            got = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
-            data = got["Body"].read(limit + 1)
+            data, got = self._get_whole(key, limit)
         except _ERRORS as exc:
             if _code(exc) == "InvalidRange":    # an empty object has no byte 0
                 return b"", ""
@@ -176,6 +180,24 @@ class S3Store:
             raise IntegrityError(f"{self._url(key)}: more than the {limit} bytes expected of this {what}; "
                                  "corrupted, replaced or not written by pyckpt", file=self._url(key))
         return data, got.get("ETag", "")
+
+    def _get_whole(self, key: str, limit: int) -> tuple[bytes, dict]:
+        """GET the first limit + 1 bytes, asked again (up to _READ_RETRIES times) when the connection
+        drops mid-body: a read of a given size returns the bytes that came before the drop without an
+        error, and a cut record or manifest would look corrupted."""
+        drops = 0
+        while True:
+            try:
+                got = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{limit}")
+                data = got["Body"].read(limit + 1)
+                if len(data) < got["ContentLength"]:
+                    raise botocore.exceptions.IncompleteReadError(actual_bytes=len(data),
+                                                                  expected_bytes=got["ContentLength"])
+                return data, got
+            except _STREAM_ERRORS:
+                drops += 1
+                if drops > _READ_RETRIES:
+                    raise
 
     def _put(self, key: str, body: bytes, doing: str, **condition) -> str:
         try:
@@ -322,6 +344,8 @@ class S3Store:
                 time.sleep(0.05)
                 continue
             holder, etag, age = found
+            if holder == json.loads(body):                  # its own: a retry met its first try's write
+                return etag
             if age > LOCK_LEASE:
                 try:
                     taken = self._put(key, body, f"locking {self.path}", IfMatch=etag)
@@ -407,14 +431,22 @@ class S3Store:
         try:
             self._check_lock()
             self._replace_record(record, etag)
-        except botocore.exceptions.ClientError:
-            self.abort(stage)
-            raise SnapshotLockedError(f"{self.path}: another writer committed a snapshot while this one was being "
-                                      "written (the record changed since it began); this snapshot was not "
-                                      "committed: give each job its own snapshot path") from None
-        except BaseException:
-            self._drop_unpublished(stage)
-            raise
+        except BaseException as exc:
+            landed = False if isinstance(exc, SnapshotLockedError) else self._landed(record)
+            if landed is None:     # the record may name the version: abort() deletes it only if a readable one does not
+                raise SnapshotError(f"{self.path}: writing the commit record failed and it cannot be read back, so "
+                                    f"whether {stage.name} is committed is unknown (`pyckpt ls {self.path}` tells "
+                                    f"once the store answers): {exc}") from exc
+            if landed:
+                log.warning("pyckpt: the answer to the commit of %s was lost; the commit record is this writer's: "
+                            "committed", self.where(stage.name))
+            else:
+                self.abort(stage)
+                if isinstance(exc, botocore.exceptions.ClientError):
+                    raise SnapshotLockedError(f"{self.path}: another writer committed a snapshot while this one was "
+                                              "being written (the record changed since it began); this snapshot "
+                                              "was not committed: give each job its own snapshot path") from None
+                raise
         crash_point("record-renamed")
         self._base = None
         return record
@@ -424,19 +456,28 @@ class S3Store:
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         self._put(self.key, record.to_json(), f"writing the commit record {self.path}", **condition)
 
-    def _drop_unpublished(self, stage: Stage) -> None:
-        """After a failed publish: delete the version unless the record names it (the PUT may have
-        landed before the error); if the record cannot be read, gc decides later."""
+    def _landed(self, record: CommitRecord) -> bool | None:
+        """Whether the record in the bucket is the one this writer PUT though the PUT failed (its answer
+        was lost and the retry got 412 against the write itself, or the retries failed after the first
+        took effect); None if the record cannot be read."""
         try:
-            record = self.committed()
+            current = self.committed()
         except (PyckptError, OSError):
-            return
-        if record is None or stage.name not in {v.name for v in record.versions}:
-            self.abort(stage)
+            return None
+        return current is not None and current.to_json() == record.to_json()
 
     def abort(self, stage: Stage) -> None:
-        self._abort_uploads(stage.handle)
-        self._delete_prefixes([stage.handle[len(self.root):].rstrip("/")])
+        """Delete a stage that failed, and its uploads, unless the record names it (a commit whose
+        answer was lost) or cannot be read (the server is gone: the next writer or gc cleans up).
+        Never raises a storage error: it runs on failure paths, after the error that matters."""
+        try:
+            record = self.committed()
+            if record is None or stage.name not in {v.name for v in record.versions}:
+                self._abort_uploads(stage.handle)
+                self._delete_prefixes([stage.handle[len(self.root):].rstrip("/")])
+        except (PyckptError, OSError) as exc:
+            log.warning("pyckpt: could not remove the failed snapshot %s (the next writer or `pyckpt gc` "
+                        "will): %s", self.where(stage.name), exc)
 
     def gc(self, keep_last: int, spares: bool = False, dry_run: bool = False) -> list[str]:
         """Trim the record to keep_last versions, delete every version prefix it does not name and
@@ -500,10 +541,25 @@ class _Lease:
             try:
                 self.etag = self.store._put(self.key, self.body, "renewing the lock", IfMatch=self.etag)
             except botocore.exceptions.ClientError:
-                self.lost = True            # taken over: publish() refuses
-                return
+                if not self._still_ours():
+                    self.lost = True        # taken over: publish() refuses
+                    return
             except PyckptError as exc:      # unreachable for now: try again at the next tick
                 log.warning("pyckpt: could not renew the lock of %s: %s", self.store.path, exc)
+
+    def _still_ours(self) -> bool:
+        """After a 412 on renewal: whether the lock still holds this writer's body (a renewal whose answer
+        was lost changed the ETag on a store whose ETags are not the body's MD5, e.g. SSE-KMS); then
+        its new ETag is adopted. Unreadable: assumed ours until the next renewal or publish() checks."""
+        try:
+            found = self.store._lock_holder(self.key)
+        except PyckptError as exc:
+            log.warning("pyckpt: could not read the lock of %s: %s", self.store.path, exc)
+            return True
+        if found is None or found[0] != json.loads(self.body):
+            return False
+        self.etag = found[1]
+        return True
 
     def release(self) -> None:
         self._stop.set()
@@ -540,8 +596,7 @@ class _Upload:
                     futures.append(pool.submit(s3.upload_part, Bucket=bucket, Key=self.key, UploadId=upload,
                                                PartNumber=number, Body=body))
                 parts = [{"PartNumber": n, "ETag": f.result()["ETag"]} for n, f in enumerate(futures, 1)]
-            s3.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=upload,
-                                         MultipartUpload={"Parts": parts})
+            self._complete(upload, parts, size)
         except BaseException as exc:
             try:
                 s3.abort_multipart_upload(Bucket=bucket, Key=self.key, UploadId=upload)
@@ -550,6 +605,25 @@ class _Upload:
             if isinstance(exc, _ERRORS):
                 raise s3_error(exc, bucket, doing) from exc
             raise
+
+    def _complete(self, upload: str, parts: list[dict], size: int) -> None:
+        """CompleteMultipartUpload. A retry whose first try completed the upload (its answer lost) gets
+        NoSuchUpload from some stores: then the object there, in this writer's stage, with this size is
+        the upload completed (its bytes are checked on every read against the manifest's checksums)."""
+        s3, bucket = self.store.s3, self.store.bucket
+        try:
+            s3.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=upload, MultipartUpload={"Parts": parts})
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise
+            try:
+                found = s3.head_object(Bucket=bucket, Key=self.key)["ContentLength"]
+            except _ERRORS:
+                found = None
+            if found != size:
+                raise
+            log.warning("pyckpt: the answer to completing %s was lost; the object is there, %d bytes: completed",
+                        self.store._url(self.key), size)
 
 
 def _piece(piece: Slice, view: memoryview) -> memoryview:

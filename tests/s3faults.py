@@ -1,14 +1,26 @@
 """A fault-injecting HTTP proxy for the S3 tests: listens on 127.0.0.1 (a free port), forwards every
-request to the moto server (tests/s3server.py) and, on rules, answers `503 SlowDown` with S3's XML
-error body, cuts the connection in the middle of a request, or holds a request until released.
+request to the moto server (tests/s3server.py) and, on rules, acts instead:
+  slowdown     answers `503 SlowDown` with S3's XML error body (the request never reaches moto)
+  no-such-upload  answers `404 NoSuchUpload` (what some stores answer a retried, already completed
+               CompleteMultipartUpload; moto completes it again)
+  cut          cuts the connection in the middle of the request's body (never reaches moto)
+  hold         holds the request until released, then cuts it (never reaches moto)
+  forward-cut  forwards the request (moto carries it out), then cuts the connection before the
+               client sees the answer: a lost answer to a request that took effect
+  truncate     forwards the request and sends the answer's headers and half its body, then cuts
+               the connection (a GET dropped mid-body)
+stop() makes the proxy look like a killed server (open connections reset, new ones refused);
+start() listens again on the same port.
 
-A rule matches a request by method and a substring of its query (`partNumber=` is UploadPart,
-`uploads` CreateMultipartUpload, `uploadId=` with POST CompleteMultipartUpload) and fires for the
-first..last matching request (1-based, `last=None`: every one from `first` on). The proxy counts what
-it saw and what it did, so a test can assert that the faults really happened.
+A rule matches a request by method, a substring of its query (`partNumber=` is UploadPart,
+`uploads` CreateMultipartUpload, `uploadId=` with POST CompleteMultipartUpload) and a regular
+expression searched in its path (`/bucket/key`; "" matches any), and fires for the first..last
+matching request (1-based, `last=None`: every one from `first` on). The proxy counts what it saw
+and what it did, so a test can assert that the faults really happened.
 
     with FaultProxy(upstream) as proxy:
         proxy.add("PUT", "partNumber=", "slowdown", first=1, last=2)
+        proxy.add("PUT", "", "forward-cut", path="/checkpoint[.]bin$")      # the commit record's PUT
         with proxy.environment():      # AWS_ENDPOINT_URL points at the proxy, restored afterwards
             ...
 
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import struct
 import threading
@@ -28,10 +41,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 from urllib.parse import urlsplit
 
-ACTIONS = ("slowdown", "cut", "hold")
-SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-                 b'<Message>Please reduce your request rate.</Message><RequestId>FAULT</RequestId>'
-                 b'<HostId>fault-proxy</HostId></Error>')
+ANSWERS = {"slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+           "no-such-upload": (404, "Not Found", "NoSuchUpload", "The specified upload does not exist.")}
+ACTIONS = (*ANSWERS, "cut", "hold", "forward-cut", "truncate")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
 
 
@@ -39,15 +51,16 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te
 class Rule:
     method: str
     query: str                 # a substring of the query string ("" matches any)
-    action: str                # "slowdown", "cut" or "hold"
+    action: str                # one of ACTIONS
+    path: str = ""             # a regular expression searched in the path ("" matches any)
     first: int = 1
     last: int | None = None
     seen: int = 0              # matching requests so far
     fired: int = 0             # requests the rule acted on
     released: threading.Event = field(default_factory=threading.Event)
 
-    def matches(self, method: str, query: str) -> bool:
-        return method == self.method and self.query in query
+    def matches(self, method: str, path: str, query: str) -> bool:
+        return method == self.method and self.query in query and re.search(self.path, path) is not None
 
 
 class FaultProxy:
@@ -58,6 +71,7 @@ class FaultProxy:
         self.requests: list[tuple[str, str, str]] = []      # (method, path, query) of every request
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
+        self.connections: set[socket.socket] = set()            # open client connections, for stop()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +79,16 @@ class FaultProxy:
 
             def log_message(self, *args) -> None:       # quiet
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy.lock:
+                    proxy.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy.lock:
+                    proxy.connections.discard(self.connection)
+                super().finish()
 
             def _any(self) -> None:
                 try:
@@ -74,23 +98,47 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="s3-fault-proxy", daemon=True)
+        self._handler = Handler
+        self.server: ThreadingHTTPServer | None = None
+        self.port = 0
+        self._listen()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listen(self) -> None:
+        self.server = _Server(("127.0.0.1", self.port), self._handler)
+        self.port = self.server.server_address[1]
 
     def __enter__(self) -> "FaultProxy":
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
+        self.stop()
 
-    def add(self, method: str, query: str, action: str, first: int = 1, last: int | None = None) -> Rule:
+    def start(self) -> None:
+        """Serve (again, after stop(): on the same port, so the client's endpoint stays valid)."""
+        if self.server is None:
+            self._listen()
+        threading.Thread(target=self.server.serve_forever, name="s3-fault-proxy", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop as a killed server does: held requests and open connections are reset, and nothing
+        listens on the port any more (a new connection is refused)."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        self.server.server_close()              # first: a retry must find nothing listening
+        self.server = None
+        with self.lock:
+            connections = list(self.connections)
+        for connection in connections:
+            _reset(connection)
+        self.release()
+
+    def add(self, method: str, query: str, action: str, first: int = 1, last: int | None = None,
+            path: str = "") -> Rule:
         assert action in ACTIONS, action
-        rule = Rule(method, query, action, first, last)
+        rule = Rule(method, query, action, path, first, last)
         with self.lock:
             self.rules.append(rule)
         return rule
@@ -100,15 +148,15 @@ class FaultProxy:
         for rule in self.rules:
             rule.released.set()
 
-    def count(self, method: str, query: str = "") -> int:
+    def count(self, method: str, query: str = "", path: str = "") -> int:
         """How many requests of this kind reached the proxy (faulted or forwarded)."""
         with self.lock:
-            return sum(1 for m, _, q in self.requests if m == method and query in q)
+            return sum(1 for m, p, q in self.requests if m == method and query in q and re.search(path, p))
 
-    def wait_for(self, method: str, query: str, n: int = 1, timeout: float = 60) -> bool:
+    def wait_for(self, method: str, query: str, n: int = 1, timeout: float = 60, path: str = "") -> bool:
         with self.arrived:
-            return self.arrived.wait_for(lambda: sum(1 for m, _, q in self.requests
-                                                     if m == method and query in q) >= n, timeout)
+            return self.arrived.wait_for(lambda: sum(1 for m, p, q in self.requests if m == method and query in q
+                                                     and re.search(path, p)) >= n, timeout)
 
     @contextmanager
     def environment(self) -> Iterator[str]:
@@ -131,7 +179,7 @@ class FaultProxy:
         with self.arrived:
             self.requests.append((req.command, path, query))
             for candidate in self.rules:
-                if candidate.matches(req.command, query):
+                if candidate.matches(req.command, path, query):
                     candidate.seen += 1
                     if candidate.seen >= candidate.first and (candidate.last is None or candidate.seen <= candidate.last):
                         candidate.fired += 1
@@ -148,17 +196,20 @@ class FaultProxy:
             rule.released.wait()
             _drop(req)
             return
-        if rule is not None:                       # slowdown
-            req.send_response(503, "Slow Down")                # with a Date header, as S3 sends
+        if rule is not None and rule.action in ANSWERS:
+            status, reason, code, message = ANSWERS[rule.action]
+            error = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
+                     '</Message><RequestId>FAULT</RequestId><HostId>fault-proxy</HostId></Error>').encode()
+            req.send_response(status, reason)                  # with a Date header, as S3 sends
             req.send_header("Content-Type", "application/xml")
-            req.send_header("Content-Length", str(len(SLOWDOWN_BODY)))
+            req.send_header("Content-Length", str(len(error)))
             req.end_headers()
             if req.command != "HEAD":
-                req.wfile.write(SLOWDOWN_BODY)
+                req.wfile.write(error)
             return
-        self._forward(req, body)
+        self._forward(req, body, rule.action if rule is not None else "")     # forward-cut, truncate or plain
 
-    def _forward(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
+    def _forward(self, req: BaseHTTPRequestHandler, body: bytes, fault: str = "") -> None:
         conn = http.client.HTTPConnection(*self.upstream, timeout=120)
         try:
             headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP}
@@ -168,6 +219,9 @@ class FaultProxy:
             data = resp.read()
         finally:
             conn.close()
+        if fault == "forward-cut":                  # moto did it; the client never hears so
+            _drop(req)
+            return
         req.send_response_only(resp.status, resp.reason)     # moto's own Date header, not a second one
         for key, value in resp.getheaders():
             if key.lower() not in _HOP and key.lower() != "content-length":
@@ -176,8 +230,26 @@ class FaultProxy:
         req.send_header("Content-Length", resp.getheader("Content-Length", str(len(data)))
                         if req.command == "HEAD" else str(len(data)))
         req.end_headers()
-        if req.command != "HEAD":
+        if fault == "truncate":                     # half the body, then the connection is closed
+            req.wfile.write(data[: len(data) // 2])
+            req.close_connection = True
+        elif req.command != "HEAD":
             req.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:     # a connection stop() reset: quiet
+        pass
+
+
+def _reset(connection: socket.socket) -> None:
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _drop(req: BaseHTTPRequestHandler) -> None:
