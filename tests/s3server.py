@@ -1,5 +1,5 @@
 """An S3 server for the tests: moto's standalone server (`moto[server]`), started once per pytest
-process in its own process on 127.0.0.1 and a free port, stopped at exit.
+process in its own process on 127.0.0.1 and a free port (bench/s3server.py), stopped at exit.
 
 moto is an emulator, not a real object store: it speaks the S3 API over real HTTP (multipart uploads,
 ranged GETs, If-None-Match/If-Match on PUT and DELETE, listings), but its conditional PUT is
@@ -9,52 +9,23 @@ drives the protocol right, not that a server enforces it under a real race."""
 from __future__ import annotations
 
 import atexit
-import os
 import subprocess
-import sys
-import time
 import uuid
 
+from bench import s3server
 from tests.conftest import free_port
 
 _server: tuple[subprocess.Popen, str] | None = None
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
-       "AWS_EC2_METADATA_DISABLED": "true"}     # never ask a cloud metadata address for credentials
+ENV = s3server.ENV
 
 
 def endpoint() -> str:
     """The server's URL; the AWS_* variables of this process (and so of its children) point at it."""
     global _server
     if _server is None or _server[0].poll() is not None:
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        atexit.register(_stop, proc)
-        _server = (proc, f"http://127.0.0.1:{port}")
-        os.environ.update(ENV, AWS_ENDPOINT_URL=_server[1])
-        _wait_ready(proc)
+        _server = s3server.start(free_port())
+        atexit.register(s3server.stop, _server[0])
     return _server[1]
-
-
-def _wait_ready(proc: subprocess.Popen) -> None:
-    import botocore.exceptions
-
-    from pyckpt.s3_store import client
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client().list_buckets()
-            return
-        except botocore.exceptions.EndpointConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto's S3 server did not start (is moto[server] installed?)") from None
-            time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.kill()
-    proc.wait()
 
 
 def new_bucket() -> str:

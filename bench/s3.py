@@ -1,0 +1,108 @@
+"""pyckpt against DCP (fsspec/s3fs) and the server's own limit, on S3, against a local moto server.
+
+    python -m bench.s3 --size-gib 0.5 --ranks 1,2 --repeat 3 --out s3.json
+    python -m bench.s3 --quick --out quick.json        # 32 MiB, ranks 1,2, 1 run: end to end, for CI
+
+The bench starts moto's standalone S3 server in its own process (bench/s3server.py) and, for each
+rank count N of --ranks, N gloo ranks with the same replicated (DDP) state (bench/state.py's large
+state, --size-gib in all). On it, each round: the server's limit with pyckpt's client (boto3): each
+rank uploads its 1/N of the state's bytes with s3transfer's multipart upload (pyckpt's part size and
+parts in flight), then downloads them with parallel ranged GETs into a buffer; pyckpt's snapshot
+(blocking, then async: the stall and the time until committed) and restore to s3://; DCP's save (1
+and 4 writer threads) and load through FsspecWriter/FsspecReader (s3fs). Medians of --repeat, the
+slowest rank's; every restore checked bit-exact. docs/PERFORMANCE.md ("S3") explains the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from . import s3_report as report
+from . import s3server
+from .checkpoint import Results, _command, free_port, log
+
+GIB = 1 << 30
+BUCKET = "pyckpt-bench"
+
+
+def run_world(world: int, job: dict, res: Results) -> None:
+    import torch.multiprocessing as tmp
+    from . import s3_ranks
+    tmp.start_processes(s3_ranks.worker, args=(world, free_port(), job), nprocs=world, join=True,
+                        start_method="spawn")
+    with open(job["out"]) as f:
+        data = json.load(f)
+    for key, runs in data["runs"].items():
+        for seconds in runs:
+            res.add(f"n{world}.{key}", seconds)
+    for key, value in data["values"].items():
+        res.values[f"n{world}.{key}"] = value
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.s3", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=0.5, help="state size (model + Adam), GiB")
+    p.add_argument("--ranks", default="1,2", help="rank counts, e.g. 1,2")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (medians are reported)")
+    p.add_argument("--out", default="s3.json")
+    p.add_argument("--quick", action="store_true", help="32 MiB, 1 run, ranks 1,2: checks the program end to "
+                   "end (for CI); the figures mean little")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size_gib, args.repeat = 32 / 1024, 1
+    args.ranks = [int(r) for r in str(args.ranks).split(",") if r.strip()]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    res, started = Results(), time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")
+    server, url = s3server.start(free_port())
+    try:
+        from pyckpt.s3_store import PART_SIZE, UPLOADS_IN_FLIGHT, client
+        client().create_bucket(Bucket=BUCKET)
+        log(f"moto S3 server at {url} (pid {server.pid})")
+        for world in args.ranks:
+            job = {"bucket": BUCKET, "size": int(args.size_gib * GIB), "repeat": args.repeat,
+                   "server_pid": server.pid, "out": os.path.join(workdir, f"n{world}.json")}
+            run_world(world, job, res)
+            log(f"{world} rank(s) done")
+    finally:
+        s3server.stop(server)
+        shutil.rmtree(workdir, ignore_errors=True)
+    command = _command(sys.argv[1:] if argv is None else argv).replace("bench.checkpoint", "bench.s3")
+    data = {"meta": {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                     "size_gib": args.size_gib, "repeat": args.repeat, "ranks": args.ranks,
+                     "server": "moto " + _version("moto"), "client": "boto3 " + _version("boto3"),
+                     "s3fs": _version("s3fs"), "part_size": PART_SIZE, "parts_in_flight": UPLOADS_IN_FLIGHT,
+                     "seconds": time.perf_counter() - started},
+            "values": res.values, "figures": res.figures()}
+    data["rows"] = report.rows(data)
+    data["targets"] = report.targets(data)
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1)
+    print(report.table(data))
+    log(f"wrote {args.out} in {data['meta']['seconds']:.0f} s")
+    return 0
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
