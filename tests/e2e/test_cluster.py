@@ -32,8 +32,10 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import ansible_runner
 import pytest
@@ -41,7 +43,9 @@ import xxhash
 import yaml
 
 import pyckpt
-from tests.conftest import final_digest, torchrun
+from bench import s3server
+from pyckpt.s3_store import client
+from tests.conftest import final_digest, free_port, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -127,7 +131,7 @@ def playbook(name: str, tmp: Path, inventory: Path | None, extravars: dict | Non
     return result
 
 
-def committed_steps(path: Path) -> list[int]:
+def committed_steps(path: Path | str) -> list[int]:
     """Steps of the complete committed versions, via the pyckpt CLI (as an operator would)."""
     proc = sh([str(VENV_BIN / "pyckpt"), "ls", "--json", str(path)], check=False, timeout=60)
     if proc.returncode != 0 or not proc.stdout.strip():
@@ -135,10 +139,10 @@ def committed_steps(path: Path) -> list[int]:
     return [row["step"] for row in json.loads(proc.stdout) if row.get("complete")]
 
 
-def wait_for_snapshot(cluster: Cluster, min_step: int, timeout: float = 420) -> int:
+def wait_for_snapshot(cluster: Cluster, min_step: int, timeout: float = 420, path: Path | str | None = None) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        steps = committed_steps(cluster.snapshot)
+        steps = committed_steps(path or cluster.snapshot)
         if steps and max(steps) >= min_step:
             return max(steps)
         time.sleep(1)
@@ -189,10 +193,10 @@ def start_training(cluster: Cluster, tmp: Path, steps: int = STEPS, **more) -> i
     return since
 
 
-def status(cluster: Cluster, tmp: Path) -> dict[str, dict]:
+def status(cluster: Cluster, tmp: Path, **more) -> dict[str, dict]:
     """status.yml's per-node lines, parsed: {node: {"state", "restarts", "step"}}. In elastic mode a node
     outside the current group has rank ?."""
-    result = playbook("status.yml", tmp, cluster.inventory)
+    result = playbook("status.yml", tmp, cluster.inventory, extravars=more)
     lines = [line for event in result.events if event.get("event") == "runner_on_ok"
              and event["event_data"].get("task") == "Status | the cluster"
              for line in event["event_data"]["res"]["msg"]]
@@ -283,6 +287,25 @@ def model_digest(state: dict) -> str:
 
 
 RESUMED = r"^resumed from \S+ at step (\d+) \(epoch \d+, sample \d+\) version=(\S+) param_xxh3=(\S+)$"
+
+
+@contextmanager
+def s3_server_for(cluster: Cluster) -> Iterator[dict[str, str]]:
+    """moto's S3 server (tests/s3server.py says what it does not emulate) on the controller, listening on
+    the cluster network's gateway: the address by which the containers reach the controller, on the bridge
+    this test's cluster made (nothing outside it can connect). Yields the AWS_* variables of a client;
+    this process's environment has them while the server runs."""
+    inspect = sh([cluster.engine, "network", "inspect", cluster.network]).stdout
+    gateway = re.search(r'"gateway":\s*"([0-9.]+)"', inspect, re.IGNORECASE)
+    assert gateway, f"no gateway address in `{cluster.engine} network inspect {cluster.network}`:\n{inspect}"
+    saved = dict(os.environ)
+    proc, url = s3server.start(free_port(), host=gateway.group(1))   # sets this process's AWS_* variables
+    try:
+        yield {**s3server.ENV, "AWS_ENDPOINT_URL": url}
+    finally:
+        s3server.stop(proc)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def check_resume(cluster: Cluster, log: str, after: int) -> int:
@@ -446,6 +469,40 @@ def test_killed_training_process_on_a_worker_resumes_bit_identical(cluster: Clus
     assert all(s["step"] == STEPS for s in after.values()), after
     # The victim's torchrun failed and systemd started it again.
     assert after[victim]["restarts"] >= 1, after
+
+
+def test_snapshots_in_s3_a_killed_worker_resumes_from_the_bucket_bit_identical(cluster: Cluster, reference: str,
+                                                                               tmp: Path):
+    """Issue 19 end to end: snapshot_location s3://..., the keys through training_environment. Every node
+    uploads its FSDP2 shards, a worker's training process is killed, the job resumes from the bucket and
+    ends with the uninterrupted run's parameters; status.yml lists the bucket's snapshots; the secret is in
+    the root-only environment file, not in the unit. Server: see s3_server_for."""
+    if cluster.engine == "docker":
+        pytest.skip("engine-independent: run with podman only")
+    with s3_server_for(cluster) as env:
+        client().create_bucket(Bucket="e2e")
+        location = "s3://e2e/run/checkpoint.bin"
+        job = {"snapshot_location": location, "training_environment": env}
+        since = start_training(cluster, tmp, **job)
+        for node in cluster.nodes:
+            unit = on(cluster, node, "cat", f"/etc/systemd/system/{SERVICE}.service").stdout
+            assert env["AWS_SECRET_ACCESS_KEY"] not in unit and f"\nEnvironmentFile=/etc/default/{SERVICE}\n" in unit
+            assert on(cluster, node, "stat", "-c", "%a %U", f"/etc/default/{SERVICE}").stdout.split() == ["600", "root"]
+        reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP, path=location)
+        assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
+        on(cluster, cluster.workers[0], "kill", "-KILL", str(training_pid(cluster, cluster.workers[0])))
+
+        log = wait_for_final(cluster, since)
+        resumes = re.findall(r"^resumed from (\S+) at step (\d+)", log, re.MULTILINE)
+        assert resumes and resumes[-1][0] == location and BREAK_AFTER_STEP <= int(resumes[-1][1]) < STEPS, resumes
+        assert final_digest(log) == reference, "final parameters differ from the uninterrupted run"
+        verify = sh([str(VENV_BIN / "pyckpt"), "verify", "--all", "--no-progress", location], check=False)
+        assert verify.returncode == 0, f"pyckpt verify failed:\n{verify.stdout}\n{verify.stderr}"
+        state = pyckpt.load(location)
+        assert state["progress"]["step"] == STEPS and model_digest(state) == reference
+        assert not cluster.snapshot.with_name(cluster.snapshot.name + ".pyckpt").exists(), "snapshots on the share"
+        assert all(s["step"] == STEPS for s in status(cluster, tmp, **job).values())
+        playbook("stop-training.yml", tmp, cluster.inventory)
 
 
 def test_stopped_and_restarted_worker_container_resumes_bit_identical(cluster: Cluster, reference: str,
