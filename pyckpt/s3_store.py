@@ -68,6 +68,7 @@ _VERSION = re.compile(r"^v([0-9]{8})$")
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict"}   # 412, and AWS's 409 on a race
 _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled"}
+_UNQUOTED_IF_MATCH: set[str] = set()   # endpoints that match If-Match only on the bare ETag (Ceph RGW 16)
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
@@ -178,12 +179,35 @@ class S3Store:
         return data, got.get("ETag", "")
 
     def _put(self, key: str, body: bytes, doing: str, **condition) -> str:
+        """PUT an object (If-Match=ETag / If-None-Match="*" when given); returns its ETag. A refused
+        condition raises the ClientError: 412, 409 (AWS, on a race), or 404 (If-Match on a key gone)."""
+        match = condition.get("IfMatch")
+        endpoint = self.s3.meta.endpoint_url
+        if match and endpoint in _UNQUOTED_IF_MATCH:
+            condition["IfMatch"] = match.strip('"')
         try:
             return self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]
         except _ERRORS as exc:
-            if _code(exc) in _CONFLICT:
+            if match and _status(exc) == 412 and match.startswith('"') and endpoint not in _UNQUOTED_IF_MATCH \
+                    and self._etag(key) == match:
+                # the object still has the ETag sent, yet the server refused it: it matched the quoted
+                # form (RFC 7232's, that AWS and moto take) against its unquoted ETag (Ceph RGW 16).
+                # Asking again is still a conditional PUT, checked by the server.
+                log.info("pyckpt: %s matches If-Match only on unquoted ETags; sending them so", endpoint)
+                _UNQUOTED_IF_MATCH.add(endpoint)
+                return self._put(key, body, doing, **condition)
+            if _code(exc) in _CONFLICT or (match and _missing(exc)):
                 raise
             raise s3_error(exc, self.bucket, doing) from exc
+
+    def _etag(self, key: str) -> str | None:
+        """The object's ETag now; None if there is none."""
+        try:
+            return self.s3.head_object(Bucket=self.bucket, Key=key)["ETag"]
+        except _ERRORS as exc:
+            if _missing(exc):
+                return None
+            raise s3_error(exc, self.bucket, f"reading {self._url(key)}", SnapshotReadError) from exc
 
     def _list(self, prefix: str, delimiter: str = "") -> Iterator[dict]:
         return _list(self.s3, self.bucket, prefix, delimiter)
@@ -356,6 +380,7 @@ class S3Store:
             raise SnapshotError(f"{self.path}: publish() outside locked(); this is a pyckpt bug")
         found = self._lock_holder(self.root + LOCK)
         if lease.lost or found is None or found[1] != lease.etag:
+            lease.lost = True              # not ours to release (delete) any more
             raise SnapshotLockedError(
                 f"{self.path}: this writer lost the lock (not renewed for {LOCK_LEASE:g} s, then taken over by "
                 f"{lock_holder_text(found[0]) if found else 'nobody'}); this snapshot was not committed")
@@ -511,8 +536,11 @@ class _Lease:
         if self.lost:
             return
         try:
-            self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key, IfMatch=self.etag)
-        except _ERRORS as exc:   # taken over (412), or unreachable: the lease runs out by itself
+            # Ceph RGW 16 ignores If-Match on DELETE: look first, so that a lock taken over meanwhile
+            # is left to its new holder there too (but for a moment between the look and the delete)
+            if self.store._etag(self.key) == self.etag:
+                self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key, IfMatch=self.etag)
+        except (*_ERRORS, PyckptError) as exc:   # taken over (412), or unreachable: the lease runs out
             log.warning("pyckpt: could not release the lock of %s: %s", self.store.path, exc)
 
 
