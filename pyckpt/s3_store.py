@@ -188,14 +188,18 @@ class S3Store:
         try:
             return self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]
         except _ERRORS as exc:
-            if match and _status(exc) == 412 and match.startswith('"') and endpoint not in _UNQUOTED_IF_MATCH \
-                    and self._etag(key) == match:
-                # the object still has the ETag sent, yet the server refused it: it matched the quoted
-                # form (RFC 7232's, that AWS and moto take) against its unquoted ETag (Ceph RGW 16).
-                # Asking again is still a conditional PUT, checked by the server.
-                log.info("pyckpt: %s matches If-Match only on unquoted ETags; sending them so", endpoint)
-                _UNQUOTED_IF_MATCH.add(endpoint)
-                return self._put(key, body, doing, **condition)
+            if match and _status(exc) == 412 and self._etag(key) == '"' + match.strip('"') + '"':
+                # the object still has the ETag sent, yet the server refused it
+                if condition["IfMatch"].startswith('"'):
+                    # it matched the quoted form (RFC 7232's, that AWS and moto take) against its bare
+                    # ETag (Ceph RGW 16): ask again, still conditionally, and so from now on
+                    log.info("pyckpt: %s matches If-Match only on unquoted ETags; sending them so", endpoint)
+                    _UNQUOTED_IF_MATCH.add(endpoint)
+                    return self._put(key, body, doing, **condition)
+                raise SnapshotError(
+                    f"{self._url(key)}: {endpoint} refuses a conditional PUT (If-Match) on the object's own ETag, "
+                    "quoted or not (Ceph RGW 16 does so in a versioned bucket), so pyckpt cannot commit there: use "
+                    "a bucket without versioning, or a server with conditional writes") from exc
             if _code(exc) in _CONFLICT or (match and _missing(exc)):
                 raise
             raise s3_error(exc, self.bucket, doing) from exc
@@ -338,7 +342,9 @@ class S3Store:
         key, deadline = self.root + LOCK, time.monotonic() + LOCK_WAIT
         while True:
             try:
-                return self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+                etag = self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+                self._probe_conditions(key, body)
+                return etag
             except botocore.exceptions.ClientError:
                 pass                                        # held (or just being taken): see by whom
             found = self._lock_holder(key)
@@ -356,6 +362,22 @@ class S3Store:
                             self.path, lock_holder_text(holder), age)
                 return taken
             wait_for_lock(self.path, self._url(key), holder, deadline)
+
+    def _probe_conditions(self, key: str, body: bytes) -> None:
+        """The lock just made must refuse a second If-None-Match: * PUT. A server that ignores the
+        header (Ceph RGW 16 in a versioned bucket) keeps neither the lock nor the commit exclusive."""
+        try:
+            self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+        except botocore.exceptions.ClientError:
+            return                                          # refused: conditional writes work
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except _ERRORS:
+            pass                                            # the lease runs out by itself
+        raise SnapshotError(f"{self.path}: {self.s3.meta.endpoint_url} ignores conditional writes (If-None-Match) in "
+                            f"bucket {self.bucket!r}, so pyckpt cannot keep two writers apart there (Ceph RGW 16 "
+                            "does so in a versioned bucket): use a bucket without versioning, or a server with "
+                            "conditional writes")
 
     def _lock_holder(self, key: str) -> tuple[dict, str, float] | None:
         """Who holds the lock, its ETag and seconds since its last renewal (server clock); None if gone."""

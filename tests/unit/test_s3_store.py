@@ -359,3 +359,21 @@ def test_racing_commits_let_exactly_one_writer_win(ceph, monkeypatch):
             winners = [i for i in pool.map(commit, range(writers)) if i is not None]
         assert len(winners) == 1, f"round {round}: writers {winners} all committed"
         assert S3Store(url).read_commit().current.step == winners[0]
+
+
+def test_a_bucket_where_conditional_writes_do_not_hold_is_refused_saying_what_to_do(ceph):
+    """Ceph RGW 16 in a versioned bucket ignores If-None-Match (a second create succeeds) and refuses
+    every If-Match, even on the object's own ETag: its lock would not keep writers apart and no second
+    commit could be made. pyckpt took that lock and then blamed "another writer"; now locking probes
+    that a second create is refused, and an If-Match refused on the object's own ETag is named."""
+    store = S3Store(f"s3://{new_bucket()}/runs/ck.bin")
+    _write_version(store, step=1)
+    client().put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    with pytest.raises(SnapshotError, match="ignores conditional writes .*versioned bucket"):
+        with store.locked():
+            pass
+    assert _keys(store, store.root + LOCK) == []                 # no lock left to block the next try
+    record, etag = store._record()
+    with pytest.raises(SnapshotError, match="refuses a conditional PUT .*own ETag"):
+        store._replace_record(record, etag)
+    assert store.read_commit() == record
