@@ -17,6 +17,12 @@ writer's) is taken over with If-Match on its ETag; a holder that finds its lock 
 to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
 path to another: that is the price of a lock that a crash cannot leave held forever.
 
+Servers that bend S3 (Ceph RGW 16, tests/cephrgw.py): If-Match is sent with the ETag as the server
+gave it (quoted); one that answers 412 while the object still has that ETag matches only the bare
+form, and is sent that from then on. Taking the lock checks that a second If-None-Match create is
+refused: a server that ignores the condition (Ceph 16 in a versioned bucket) is refused with a
+SnapshotError rather than trusted to keep writers apart.
+
 Client: boto3 (well kept, reads AWS_ENDPOINT_URL/AWS_REGION/credentials/profiles like every AWS SDK).
 obstore uploads with less CPU, but cannot list or abort multipart uploads (retention must abort the
 uploads of crashed writers) and cannot read into a caller's buffer (a restore would copy every byte

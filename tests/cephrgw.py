@@ -10,7 +10,8 @@ Unlike moto (tests/s3server.py) it is the object store many clusters run: condit
 requests must be signed with the user's keys, multipart uploads are stored as real parts. What it does
 not emulate: a network (loopback only), durability (memstore, one replica), several gateways.
 Ceph 16.2's S3 quirks that pyckpt meets (docs/RELIABILITY.md): PUT If-Match matches only the unquoted
-ETag, If-Match on a missing key answers 412 (AWS: 404), CompleteMultipartUpload ignores If-None-Match.
+ETag, If-Match on a missing key answers 412 (AWS: 404), DELETE and CompleteMultipartUpload ignore
+their conditions, and in a versioned bucket If-None-Match is ignored and every If-Match refused.
 
 Installed by scripts/setup-ceph.sh (`make setup-ceph`; `make test` runs it)."""
 from __future__ import annotations
@@ -128,13 +129,12 @@ def _start() -> Cluster:
     base = Path(tempfile.mkdtemp(prefix="pyckpt-ceph-"))
     for sub in ("run", "log", "mon", "osd", "rgw", "crash"):
         (base / sub).mkdir()
-    rgw_port = free_port()
+    fsid, mon_port, rgw_port = str(uuid.uuid4()), free_port(), free_port()
     conf = base / "ceph.conf"
-    conf.write_text(CONFIG.format(fsid=uuid.uuid4(), mon_port=free_port(), rgw_port=rgw_port, dir=base,
-                                  memstore_bytes=4 << 30))
+    conf.write_text(CONFIG.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, dir=base, memstore_bytes=4 << 30))
     cluster = Cluster(base, f"http://127.0.0.1:{rgw_port}", {})
     try:
-        _start_mon(cluster, conf)
+        _start_mon(cluster, conf, fsid, f"[v2:127.0.0.1:{mon_port}]")
         _start_osd(cluster, conf)
         _start_rgw(cluster, conf)
     except BaseException:
@@ -177,21 +177,19 @@ def _wait(cluster: Cluster, name: str, ready, what: str) -> None:
         time.sleep(0.2)
 
 
-def _start_mon(cluster: Cluster, conf: Path) -> None:
+def _start_mon(cluster: Cluster, conf: Path, fsid: str, address: str) -> None:
     keyring = str(cluster.dir / "keyring")
     _tool(cluster, conf, "ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "mon.", "--cap", "mon",
           "allow *", what="making the monitor keyring")
     _tool(cluster, conf, "ceph-authtool", keyring, "--gen-key", "-n", "client.admin", "--cap", "mon", "allow *",
           "--cap", "osd", "allow *", "--cap", "mgr", "allow *", what="adding client.admin to the keyring")
     monmap = str(cluster.dir / "monmap")
-    port = conf.read_text().split("[v2:127.0.0.1:")[1].split("]")[0]
-    fsid = conf.read_text().split("fsid = ")[1].split("\n")[0]
-    _tool(cluster, conf, "monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{port}]", monmap,
+    _tool(cluster, conf, "monmaptool", "--create", "--fsid", fsid, "--addv", "a", address, monmap,
           what="making the monitor map")
     _tool(cluster, conf, "ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap, "--keyring", keyring,
           what="creating the monitor's store")
     _daemon(cluster, conf, "mon.a", "ceph-mon", "-i", "a")
-    _wait(cluster, "mon.a", lambda: _ok(conf, "ceph", "--connect-timeout", "2", "mon", "stat"), "answering")
+    _wait(cluster, "mon.a", lambda: _out(conf, "ceph", "mon", "stat") is not None, "answering")
 
 
 def _start_osd(cluster: Cluster, conf: Path) -> None:
@@ -200,7 +198,7 @@ def _start_osd(cluster: Cluster, conf: Path) -> None:
     (cluster.dir / "osd" / f"osd.{osd}").mkdir()
     _tool(cluster, conf, "ceph-osd", "-i", osd, "--mkfs", "--osd-uuid", osd_uuid, what="creating the OSD's store")
     _daemon(cluster, conf, f"osd.{osd}", "ceph-osd", "-i", osd)
-    _wait(cluster, f"osd.{osd}", lambda: '"num_up_osds":1' in _out(conf, "ceph", "osd", "stat", "-f", "json"),
+    _wait(cluster, f"osd.{osd}", lambda: '"num_up_osds":1' in (_out(conf, "ceph", "osd", "stat", "-f", "json") or ""),
           "up")
 
 
@@ -213,20 +211,21 @@ def _start_rgw(cluster: Cluster, conf: Path) -> None:
             return True
         except OSError:
             return False
-    _daemon(cluster, conf, "rgw", "radosgw", "-n", "client.rgw.tests")
-    _wait(cluster, "rgw", answers, f"answering at {cluster.endpoint}")
+    _daemon(cluster, conf, "client.rgw.tests", "radosgw", "-n", "client.rgw.tests")
+    _wait(cluster, "client.rgw.tests", answers, f"answering at {cluster.endpoint}")
     _tool(cluster, conf, "radosgw-admin", "-n", "client.rgw.tests", "user", "create", "--uid", "pyckpt-tests",
           "--display-name", "pyckpt tests", "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY,
           what="creating the S3 user")
 
 
-def _ok(conf: Path, *args: str) -> bool:
-    return subprocess.run([args[0], "-c", str(conf), *args[1:]], capture_output=True, timeout=30).returncode == 0
-
-
-def _out(conf: Path, *args: str) -> str:
-    done = subprocess.run([args[0], "-c", str(conf), *args[1:]], capture_output=True, text=True, timeout=30)
-    return done.stdout.replace(" ", "")
+def _out(conf: Path, *args: str) -> str | None:
+    """A ceph command's output (spaces removed), None if it failed or took over 10 s."""
+    try:
+        done = subprocess.run([args[0], "-c", str(conf), "--connect-timeout", "5", *args[1:]],
+                              capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+    return done.stdout.replace(" ", "") if done.returncode == 0 else None
 
 
 def _logs(cluster: Cluster, name: str | None = None, lines: int = 30) -> str:
