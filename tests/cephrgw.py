@@ -2,7 +2,7 @@
 with its beast HTTP frontend), started once per pytest process in a temporary directory, stopped at exit.
 
 It runs as plain child processes of the test run, not in a container: every daemon binds 127.0.0.1 only
-(the monitor and radosgw on free ports, the OSD in Ceph's own port range), keeps its data in memory
+(the monitor and radosgw on free ports, the OSD in Ceph's own port range; a test checks it), keeps its data in memory
 (memstore) and its config, keyring, sockets and logs in the temporary directory, and needs no kernel
 module, block device, systemd or root: nothing outside the test run sees or touches it.
 
@@ -38,7 +38,9 @@ CONFIG = """\
 fsid = {fsid}
 mon host = [v2:127.0.0.1:{mon_port}]
 mon initial members = a
+# loopback only (without cluster addr the OSD listens on 0.0.0.0 too)
 public addr = 127.0.0.1
+cluster addr = 127.0.0.1
 ms bind msgr1 = false
 # no cephx between the daemons (S3 requests are still signed and checked by radosgw)
 auth cluster required = none

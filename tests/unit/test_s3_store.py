@@ -377,3 +377,16 @@ def test_a_bucket_where_conditional_writes_do_not_hold_is_refused_saying_what_to
     with pytest.raises(SnapshotError, match="refuses a conditional PUT .*own ETag"):
         store._replace_record(record, etag)
     assert store.read_commit() == record
+
+
+def test_the_ceph_daemons_listen_on_loopback_only(ceph):
+    """tests/cephrgw.py runs Ceph as plain processes, not in a container: fine only while nothing
+    outside this machine can reach them."""
+    import psutil
+
+    from tests import cephrgw
+    procs = cephrgw.cluster().procs
+    listening = [(name, c.laddr) for name, proc in procs.items()
+                 for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert {name for name, _ in listening} == set(procs)
+    assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening
