@@ -22,6 +22,12 @@ it (412 on a conditional PUT, NoSuchUpload on CompleteMultipartUpload). That is 
 the record read back is the one this writer PUT, the lock holds this writer's body, the object has the
 uploaded size. A failed snapshot's stage is deleted only if a readable record does not name it.
 
+Servers that bend S3 (Ceph RGW 16, tests/cephrgw.py): If-Match is sent with the ETag as the server
+gave it (quoted); one that answers 412 while the object still has that ETag matches only the bare
+form, and is sent that from then on. Taking the lock checks that a second If-None-Match create is
+refused: a server that ignores the condition (Ceph 16 in a versioned bucket) is refused with a
+SnapshotError rather than trusted to keep writers apart.
+
 Client: boto3 (well kept, reads AWS_ENDPOINT_URL/AWS_REGION/credentials/profiles like every AWS SDK).
 obstore uploads with less CPU, but cannot list or abort multipart uploads (retention must abort the
 uploads of crashed writers) and cannot read into a caller's buffer (a restore would copy every byte
@@ -73,6 +79,7 @@ _VERSION = re.compile(r"^v([0-9]{8})$")
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict"}   # 412, and AWS's 409 on a race
 _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
            "AllAccessDisabled"}
+_UNQUOTED_IF_MATCH: set[str] = set()   # endpoints that match If-Match only on the bare ETag (Ceph RGW 16)
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
@@ -200,12 +207,39 @@ class S3Store:
                     raise
 
     def _put(self, key: str, body: bytes, doing: str, **condition) -> str:
+        """PUT an object (If-Match=ETag / If-None-Match="*" when given); returns its ETag. A refused
+        condition raises the ClientError: 412, 409 (AWS, on a race), or 404 (If-Match on a key gone)."""
+        match = condition.get("IfMatch")
+        endpoint = self.s3.meta.endpoint_url
+        if match and endpoint in _UNQUOTED_IF_MATCH:
+            condition["IfMatch"] = match.strip('"')
         try:
             return self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]
         except _ERRORS as exc:
-            if _code(exc) in _CONFLICT:
+            if match and _status(exc) == 412 and self._etag(key) == '"' + match.strip('"') + '"':
+                # the object still has the ETag sent, yet the server refused it
+                if condition["IfMatch"].startswith('"'):
+                    # it matched the quoted form (RFC 7232's, that AWS and moto take) against its bare
+                    # ETag (Ceph RGW 16): ask again, still conditionally, and so from now on
+                    log.info("pyckpt: %s matches If-Match only on unquoted ETags; sending them so", endpoint)
+                    _UNQUOTED_IF_MATCH.add(endpoint)
+                    return self._put(key, body, doing, **condition)
+                raise SnapshotError(
+                    f"{self._url(key)}: {endpoint} refuses a conditional PUT (If-Match) on the object's own ETag, "
+                    "quoted or not (Ceph RGW 16 does so in a versioned bucket), so pyckpt cannot commit there: use "
+                    "a bucket without versioning, or a server with conditional writes") from exc
+            if _code(exc) in _CONFLICT or (match and _missing(exc)):
                 raise
             raise s3_error(exc, self.bucket, doing) from exc
+
+    def _etag(self, key: str) -> str | None:
+        """The object's ETag now; None if there is none."""
+        try:
+            return self.s3.head_object(Bucket=self.bucket, Key=key)["ETag"]
+        except _ERRORS as exc:
+            if _missing(exc):
+                return None
+            raise s3_error(exc, self.bucket, f"reading {self._url(key)}", SnapshotReadError) from exc
 
     def _list(self, prefix: str, delimiter: str = "") -> Iterator[dict]:
         return _list(self.s3, self.bucket, prefix, delimiter)
@@ -336,7 +370,9 @@ class S3Store:
         key, deadline = self.root + LOCK, time.monotonic() + LOCK_WAIT
         while True:
             try:
-                return self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+                etag = self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+                self._probe_conditions(key, body)
+                return etag
             except botocore.exceptions.ClientError:
                 pass                                        # held (or just being taken): see by whom
             found = self._lock_holder(key)
@@ -356,6 +392,22 @@ class S3Store:
                             self.path, lock_holder_text(holder), age)
                 return taken
             wait_for_lock(self.path, self._url(key), holder, deadline)
+
+    def _probe_conditions(self, key: str, body: bytes) -> None:
+        """The lock just made must refuse a second If-None-Match: * PUT. A server that ignores the
+        header (Ceph RGW 16 in a versioned bucket) keeps neither the lock nor the commit exclusive."""
+        try:
+            self._put(key, body, f"locking {self.path}", IfNoneMatch="*")
+        except botocore.exceptions.ClientError:
+            return                                          # refused: conditional writes work
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except _ERRORS:
+            pass                                            # the lease runs out by itself
+        raise SnapshotError(f"{self.path}: {self.s3.meta.endpoint_url} ignores conditional writes (If-None-Match) in "
+                            f"bucket {self.bucket!r}, so pyckpt cannot keep two writers apart there (Ceph RGW 16 "
+                            "does so in a versioned bucket): use a bucket without versioning, or a server with "
+                            "conditional writes")
 
     def _lock_holder(self, key: str) -> tuple[dict, str, float] | None:
         """Who holds the lock, its ETag and seconds since its last renewal (server clock); None if gone."""
@@ -380,6 +432,7 @@ class S3Store:
             raise SnapshotError(f"{self.path}: publish() outside locked(); this is a pyckpt bug")
         found = self._lock_holder(self.root + LOCK)
         if lease.lost or found is None or found[1] != lease.etag:
+            lease.lost = True              # not ours to release (delete) any more
             raise SnapshotLockedError(
                 f"{self.path}: this writer lost the lock (not renewed for {LOCK_LEASE:g} s, then taken over by "
                 f"{lock_holder_text(found[0]) if found else 'nobody'}); this snapshot was not committed")
@@ -567,8 +620,11 @@ class _Lease:
         if self.lost:
             return
         try:
-            self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key, IfMatch=self.etag)
-        except _ERRORS as exc:   # taken over (412), or unreachable: the lease runs out by itself
+            # Ceph RGW 16 ignores If-Match on DELETE: look first, so that a lock taken over meanwhile
+            # is left to its new holder there too (but for a moment between the look and the delete)
+            if self.store._etag(self.key) == self.etag:
+                self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.key, IfMatch=self.etag)
+        except (*_ERRORS, PyckptError) as exc:   # taken over (412), or unreachable: the lease runs out
             log.warning("pyckpt: could not release the lock of %s: %s", self.store.path, exc)
 
 

@@ -62,6 +62,14 @@ def record_reads_and_copies() -> tuple[list[str], list[int]]:
     return read, copied
 
 
+@pytest.fixture(params=("moto", "ceph"))
+def s3_server(request, monkeypatch):
+    """A test that takes it runs on each S3 server of tests/s3server.py: moto (an emulator) and a real
+    Ceph RGW; this process's AWS_* variables (and its children's) point at that server for the test."""
+    from tests.s3server import point_at
+    return point_at(request.param, monkeypatch)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment minus any torch.distributed/pyckpt settings, plus `extra`."""
     drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",

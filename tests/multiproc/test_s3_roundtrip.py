@@ -2,7 +2,9 @@
 ranks (real processes), pyckpt.load in a plain process, and the retention of old versions.
 
 Server: moto's standalone S3 server (tests/s3server.py), an emulator over real HTTP; it does not
-emulate an atomic conditional PUT, network faults or a real network's latency and bandwidth."""
+emulate an atomic conditional PUT, signature checks, network faults or a real network's latency and
+bandwidth. The 4-rank round trip runs on a real Ceph RGW 16.2 too (tests/cephrgw.py: one node on
+loopback, data in memory; no real network either)."""
 from __future__ import annotations
 
 import sys
@@ -101,12 +103,12 @@ def _digests(stdout: str) -> dict[tuple[int, str], str]:
                                                      if line.startswith("digest "))}
 
 
-def test_four_gloo_ranks_through_s3_restore_on_two_ranks_and_in_a_plain_process():
+def test_four_gloo_ranks_through_s3_restore_on_two_ranks_and_in_a_plain_process(s3_server):
     """4 gloo ranks snapshot DDP-like replicated state (a model, its Adam state, a 24 MiB buffer: each
     rank uploads its share as a multipart upload of 5 MiB parts, in parallel) and per-rank state;
     2 ranks restore it (another world size: ranks 0 and 1 get their own per-rank state back) and a
     plain process loads it; every tensor's bytes are compared (xxh3) with what the 4 ranks held.
-    Server: moto (see the module docstring)."""
+    Servers: moto and Ceph RGW (the ranks inherit the AWS_* variables that point at it)."""
     url = f"s3://{new_bucket()}/ddp4/checkpoint.bin"
     worker = Path(__file__).with_name("s3_ranks_worker.py")
 

@@ -1,9 +1,13 @@
 """The S3 backend beyond the storage contract (tests/unit/test_store_contract.py runs that against it):
 multipart uploads, the leased lock, the conditional commit, abandoned uploads, errors.
 
-Server: moto's standalone S3 server (tests/s3server.py), an emulator over real HTTP. Its conditional
-PUT is check-then-write, not atomic, so no test here races two PUTs: the conflicts are made by
-changing the record or the lock between a writer's steps, which any server must answer the same way."""
+Servers: the tests that take `url` (the s3_server fixture, tests/conftest.py) run twice: on moto's
+standalone S3 server (tests/s3server.py), an emulator over real HTTP, and on a real Ceph RGW 16.2
+(tests/cephrgw.py: one node on loopback, data in memory, one gateway). moto's conditional PUT is
+check-then-write, not atomic, and it accepts any credentials: the tests that race writers or give
+wrong keys run on Ceph only. Elsewhere the conflicts are made by changing the record or the lock
+between a writer's steps, which any server must answer the same way. Neither server shows a real
+network's latency and faults (tests/reliability/test_s3_faults.py injects faults)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,12 +30,12 @@ from pyckpt.manifest import CommitRecord, VersionRef, checksum
 from pyckpt.planner import Slice
 from pyckpt.s3_store import LOCK, S3Source, S3Store, client
 from tests.conftest import REPO
-from tests.s3server import ENV, endpoint, new_bucket
+from tests.s3server import new_bucket, point_at
 from tests.unit.test_store_contract import _write_version
 
 
 @pytest.fixture
-def url() -> str:
+def url(s3_server) -> str:
     return f"s3://{new_bucket()}/runs/ck.bin"
 
 
@@ -97,7 +103,7 @@ def test_a_read_whose_connection_drops_mid_body_asks_again_for_the_rest(url, mon
     assert bytes(a + b) == data[10: 52_010] and ranges == ["bytes=10-52009", "bytes=3010-52009"]
 
 
-def test_a_failed_part_aborts_the_upload_and_names_bucket_and_endpoint(url, monkeypatch):
+def test_a_failed_part_aborts_the_upload_and_names_bucket_and_endpoint(url, s3_server, monkeypatch):
     monkeypatch.setattr(s3_store, "PART_SIZE", 5 << 20)
     segments, size, _ = _big_segments()
     store = S3Store(url)
@@ -116,7 +122,7 @@ def test_a_failed_part_aborts_the_upload_and_names_bucket_and_endpoint(url, monk
         with pytest.raises(SnapshotError) as err:
             store.write_data(stage, 0, segments, size)
         store.abort(stage)
-    assert 2 in calls and store.bucket in str(err.value) and endpoint() in str(err.value)
+    assert 2 in calls and store.bucket in str(err.value) and s3_server.endpoint in str(err.value)
     assert _uploads(store) == [] and store.read_commit().current.step == 1
 
 
@@ -218,13 +224,13 @@ def test_abandoned_multipart_uploads_are_aborted_by_the_next_writer_and_by_gc(ur
     assert _uploads(store) == [] and store.read_commit().current.step == 1
 
 
-def test_a_missing_bucket_is_named_with_the_endpoint_and_no_secret():
+def test_a_missing_bucket_is_named_with_the_endpoint_and_no_secret(s3_server):
     store = S3Store("s3://no-such-bucket-here/runs/ck.bin")
     with pytest.raises(SnapshotReadError) as err:
         store.read_commit()
     text = str(err.value)
-    assert "no-such-bucket-here" in text and endpoint() in text and "AWS_ENDPOINT_URL" in text
-    assert ENV["AWS_SECRET_ACCESS_KEY"] not in text
+    assert "no-such-bucket-here" in text and s3_server.endpoint in text and "AWS_ENDPOINT_URL" in text
+    assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in text
     with pytest.raises(SnapshotError, match="no-such-bucket-here"):
         with store.locked():
             pass
@@ -257,13 +263,17 @@ def test_the_lock_age_takes_a_date_header_that_names_no_zone_or_was_doubled_by_a
     assert s3_store._server_now({}).tzinfo is not None and s3_store._server_now({"date": "junk"}).tzinfo is not None
 
 
-def test_in_a_versioned_bucket_pruned_versions_stay_as_noncurrent_object_versions(url):
+def test_in_a_versioned_bucket_pruned_versions_stay_as_noncurrent_object_versions(monkeypatch):
     """What retention and gc leave in a bucket with versioning on (README, "Snapshots in S3"): they
     delete as any S3 client does, without version ids, so each deleted object gets a delete marker
     and its bytes stay as a noncurrent version, which readers never see and which costs storage
     until a lifecycle rule (NoncurrentVersionExpiration) expires it; pyckpt does not delete by
     version id (that needs s3:DeleteObjectVersion and undoes the protection versioning was turned
-    on for). Server: moto, which emulates versioning and stores lifecycle rules but never runs them."""
+    on for). Server: moto, which emulates versioning and stores lifecycle rules but never runs them.
+    Not Ceph RGW 16: in a versioned bucket it ignores If-None-Match and refuses every If-Match, even
+    on the object's own ETag (docs/RELIABILITY.md), so pyckpt refuses to commit there."""
+    point_at("moto", monkeypatch)
+    url = f"s3://{new_bucket()}/runs/ck.bin"
     store = S3Store(url)
     s3 = client()
     s3.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -286,3 +296,97 @@ def test_in_a_versioned_bucket_pruned_versions_stay_as_noncurrent_object_version
         "Expiration": {"ExpiredObjectDeleteMarker": True},
         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2}}]})
     assert s3.get_bucket_lifecycle_configuration(Bucket=store.bucket)["Rules"][0]["ID"] == "pyckpt-snapshots"
+
+
+def test_if_match_writes_succeed_where_the_server_matches_only_the_bare_etag(url, s3_server, monkeypatch):
+    """Ceph RGW 16 matches PUT If-Match only against the unquoted ETag and answers 412 to the quoted
+    form that AWS and moto take (RFC 7232's): every commit over an existing record then failed with
+    "another writer committed", and the lock's first renewal lost it. A 412 while the object still has
+    the ETag sent now makes pyckpt ask again unquoted (still conditional), and so from then on for
+    that endpoint; moto never needs it."""
+    monkeypatch.setattr(s3_store, "_UNQUOTED_IF_MATCH", set(), raising=False)
+    monkeypatch.setattr(s3_store, "LOCK_LEASE", 1.0)             # a renewal every 0.25 s
+    store = S3Store(url)
+    _write_version(store, step=1)
+    _write_version(store, step=2)                                 # If-Match on the record of step 1
+    assert [v.step for v in store.read_commit().versions] == [2, 1]
+    with store.locked():
+        time.sleep(0.8)
+        assert not store._lease.lost
+    assert (s3_server.endpoint in s3_store._UNQUOTED_IF_MATCH) == (s3_server.name == "ceph")
+
+
+@pytest.fixture
+def ceph(monkeypatch):
+    """For what only a real server shows (see the module docstring): Ceph RGW alone."""
+    return point_at("ceph", monkeypatch)
+
+
+def test_wrong_keys_are_refused_naming_bucket_endpoint_and_what_to_check(ceph, monkeypatch):
+    """Ceph checks every request's signature (moto takes any keys)."""
+    bucket = new_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-key")
+    with pytest.raises(SnapshotAccessError) as err:
+        S3Store(f"s3://{bucket}/runs/ck.bin").read_commit()
+    text = str(err.value)
+    assert bucket in text and ceph.endpoint in text and "AWS_ACCESS_KEY_ID" in text
+    assert "SignatureDoesNotMatch" in text and "not-the-secret-key" not in text
+
+
+def test_racing_commits_let_exactly_one_writer_win(ceph, monkeypatch):
+    """Two writers never both win, even past the lock (two jobs given one path, a lease taken over from
+    a paused writer): each replaces the record with a PUT conditional on the record it read, which Ceph
+    checks atomically (moto checks, then writes: 2-3 of 8 racing 8 MB PUTs won there). 8 writers race the
+    first commit (If-None-Match: *), then 8 race each next one (If-Match on the record all of them
+    read, through the unquoted-ETag retry the first time); exactly one wins each round."""
+    monkeypatch.setattr(s3_store, "_UNQUOTED_IF_MATCH", set(), raising=False)
+    url, writers = f"s3://{new_bucket()}/race/ck.bin", 8
+    for round in range(4):
+        stores = [S3Store(url) for _ in range(writers)]
+        etags = {store._record()[1] for store in stores}
+        assert len(etags) == 1
+        start = threading.Barrier(writers)
+
+        def commit(i: int) -> int | None:
+            record = CommitRecord([VersionRef(f"v{round * writers + i:08d}", checksum(b"x"), 1, i, None, None)])
+            start.wait()
+            try:
+                stores[i]._replace_record(record, next(iter(etags)))
+            except s3_store.botocore.exceptions.ClientError:
+                return None
+            return i
+        with ThreadPoolExecutor(writers) as pool:
+            winners = [i for i in pool.map(commit, range(writers)) if i is not None]
+        assert len(winners) == 1, f"round {round}: writers {winners} all committed"
+        assert S3Store(url).read_commit().current.step == winners[0]
+
+
+def test_a_bucket_where_conditional_writes_do_not_hold_is_refused_saying_what_to_do(ceph):
+    """Ceph RGW 16 in a versioned bucket ignores If-None-Match (a second create succeeds) and refuses
+    every If-Match, even on the object's own ETag: its lock would not keep writers apart and no second
+    commit could be made. pyckpt took that lock and then blamed "another writer"; now locking probes
+    that a second create is refused, and an If-Match refused on the object's own ETag is named."""
+    store = S3Store(f"s3://{new_bucket()}/runs/ck.bin")
+    _write_version(store, step=1)
+    client().put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    with pytest.raises(SnapshotError, match="ignores conditional writes .*versioned bucket"):
+        with store.locked():
+            pass
+    assert _keys(store, store.root + LOCK) == []                 # no lock left to block the next try
+    record, etag = store._record()
+    with pytest.raises(SnapshotError, match="refuses a conditional PUT .*own ETag"):
+        store._replace_record(record, etag)
+    assert store.read_commit() == record
+
+
+def test_the_ceph_daemons_listen_on_loopback_only(ceph):
+    """tests/cephrgw.py runs Ceph as plain processes, not in a container: fine only while nothing
+    outside this machine can reach them."""
+    import psutil
+
+    from tests import cephrgw
+    procs = cephrgw.cluster().procs
+    listening = [(name, c.laddr) for name, proc in procs.items()
+                 for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert {name for name, _ in listening} == set(procs)
+    assert all(addr.ip == "127.0.0.1" for _, addr in listening), listening

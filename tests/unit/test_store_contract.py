@@ -2,9 +2,11 @@
 the Store and DataSource protocols only. A new backend passes by adding one entry to BACKENDS (a
 function that makes an empty store for a test); nothing here may know a backend's layout.
 
-Backends run for real: the POSIX directory on this machine's disk (tmp_path); S3 on moto's S3 server
-(tests/s3server.py: an emulator over real HTTP, a bucket per test; its conditional writes are not
-atomic, which no test here races)."""
+Backends run for real: the POSIX directory on this machine's disk (tmp_path); S3 on two servers, a
+bucket per test (tests/s3server.py): moto's ("s3-moto", an emulator over real HTTP: its conditional
+writes are not atomic, which no test here races, and it accepts any credentials) and a real Ceph RGW
+16.2 ("s3-ceph", tests/cephrgw.py: one node on loopback, data in memory; checks signatures and
+conditions, but shows no real network nor several gateways)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,17 +23,26 @@ from pyckpt.planner import Slice
 from pyckpt.posix_store import PosixStore
 from pyckpt.storage import Stage, Store
 from pyckpt.stores import open_store
-from tests.s3server import new_bucket
+from tests.s3server import new_bucket, point_at
+
+
+def _s3(server: str):
+    def make(tmp_path, monkeypatch) -> Store:
+        point_at(server, monkeypatch)
+        return open_store(f"s3://{new_bucket()}/snapshots/ck.bin")
+    return make
+
 
 BACKENDS = {
-    "posix": lambda tmp_path: PosixStore(tmp_path / "ck.bin"),
-    "s3": lambda tmp_path: open_store(f"s3://{new_bucket()}/snapshots/ck.bin"),
+    "posix": lambda tmp_path, monkeypatch: PosixStore(tmp_path / "ck.bin"),
+    "s3-moto": _s3("moto"),
+    "s3-ceph": _s3("ceph"),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def store(request, tmp_path) -> Store:
-    return BACKENDS[request.param](tmp_path)
+def store(request, tmp_path, monkeypatch) -> Store:
+    return BACKENDS[request.param](tmp_path, monkeypatch)
 
 
 def _payload(rank: int, step: int, size: int = 300_000) -> bytes:
