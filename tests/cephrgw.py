@@ -24,8 +24,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tests.conftest import free_port
 
@@ -76,7 +78,7 @@ memstore device bytes = {memstore_bytes}
 osd max object size = 134217728
 
 [client.rgw.tests]
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port}{more_endpoints}
 rgw data = {dir}/rgw
 """
 
@@ -124,7 +126,19 @@ def missing() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None]
 
 
-def _start() -> Cluster:
+@contextmanager
+def serving(host: str) -> Iterator[Cluster]:
+    """A cluster of its own whose gateway also listens on host (an address of this machine, e.g. the
+    bridge of a container network the test made, so that its containers reach it); its endpoint is
+    that address. Stopped when the block ends."""
+    cluster = _start(host)
+    try:
+        yield cluster
+    finally:
+        _stop(cluster)
+
+
+def _start(host: str = "127.0.0.1") -> Cluster:
     if missing():
         raise CephStartError(f"Ceph is not installed (no {', '.join(missing())} on PATH): run `make setup-ceph` "
                              "(scripts/setup-ceph.sh, as root) to install ceph-mon, ceph-osd and radosgw")
@@ -133,8 +147,10 @@ def _start() -> Cluster:
         (base / sub).mkdir()
     fsid, mon_port, rgw_port = str(uuid.uuid4()), free_port(), free_port()
     conf = base / "ceph.conf"
-    conf.write_text(CONFIG.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, dir=base, memstore_bytes=4 << 30))
-    cluster = Cluster(base, f"http://127.0.0.1:{rgw_port}", {})
+    more = f" endpoint={host}:{rgw_port}" if host != "127.0.0.1" else ""
+    conf.write_text(CONFIG.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, more_endpoints=more, dir=base,
+                                  memstore_bytes=4 << 30))
+    cluster = Cluster(base, f"http://{host}:{rgw_port}", {})
     try:
         _start_mon(cluster, conf, fsid, f"[v2:127.0.0.1:{mon_port}]")
         _start_osd(cluster, conf)

@@ -45,6 +45,7 @@ import yaml
 import pyckpt
 from bench import s3server
 from pyckpt.s3_store import client
+from tests import cephrgw
 from tests.conftest import final_digest, free_port, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -290,20 +291,28 @@ RESUMED = r"^resumed from \S+ at step (\d+) \(epoch \d+, sample \d+\) version=(\
 
 
 @contextmanager
-def s3_server_for(cluster: Cluster) -> Iterator[dict[str, str]]:
-    """moto's S3 server (tests/s3server.py says what it does not emulate) on the controller, listening on
-    the cluster network's gateway: the address by which the containers reach the controller, on the bridge
-    this test's cluster made (nothing outside it can connect). Yields the AWS_* variables of a client;
-    this process's environment has them while the server runs."""
+def s3_server_for(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real Ceph RGW (tests/cephrgw.py says what it is and what it does not emulate) on the controller,
+    its gateway listening on the cluster network's gateway address too: the address by which the
+    containers reach the controller, on the bridge this test's cluster made. moto (tests/s3server.py)
+    where Ceph is not installed (outside CI). Yields (the server's name, the AWS_* variables of a
+    client); this process's environment has them while the server runs."""
     inspect = sh([cluster.engine, "network", "inspect", cluster.network]).stdout
     gateway = re.search(r'"gateway":\s*"([0-9.]+)"', inspect, re.IGNORECASE)
     assert gateway, f"no gateway address in `{cluster.engine} network inspect {cluster.network}`:\n{inspect}"
     saved = dict(os.environ)
-    proc, url = s3server.start(free_port(), host=gateway.group(1))   # sets this process's AWS_* variables
     try:
-        yield {**s3server.ENV, "AWS_ENDPOINT_URL": url}
+        if not cephrgw.missing() or os.environ.get("CI"):
+            with cephrgw.serving(gateway.group(1)) as ceph:
+                os.environ.update(ceph.env)
+                yield "ceph", ceph.env
+        else:
+            proc, url = s3server.start(free_port(), host=gateway.group(1))   # sets this process's AWS_*
+            try:
+                yield "moto", {**s3server.ENV, "AWS_ENDPOINT_URL": url}
+            finally:
+                s3server.stop(proc)
     finally:
-        s3server.stop(proc)
         os.environ.clear()
         os.environ.update(saved)
 
@@ -476,10 +485,11 @@ def test_snapshots_in_s3_a_killed_worker_resumes_from_the_bucket_bit_identical(c
     """Issue 19 end to end: snapshot_location s3://..., the keys through training_environment. Every node
     uploads its FSDP2 shards, a worker's training process is killed, the job resumes from the bucket and
     ends with the uninterrupted run's parameters; status.yml lists the bucket's snapshots; the secret is in
-    the root-only environment file, not in the unit. Server: see s3_server_for."""
+    the root-only environment file, not in the unit. Server: a real Ceph RGW (see s3_server_for)."""
     if cluster.engine == "docker":
         pytest.skip("engine-independent: run with podman only")
-    with s3_server_for(cluster) as env:
+    with s3_server_for(cluster) as (server, env):
+        print(f"\nS3 server: {server} at {env['AWS_ENDPOINT_URL']}")
         client().create_bucket(Bucket="e2e")
         location = "s3://e2e/run/checkpoint.bin"
         job = {"snapshot_location": location, "training_environment": env}
