@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     res, started = Results(), time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")
     server, url = s3server.start(free_port(), args.server_log)
+    workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")       # the ranks' results
     try:
         from pyckpt.s3_store import PART_SIZE, UPLOADS_IN_FLIGHT, client
         client().create_bucket(Bucket=BUCKET)
