@@ -386,7 +386,7 @@ def _command(argv: list[str]) -> str:
         if name == "--workdir":
             skip = not value
             continue
-        if name in ("--out", "--png"):
+        if name in ("--out", "--png", "--server-log"):
             if value:
                 arg = f"{name}={os.path.basename(value)}"
             elif i + 1 < len(argv):

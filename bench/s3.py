@@ -55,6 +55,7 @@ def parse(argv=None):
     p.add_argument("--ranks", default="1,2", help="rank counts, e.g. 1,2")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (medians are reported)")
     p.add_argument("--out", default="s3.json")
+    p.add_argument("--server-log", default=None, help="file for the moto server's request log and errors")
     p.add_argument("--quick", action="store_true", help="32 MiB, 1 run, ranks 1,2: checks the program end to "
                    "end (for CI); the figures mean little")
     args = p.parse_args(argv)
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     res, started = Results(), time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")
-    server, url = s3server.start(free_port())
+    server, url = s3server.start(free_port(), args.server_log)
+    workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")       # the ranks' results
     try:
         from pyckpt.s3_store import PART_SIZE, UPLOADS_IN_FLIGHT, client
         client().create_bucket(Bucket=BUCKET)

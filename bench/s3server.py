@@ -12,11 +12,17 @@ ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret"
        "AWS_EC2_METADATA_DISABLED": "true"}     # never ask a cloud metadata address for credentials
 
 
-def start(port: int, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """Start the server on host:port, point this process's AWS_* variables (and so its
-    children's) at it, and return once it answers: (the process, its URL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(port: int, log: str | None = None, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """Start the server on host:port (its request log and errors to the file `log`, if given),
+    point this process's AWS_* variables (and so its children's) at it, and return once it answers:
+    (the process, its URL)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log:
+            out.close()
     url = f"http://{host}:{port}"
     os.environ.update(ENV, AWS_ENDPOINT_URL=url)
     try:

@@ -36,7 +36,8 @@ def test_quick_s3_benchmark_reports_every_figure(tmp_path):
     missing = [k for k in expected if k not in figures]
     assert not missing, f"figures missing from the JSON: {missing}"
     for key in expected:
-        assert _positive(figures[key]["median"]) and all(_positive(r) for r in figures[key]["runs"]), (key, figures[key])
+        fig = figures[key]
+        assert _positive(fig["median"]) and all(_positive(r) for r in fig["runs"]), (key, fig)
         if key.endswith("async_blocked"):
             continue                                  # measured inside the async figure, no server CPU of its own
         assert all(_positive(c) for c in values[f"{key}.server_cpu"]), key   # the server did the work
