@@ -16,7 +16,7 @@ setup-containers:     ## podman + runc + the Debian image the Molecule scenarios
 setup-docker: setup-containers  ## docker engine (started if none runs) + the same image, for local_cluster_engine=docker
 	bash tests/images/setup-docker.sh
 
-setup-ceph:           ## ceph-mon, ceph-osd, radosgw (apt, as root): the real S3 server of tests/cephrgw.py
+setup-ceph:           ## ceph-mon, ceph-osd, radosgw (apt, as root): the real S3 server of bench/cephrgw.py
 	bash scripts/setup-ceph.sh
 
 demo: setup           ## single mode: train.py with snapshots, an interruption, a resume

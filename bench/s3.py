@@ -1,6 +1,7 @@
-"""pyckpt against DCP (fsspec/s3fs) and the server's own limit, on S3, against a local moto server.
+"""pyckpt against DCP (fsspec/s3fs) and the server's own limit, on S3, against a local moto server or Ceph RGW.
 
     python -m bench.s3 --size-gib 0.5 --ranks 1,2 --repeat 3 --out s3.json
+    python -m bench.s3 --server ceph --size-gib 0.5 --ranks 1,2 --repeat 3 --out s3-ceph.json
     python -m bench.s3 --quick --out quick.json        # 32 MiB, ranks 1,2, 1 run: end to end, for CI
 
 The bench starts moto's standalone S3 server in its own process (bench/s3server.py) and, for each
@@ -20,9 +21,11 @@ import os
 import platform
 import shutil
 import sys
+import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 import torch
 
@@ -55,6 +58,9 @@ def parse(argv=None):
     p.add_argument("--ranks", default="1,2", help="rank counts, e.g. 1,2")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (medians are reported)")
     p.add_argument("--out", default="s3.json")
+    p.add_argument("--server", choices=("moto", "ceph"), default="moto",
+                   help="the local S3 server: moto (an emulator, one Python process: the bottleneck) or a one-node "
+                        "Ceph RGW (bench/cephrgw.py; `make setup-ceph` installs it)")
     p.add_argument("--server-log", default=None, help="file for the moto server's request log and errors")
     p.add_argument("--quick", action="store_true", help="32 MiB, 1 run, ranks 1,2: checks the program end to "
                    "end (for CI); the figures mean little")
@@ -69,25 +75,25 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     res, started = Results(), time.perf_counter()
-    server, url = s3server.start(free_port(), args.server_log)
+    server, url, pids, stop = start_server(args)
     workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")       # the ranks' results
     try:
         from pyckpt.s3_store import PART_SIZE, UPLOADS_IN_FLIGHT, client
         client().create_bucket(Bucket=BUCKET)
-        log(f"moto S3 server at {url} (pid {server.pid})")
+        log(f"{server} S3 server at {url} (pids {pids})")
         for world in args.ranks:
             job = {"bucket": BUCKET, "size": int(args.size_gib * GIB), "repeat": args.repeat,
-                   "server_pid": server.pid, "out": os.path.join(workdir, f"n{world}.json")}
+                   "server_pids": pids, "out": os.path.join(workdir, f"n{world}.json")}
             run_world(world, job, res)
             log(f"{world} rank(s) done")
     finally:
-        s3server.stop(server)
+        stop()
         shutil.rmtree(workdir, ignore_errors=True)
     command = _command(sys.argv[1:] if argv is None else argv).replace("bench.checkpoint", "bench.s3")
     data = {"meta": {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                      "size_gib": args.size_gib, "repeat": args.repeat, "ranks": args.ranks,
-                     "server": "moto " + _version("moto"), "client": "boto3 " + _version("boto3"),
+                     "server": server, "client": "boto3 " + _version("boto3"),
                      "s3fs": _version("s3fs"), "part_size": PART_SIZE, "parts_in_flight": UPLOADS_IN_FLIGHT,
                      "seconds": time.perf_counter() - started},
             "values": res.values, "figures": res.figures()}
@@ -98,6 +104,21 @@ def main(argv=None) -> int:
     print(report.table(data))
     log(f"wrote {args.out} in {data['meta']['seconds']:.0f} s")
     return 0
+
+
+def start_server(args) -> tuple[str, str, list[int], Callable[[], None]]:
+    """The S3 server for the run, this process's AWS_* variables pointing at it: (its name and version,
+    URL, the pids whose CPU is the server's, how to stop it)."""
+    if args.server == "ceph":
+        from . import cephrgw
+        ceph = cephrgw.cluster()
+        os.environ.update(ceph.env)
+        pids = [p.pid for name, p in ceph.procs.items() if name.startswith(("osd.", "client.rgw"))]
+        version = subprocess.run(["radosgw", "--version"], capture_output=True, text=True).stdout.split()
+        return f"Ceph RGW {version[2] if len(version) > 2 else '?'} (memstore)", ceph.endpoint, pids, \
+            lambda: cephrgw.stop(ceph)
+    proc, url = s3server.start(free_port(), args.server_log)
+    return "moto " + _version("moto"), url, [proc.pid], lambda: s3server.stop(proc)
 
 
 def _version(name: str) -> str:

@@ -28,14 +28,17 @@ DCP_THREADS = (1, 4)
 class S3Meter(Meter):
     """Meter.step, plus the server's CPU seconds during the step (rank 0; the server is local)."""
 
-    def __init__(self, rank: int, server_pid: int):
+    def __init__(self, rank: int, server_pids: list[int]):
         super().__init__(rank)
-        self.stat = f"/proc/{server_pid}/stat"
+        self.stats = [f"/proc/{pid}/stat" for pid in server_pids]   # moto's process; Ceph's osd and radosgw
 
     def server_cpu(self) -> float:
-        with open(self.stat) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+        ticks = 0
+        for stat in self.stats:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])      # utime + stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def step(self, key: str, fn) -> float:
         before = self.server_cpu() if self.rank == 0 else 0.0
@@ -183,7 +186,7 @@ def worker(rank: int, world: int, port: int, job: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
-    meter = S3Meter(rank, job["server_pid"])
+    meter = S3Meter(rank, job["server_pids"])
     bench = Round(meter, job, world)
     meter.values["state_bytes"] = st.state_bytes(bench.model, bench.optimizer)
     for _ in range(job["repeat"]):

@@ -76,7 +76,7 @@ def table(data: dict) -> str:
     sizes = {n: data["values"].get(f"n{n}.state_bytes", 0) for n in meta["ranks"]}
     lines = [f"# {meta['command']}",
              f"# {meta['date']}  torch {meta['torch']}  {meta['cpus']} cpus  server: {meta['server']} on 127.0.0.1 "
-             f"(own process)  client: {meta['client']}, parts {meta['part_size'] >> 20} MiB x{meta['parts_in_flight']}"
+             f"(own processes)  client: {meta['client']}, parts {meta['part_size'] >> 20} MiB x{meta['parts_in_flight']}"
              f"  s3fs {meta['s3fs']}  state {max(sizes.values(), default=0) / 2**30:.2f} GiB  "
              f"medians of {meta['repeat']}",
              f"{'figure':28} {'seconds':>8} {'spread':>7} {'MB/s':>7} {'x limit':>8} {'DCP best/this':>13} "

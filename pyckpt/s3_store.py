@@ -22,7 +22,7 @@ it (412 on a conditional PUT, NoSuchUpload on CompleteMultipartUpload). That is 
 the record read back is the one this writer PUT, the lock holds this writer's body, the object has the
 uploaded size. A failed snapshot's stage is deleted only if a readable record does not name it.
 
-Servers that bend S3 (Ceph RGW 16, tests/cephrgw.py): If-Match is sent with the ETag as the server
+Servers that bend S3 (Ceph RGW 16, bench/cephrgw.py): If-Match is sent with the ETag as the server
 gave it (quoted); one that answers 412 while the object still has that ETag matches only the bare
 form, and is sent that from then on. Taking the lock checks that a second If-None-Match create is
 refused: a server that ignores the condition (Ceph 16 in a versioned bucket) is refused with a

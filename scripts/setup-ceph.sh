@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/cephrgw.py runs: a one-node Ceph (ceph-mon, ceph-osd, radosgw) from the distribution's
+# Installs what bench/cephrgw.py runs: a one-node Ceph (ceph-mon, ceph-osd, radosgw) from the distribution's
 # packages (Debian bookworm: Ceph 16.2). Idempotent: nothing is installed when the programs are there.
 # Needs root (or sudo) to install; the tests then run the daemons as the test user, in a temporary directory.
 set -euo pipefail

@@ -1,7 +1,7 @@
 """The S3 servers of the tests. moto's standalone server (`moto[server]`), started once per pytest
 process in its own process on 127.0.0.1 and a free port (bench/s3server.py), stopped at exit, is the default: every test
 that calls new_bucket() without choosing a server runs on it. Tests that take the `s3_server` fixture
-(tests/conftest.py) run twice, on moto and on a real Ceph RGW (tests/cephrgw.py): point_at().
+(tests/conftest.py) run twice, on moto and on a real Ceph RGW (bench/cephrgw.py): point_at().
 
 moto is an emulator, not a real object store: it speaks the S3 API over real HTTP (multipart uploads,
 ranged GETs, If-None-Match/If-Match on PUT and DELETE, listings), but its conditional PUT is
@@ -36,7 +36,7 @@ def endpoint() -> str:
 
 def _running() -> set[str]:
     """The endpoints of the servers this process started that still run."""
-    from tests import cephrgw
+    from bench import cephrgw
     moto = _server[1] if _server is not None and _server[0].poll() is None else None
     return {url for url in (moto, cephrgw.running_endpoint()) if url}
 
@@ -57,7 +57,7 @@ def point_at(name: str, monkeypatch) -> Server:
     if name == "moto":
         server = Server(name, {**ENV, "AWS_ENDPOINT_URL": endpoint()})
     else:
-        from tests import cephrgw
+        from bench import cephrgw
         if cephrgw.missing():
             message = f"Ceph is not installed (no {', '.join(cephrgw.missing())}): run `make setup-ceph`"
             if os.environ.get("CI"):

@@ -45,7 +45,7 @@ import yaml
 import pyckpt
 from bench import s3server
 from pyckpt.s3_store import client
-from tests import cephrgw
+from bench import cephrgw
 from tests.conftest import final_digest, free_port, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -292,7 +292,7 @@ RESUMED = r"^resumed from \S+ at step (\d+) \(epoch \d+, sample \d+\) version=(\
 
 @contextmanager
 def s3_server_for(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real Ceph RGW (tests/cephrgw.py says what it is and what it does not emulate) on the controller,
+    """A real Ceph RGW (bench/cephrgw.py says what it is and what it does not emulate) on the controller,
     its gateway listening on the cluster network's gateway address too: the address by which the
     containers reach the controller, on the bridge this test's cluster made. moto (tests/s3server.py)
     where Ceph is not installed (outside CI). Yields (the server's name, the AWS_* variables of a

@@ -3,7 +3,7 @@ ranks (real processes), pyckpt.load in a plain process, and the retention of old
 
 Server: moto's standalone S3 server (tests/s3server.py), an emulator over real HTTP; it does not
 emulate an atomic conditional PUT, signature checks, network faults or a real network's latency and
-bandwidth. The 4-rank round trip runs on a real Ceph RGW 16.2 too (tests/cephrgw.py: one node on
+bandwidth. The 4-rank round trip runs on a real Ceph RGW 16.2 too (bench/cephrgw.py: one node on
 loopback, data in memory; no real network either)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ multipart uploads, the leased lock, the conditional commit, abandoned uploads, e
 
 Servers: the tests that take `url` (the s3_server fixture, tests/conftest.py) run twice: on moto's
 standalone S3 server (tests/s3server.py), an emulator over real HTTP, and on a real Ceph RGW 16.2
-(tests/cephrgw.py: one node on loopback, data in memory, one gateway). moto's conditional PUT is
+(bench/cephrgw.py: one node on loopback, data in memory, one gateway). moto's conditional PUT is
 check-then-write, not atomic, and it accepts any credentials: the tests that race writers or give
 wrong keys run on Ceph only. Elsewhere the conflicts are made by changing the record or the lock
 between a writer's steps, which any server must answer the same way. Neither server shows a real
@@ -380,11 +380,11 @@ def test_a_bucket_where_conditional_writes_do_not_hold_is_refused_saying_what_to
 
 
 def test_the_ceph_daemons_listen_on_loopback_only(ceph):
-    """tests/cephrgw.py runs Ceph as plain processes, not in a container: fine only while nothing
+    """bench/cephrgw.py runs Ceph as plain processes, not in a container: fine only while nothing
     outside this machine can reach them."""
     import psutil
 
-    from tests import cephrgw
+    from bench import cephrgw
     procs = cephrgw.cluster().procs
     listening = [(name, c.laddr) for name, proc in procs.items()
                  for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]

@@ -5,7 +5,7 @@ function that makes an empty store for a test); nothing here may know a backend'
 Backends run for real: the POSIX directory on this machine's disk (tmp_path); S3 on two servers, a
 bucket per test (tests/s3server.py): moto's ("s3-moto", an emulator over real HTTP: its conditional
 writes are not atomic, which no test here races, and it accepts any credentials) and a real Ceph RGW
-16.2 ("s3-ceph", tests/cephrgw.py: one node on loopback, data in memory; checks signatures and
+16.2 ("s3-ceph", bench/cephrgw.py: one node on loopback, data in memory; checks signatures and
 conditions, but shows no real network nor several gateways)."""
 from __future__ import annotations
 

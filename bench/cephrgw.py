@@ -1,4 +1,4 @@
-"""A real Ceph RGW for the S3 tests: a one-node Ceph 16.2 cluster (one monitor, one memstore OSD, radosgw
+"""A real Ceph RGW for the S3 tests and the S3 bench (bench/s3.py --server ceph): a one-node Ceph 16.2 cluster (one monitor, one memstore OSD, radosgw
 with its beast HTTP frontend), started once per pytest process in a temporary directory, stopped at exit.
 
 It runs as plain child processes of the test run, not in a container: every daemon binds 127.0.0.1 only
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.conftest import free_port
+from .checkpoint import free_port
 
 BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph-authtool", "monmaptool", "ceph")
 ACCESS_KEY, SECRET_KEY = "pyckpt-tests", "pyckpt-tests-secret-key-0123456789"
@@ -108,9 +108,9 @@ def cluster() -> Cluster:
     global _cluster
     if running_endpoint() is None:
         if _cluster is not None:
-            _stop(_cluster)
+            stop(_cluster)
         _cluster = _start()
-        atexit.register(_stop, _cluster)
+        atexit.register(stop, _cluster)
     return _cluster
 
 
@@ -135,7 +135,7 @@ def serving(host: str) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        _stop(cluster)
+        stop(cluster)
 
 
 def _start(host: str = "127.0.0.1") -> Cluster:
@@ -156,7 +156,7 @@ def _start(host: str = "127.0.0.1") -> Cluster:
         _start_osd(cluster, conf)
         _start_rgw(cluster, conf)
     except BaseException:
-        _stop(cluster)
+        stop(cluster)
         raise
     return cluster
 
@@ -256,7 +256,7 @@ def _logs(cluster: Cluster, name: str | None = None, lines: int = 30) -> str:
     return "".join(out)
 
 
-def _stop(cluster: Cluster) -> None:
+def stop(cluster: Cluster) -> None:
     """Kill the daemons (their data is in memory and thrown away) and remove the directory."""
     for proc in cluster.procs.values():
         if proc.poll() is None:
