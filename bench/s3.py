@@ -32,22 +32,15 @@ import torch
 from . import s3_report as report
 from . import s3server
 from .checkpoint import Results, _command, free_port, log
+from .sharded import run_job
 
 GIB = 1 << 30
 BUCKET = "pyckpt-bench"
 
 
 def run_world(world: int, job: dict, res: Results) -> None:
-    import torch.multiprocessing as tmp
-    from . import s3_ranks
-    tmp.start_processes(s3_ranks.worker, args=(world, free_port(), job), nprocs=world, join=True,
-                        start_method="spawn")
-    with open(job["out"]) as f:
-        data = json.load(f)
-    for key, runs in data["runs"].items():
-        for seconds in runs:
-            res.add(f"n{world}.{key}", seconds)
-    for key, value in data["values"].items():
+    from .s3_ranks import worker
+    for key, value in run_job(world, job, res, worker, prefix=f"n{world}.").items():
         res.values[f"n{world}.{key}"] = value
 
 

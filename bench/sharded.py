@@ -32,16 +32,18 @@ from .measure import aligned_buffer, drop_cache, files_under, fs_type, read_dire
 GIB = 1 << 30
 
 
-def run_job(world: int, job: dict, res: Results) -> dict:
+def run_job(world: int, job: dict, res: Results, worker=None, prefix: str = "") -> dict:
+    """`world` spawned gloo ranks running worker (default: sharded_ranks.worker); their timings go into
+    res (keys with prefix); returns the values rank 0 wrote to job["out"]."""
     import torch.multiprocessing as tmp
-    from . import sharded_ranks
-    tmp.start_processes(sharded_ranks.worker, args=(world, free_port(), job), nprocs=world, join=True,
-                        start_method="spawn")
+    if worker is None:
+        from .sharded_ranks import worker
+    tmp.start_processes(worker, args=(world, free_port(), job), nprocs=world, join=True, start_method="spawn")
     with open(job["out"]) as f:
         data = json.load(f)
     for key, runs in data["runs"].items():
         for seconds in runs:
-            res.add(key, seconds)
+            res.add(prefix + key, seconds)
     return data["values"]
 
 
