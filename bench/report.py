@@ -143,7 +143,8 @@ def table(data: dict) -> str:
 def target_lines(targets: list[dict], issue: str) -> list[str]:
     """The [met]/[MISSED] lines of a bench's targets (shared by bench.checkpoint and bench.sharded)."""
     return [f"targets ({issue}):"] + [f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']} "
-                                      f"(bound {t['bound']})" for t in targets]
+                                      f"(bound {t['bound']})" + (f"; {t['note']}" if t.get("note") else "")
+                                      for t in targets]
 
 
 def chart(data: dict, path: str) -> None:

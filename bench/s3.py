@@ -24,6 +24,7 @@ import sys
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -36,6 +37,15 @@ from .sharded import run_job
 
 GIB = 1 << 30
 BUCKET = "pyckpt-bench"
+
+
+@dataclass
+class Server:
+    name: str                 # and version
+    url: str
+    pids: list[int]           # the processes whose CPU is the server's
+    stop: Callable[[], None]
+    collect: list[str] = field(default_factory=list)   # a command that frees deleted objects' space now
 
 
 def run_world(world: int, job: dict, res: Results) -> None:
@@ -68,25 +78,25 @@ def main(argv=None) -> int:
     args = parse(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     res, started = Results(), time.perf_counter()
-    server, url, pids, stop = start_server(args)
+    server = start_server(args)
     workdir = tempfile.mkdtemp(prefix="pyckpt-bench-s3-")       # the ranks' results
     try:
         from pyckpt.s3_store import PART_SIZE, UPLOADS_IN_FLIGHT, client
         client().create_bucket(Bucket=BUCKET)
-        log(f"{server} S3 server at {url} (pids {pids})")
+        log(f"{server.name} S3 server at {server.url} (pids {server.pids})")
         for world in args.ranks:
             job = {"bucket": BUCKET, "size": int(args.size_gib * GIB), "repeat": args.repeat,
-                   "server_pids": pids, "out": os.path.join(workdir, f"n{world}.json")}
+                   "server_pids": server.pids, "collect": server.collect, "out": os.path.join(workdir, f"n{world}.json")}
             run_world(world, job, res)
             log(f"{world} rank(s) done")
     finally:
-        stop()
+        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     command = _command(sys.argv[1:] if argv is None else argv).replace("bench.checkpoint", "bench.s3")
     data = {"meta": {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                      "size_gib": args.size_gib, "repeat": args.repeat, "ranks": args.ranks,
-                     "server": server, "client": "boto3 " + _version("boto3"),
+                     "server": server.name, "client": "boto3 " + _version("boto3"),
                      "s3fs": _version("s3fs"), "part_size": PART_SIZE, "parts_in_flight": UPLOADS_IN_FLIGHT,
                      "seconds": time.perf_counter() - started},
             "values": res.values, "figures": res.figures()}
@@ -99,19 +109,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def start_server(args) -> tuple[str, str, list[int], Callable[[], None]]:
-    """The S3 server for the run, this process's AWS_* variables pointing at it: (its name and version,
-    URL, the pids whose CPU is the server's, how to stop it)."""
+def start_server(args) -> Server:
+    """The S3 server for the run, this process's AWS_* variables pointing at it."""
     if args.server == "ceph":
         from . import cephrgw
-        ceph = cephrgw.cluster()
+        # Memory for a round's objects; deleted ones are freed between the figures (collect), not
+        # during one (a collection costs the server CPU that would slow the figure it falls in).
+        ceph = cephrgw.cluster(memstore_bytes=max(8 << 30, int(12 * args.size_gib * GIB)), gc_period=3600)
         os.environ.update(ceph.env)
         pids = [p.pid for name, p in ceph.procs.items() if name.startswith(("osd.", "client.rgw"))]
         version = subprocess.run(["radosgw", "--version"], capture_output=True, text=True).stdout.split()
-        return f"Ceph RGW {version[2] if len(version) > 2 else '?'} (memstore)", ceph.endpoint, pids, \
-            lambda: cephrgw.stop(ceph)
+        return Server(f"Ceph RGW {version[2] if len(version) > 2 else '?'} (memstore)", ceph.endpoint, pids,
+                      lambda: cephrgw.stop(ceph), cephrgw.collect_command(ceph))
     proc, url = s3server.start(free_port(), args.server_log)
-    return "moto " + _version("moto"), url, [proc.pid], lambda: s3server.stop(proc)
+    return Server("moto " + _version("moto"), url, [proc.pid], lambda: s3server.stop(proc))
 
 
 def _version(name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -28,9 +29,10 @@ DCP_THREADS = (1, 4)
 class S3Meter(Meter):
     """Meter.step, plus the server's CPU seconds during the step (rank 0; the server is local)."""
 
-    def __init__(self, rank: int, server_pids: list[int]):
+    def __init__(self, rank: int, server_pids: list[int], collect: list[str]):
         super().__init__(rank)
         self.stats = [f"/proc/{pid}/stat" for pid in server_pids]   # moto's process; Ceph's osd and radosgw
+        self.collect = collect
 
     def server_cpu(self) -> float:
         ticks = 0
@@ -41,6 +43,8 @@ class S3Meter(Meter):
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def step(self, key: str, fn) -> float:
+        if self.collect and self.rank == 0:     # Ceph: free what earlier figures deleted, before this one
+            subprocess.run(self.collect, check=True, capture_output=True, timeout=600)
         before = self.server_cpu() if self.rank == 0 else 0.0
         seconds = super().step(key, fn)
         if self.rank == 0:
@@ -186,7 +190,7 @@ def worker(rank: int, world: int, port: int, job: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
-    meter = S3Meter(rank, job["server_pids"])
+    meter = S3Meter(rank, job["server_pids"], job.get("collect", []))
     bench = Round(meter, job, world)
     meter.values["state_bytes"] = st.state_bytes(bench.model, bench.optimizer)
     for _ in range(job["repeat"]):

@@ -52,18 +52,20 @@ def targets(data: dict) -> list[dict]:
     """Issue 19's targets for each rank count: within 1.3x of the server's limit, 2x faster than DCP."""
     out = []
 
-    def check(name: str, value: float | None, bound: float, lower_is_better: bool) -> None:
+    def check(name: str, value: float | None, bound: float, lower_is_better: bool, note: str = "") -> None:
         if value is not None:
             out.append({"target": name, "value": round(value, 3), "bound": bound,
-                        "met": value <= bound if lower_is_better else value >= bound})
+                        "met": value <= bound if lower_is_better else value >= bound, **({"note": note} if note else {})})
 
     for n in data["meta"]["ranks"]:
         for op, limit in (("save", "upload"), ("restore", "download")):
             mine, lim, dcp = _m(data, f"n{n}.pyckpt.{op}"), _m(data, f"n{n}.limit.{limit}"), dcp_best(data, n, op)
             check(f"{n} rank(s): {op} <= 1.3x the server's {limit} limit", mine / lim if mine and lim else None,
                   1.3, True)
+            # No client beats the server's limit: DCP / limit is the most this ratio can be in this run.
+            allows = f"the server's limit itself is {dcp / lim:.2f}x faster than DCP" if dcp and lim else ""
             check(f"{n} rank(s): {op} >= 2x faster than DCP via fsspec/s3fs (its best of {len(DCP_THREADS)})",
-                  dcp / mine if mine and dcp else None, 2.0, False)
+                  dcp / mine if mine and dcp else None, 2.0, False, allows)
     return out
 
 

@@ -386,6 +386,8 @@ class PosixSource:
     """A data file open for reading: preadv at any offset, the page cache asked with mincore, and a
     second O_DIRECT descriptor on request."""
 
+    job_bytes = 16 << 20      # one preadv: large enough for the disk's full speed, small enough to share out
+
     def __init__(self, fd: int, where: str, size: int):
         self.fd, self.where, self.size = fd, where, size
 

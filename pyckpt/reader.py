@@ -128,7 +128,7 @@ class ReadJob(NamedTuple):
 class TensorRead:
     """The read of some tensors of a snapshot, planned: data files open (their sizes checked before
     any memory is allocated), buffers allocated, pieces grouped into read jobs (neighbouring pieces
-    of one file, up to 16 MiB). run() reads jobs on the helper threads and verifies every checksum;
+    of one file, up to the source's job_bytes). run() reads jobs on the helper threads and verifies every checksum;
     ranks sharing a machine each run a share of the jobs and copy the rest from one another."""
 
     def __init__(self, snap: Snapshot, indices: list[int], out: list[torch.Tensor | None] | None = None):
@@ -148,7 +148,7 @@ class TensorRead:
         self.jobs: list[ReadJob] = []
         for file, pieces in by_file.items():
             pieces.sort(key=lambda item: item.offset)   # linear when already in order
-            self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces))
+            self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces, self._sources[file].job_bytes))
         # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
         self.progress = bytearray(len(self.jobs))
         self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
@@ -480,18 +480,18 @@ def _read_direct(source: DataSource, batch: list, start: int, end: int) -> bool:
     return True
 
 
-_BATCH_BYTES = 16 << 20       # a read job: neighbouring pieces up to this size (or one larger piece)
 _BATCH_IOV = 512              # iovecs per preadv (Linux allows 1024)
 _MAX_GAP = 4096               # bytes of other data between two pieces that one read may skip over
 _SCRATCH = memoryview(bytearray(_MAX_GAP))  # shared by every read: gap bytes are discarded
 
 
-def _batches(pieces: list[PieceRead]) -> list[list[PieceRead]]:
-    """Cut file-ordered pieces into read jobs: contiguous runs, at most ~_BATCH_BYTES and _BATCH_IOV each."""
+def _batches(pieces: list[PieceRead], job_bytes: int) -> list[list[PieceRead]]:
+    """Cut file-ordered pieces into read jobs: contiguous runs of at most job_bytes (or one larger piece)
+    and _BATCH_IOV // 2 pieces each."""
     out, current, size, end = [], [], 0, None
     for item in pieces:
         offset, piece = item.offset, item.piece
-        joins = current and 0 <= offset - end <= _MAX_GAP and size + piece.length <= _BATCH_BYTES \
+        joins = current and 0 <= offset - end <= _MAX_GAP and size + piece.length <= job_bytes \
             and len(current) < _BATCH_IOV // 2
         if not joins and current:
             out.append(current)

@@ -104,6 +104,7 @@ class DataSource(Protocol):
 
     where: str                     # for messages: the path or URL of the file
     size: int
+    job_bytes: int                 # neighbouring pieces up to this size are read with one request
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> int:
         """Read from `offset` into the buffers in order; returns the bytes read (short only at the end

@@ -10,7 +10,7 @@ by a session fixture; each test waits for its own scenario's result. One scenari
 a fifth of the 2 cores idle (container boots, nc probe timeouts, podman exec round trips), and the
 six one after another took 25-35 min of a CI run. They cannot collide: every scenario has its own
 container names and its own podman network (roles/*/molecule/default/molecule.yml), Molecule keeps
-its state per role, and the torch wheelhouse that three scenarios' prepare steps share is filled
+its state per role, and the torch wheelhouse that two scenarios' prepare steps share is filled
 once here before any of them starts. MOLECULE_JOBS=1 runs them one after another.
 """
 
@@ -111,7 +111,7 @@ def scenario_runs(request: pytest.FixtureRequest, podman_image: None):
     selected = [item.callspec.params["scenario"] for item in request.session.items
                 if item.originalname == "test_molecule_scenario" and hasattr(item, "callspec")]
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    # The prepare steps of python_env, cluster_config and training all `pip download` torch into
+    # The prepare steps of python_env and training both `pip download` torch into
     # this wheelhouse unless it is there (`creates:`): fill it once so they never race on it.
     if not list(WHEELHOUSE.glob("torch-2.13.0*.whl")):
         subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
