@@ -92,6 +92,18 @@ class Piece:
     xxh3: str
 
 
+class _Lazy:
+    """'tensor I chunk C' for messages, formatted only when one is raised."""
+
+    __slots__ = ("index", "chunk")
+
+    def __init__(self, index: int, chunk: int):
+        self.index, self.chunk = index, chunk
+
+    def __str__(self) -> str:
+        return f"tensor {self.index} chunk {self.chunk}"
+
+
 @dataclass
 class Chunk:
     """One box of a sharded tensor's global index space; its bytes (row-major within the box) are the
@@ -302,7 +314,7 @@ class _Validator:
             return self._chunked(index, t, dtype, shape, nbytes, itemsize, files)
         return TensorRecord(dtype, shape, nbytes, self._pieces(f"tensor {index}", t.get("pieces"), nbytes, files))
 
-    def _pieces(self, what: str, raw: Any, nbytes: int, files: list[FileRecord]) -> list[Piece]:
+    def _pieces(self, what: str | _Lazy, raw: Any, nbytes: int, files: list[FileRecord]) -> list[Piece]:
         """The pieces of a tensor or chunk of nbytes bytes: each inside its file, together exactly nbytes."""
         if type(raw) is not list:
             raise self.fail(f"{what} pieces must be a list")
@@ -330,33 +342,47 @@ class _Validator:
 
     def _chunked(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int,
                  files: list[FileRecord]) -> TensorRecord:
-        """A sharded tensor: chunks that tile its shape exactly, each with pieces covering its bytes."""
-        self.check(self.chunked_ok, f"tensor {index}: chunks in a format_version 1 manifest")
-        self.check(not dtype.startswith("numpy:"), f"tensor {index}: a numpy array cannot be chunked")
-        self.check("pieces" not in t, f"tensor {index}: both pieces and chunks")
+        """A sharded tensor: chunks that tile its shape exactly, each with pieces covering its bytes.
+        As in tensor(): plain comparisons, messages formatted only on failure (once per sharded tensor
+        on every restore)."""
+        if not self.chunked_ok:
+            raise self.fail(f"tensor {index}: chunks in a format_version 1 manifest")
+        if dtype.startswith("numpy:"):
+            raise self.fail(f"tensor {index}: a numpy array cannot be chunked")
+        if "pieces" in t:
+            raise self.fail(f"tensor {index}: both pieces and chunks")
         raw = self.list(t.get("chunks"), f"tensor {index} chunks")
-        self.check(len(raw) <= MAX_CHUNKS, f"tensor {index}: {len(raw)} chunks, more than {MAX_CHUNKS}")
+        if len(raw) > MAX_CHUNKS:
+            raise self.fail(f"tensor {index}: {len(raw)} chunks, more than {MAX_CHUNKS}")
+        dims = len(shape)
         chunks = []
         for c, entry in enumerate(raw):
-            what = f"tensor {index} chunk {c}"
-            self.check(type(entry) is dict, f"{what} is not an object")
+            if type(entry) is not dict:
+                raise self.fail(f"tensor {index} chunk {c} is not an object")
             offsets, sizes = entry.get("offsets"), entry.get("sizes")
-            self.check(type(offsets) is list and type(sizes) is list and len(offsets) == len(sizes) == len(shape),
-                       f"{what}: offsets and sizes must be lists of {len(shape)} integers")
-            for value in offsets + sizes:
-                self.int(value, f"{what} offset/size", 0, MAX_DIM_PRODUCT)
-            ranks = entry.get("ranks", [])
-            self.check(type(ranks) is list and all(type(r) is int for r in ranks), f"{what}: ranks must be integers")
+            if not (type(offsets) is list and type(sizes) is list and len(offsets) == len(sizes) == dims):
+                raise self.fail(f"tensor {index} chunk {c}: offsets and sizes must be lists of {dims} integers")
             volume = 1
-            for size in sizes:
-                volume *= size
-            self.check(volume <= MAX_DIM_PRODUCT, f"{what}: sizes {sizes} are too large")
-            chunks.append(Chunk(offsets, sizes, self._pieces(what, entry.get("pieces"), volume * itemsize, files),
-                                ranks))
+            for value in offsets:
+                if type(value) is not int or not 0 <= value <= MAX_DIM_PRODUCT:
+                    self.int(value, f"tensor {index} chunk {c} offset/size", 0, MAX_DIM_PRODUCT)
+            for value in sizes:
+                if type(value) is not int or not 0 <= value <= MAX_DIM_PRODUCT:
+                    self.int(value, f"tensor {index} chunk {c} offset/size", 0, MAX_DIM_PRODUCT)
+                volume *= value
+            ranks = entry.get("ranks", [])
+            if type(ranks) is not list or any(type(r) is not int for r in ranks):
+                raise self.fail(f"tensor {index} chunk {c}: ranks must be integers")
+            if volume > MAX_DIM_PRODUCT:
+                raise self.fail(f"tensor {index} chunk {c}: sizes {sizes} are too large")
+            pieces = self._pieces(_Lazy(index, c), entry.get("pieces"), volume * itemsize, files)
+            chunks.append(Chunk(offsets, sizes, pieces, ranks))
         problem = check_tiling(tuple(shape), [c.box for c in chunks])
-        self.check(problem is None, f"tensor {index}: its chunks do not tile shape {shape}: {problem}")
+        if problem is not None:
+            raise self.fail(f"tensor {index}: its chunks do not tile shape {shape}: {problem}")
         placements = t.get("placements", "")
-        self.check(type(placements) is str and len(placements) <= 1000, f"tensor {index}: placements is not a string")
+        if type(placements) is not str or len(placements) > 1000:
+            raise self.fail(f"tensor {index}: placements is not a string")
         return TensorRecord(dtype, shape, nbytes, [], chunks, placements)
 
     def _numpy_itemsize(self, index: int, dtype: Any) -> int:

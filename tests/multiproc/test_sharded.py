@@ -169,3 +169,33 @@ def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem):
     write_manifest(str(copy), body, recompute_record=True)
     with pytest.raises(IntegrityError, match=problem):
         pyckpt.load(str(copy))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ("offset-string", r"tensor \d+ chunk 1 offset/size '1x' is not an integer"),
+    ("sizes-short", r"tensor \d+ chunk 1: offsets and sizes must be lists of \d+ integers"),
+    ("ranks-strings", r"tensor \d+ chunk 1: ranks must be integers"),
+    ("pieces-object", r"tensor \d+ chunk 1 pieces must be a list"),
+    ("piece-checksum", r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
+])
+def test_malformed_chunk_fields_are_refused_naming_tensor_and_chunk(rounds, tmp_path, edit, problem):
+    base, _, _ = rounds
+    copy = tmp_path / "ck.bin"
+    subprocess.run(["cp", "-a", str(base / "fsdp2" / "ck.bin"), str(base / "fsdp2" / "ck.bin.pyckpt"), str(tmp_path)],
+                   check=True)
+    body = manifest_json(str(copy))
+    record = max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"])
+    second = record["chunks"][1]
+    if edit == "offset-string":
+        second["offsets"][0] = "1x"
+    elif edit == "sizes-short":
+        second["sizes"] = second["sizes"][:-1]
+    elif edit == "ranks-strings":
+        second["ranks"] = ["0"]
+    elif edit == "pieces-object":
+        second["pieces"] = {"0": second["pieces"][0]}
+    else:
+        second["pieces"][0]["xxh3"] = "zz"
+    write_manifest(str(copy), body, recompute_record=True)
+    with pytest.raises(IntegrityError, match=problem):
+        pyckpt.load(str(copy))
