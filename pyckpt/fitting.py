@@ -481,7 +481,11 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
             param = by_id.get(pid)
             if not (is_dtensor(param) and isinstance(entry, dict)):
                 continue
+            made: dict[str, Target] = {}   # exp_avg and exp_avg_sq share one (a Target holds no buffer here)
             for ref in entry.values():
                 if isinstance(ref, _Ref) and not ref.record.is_numpy and ref.record.shape == list(param.shape):
-                    out[ref.index] = dtensor_target(param, TORCH_DTYPES[ref.record.dtype], in_place=False)
+                    dtype = ref.record.dtype
+                    if dtype not in made:
+                        made[dtype] = dtensor_target(param, TORCH_DTYPES[dtype], in_place=False)
+                    out[ref.index] = made[dtype]
     return out

@@ -107,6 +107,22 @@ def on(cluster: Cluster, node: str, *cmd: str, timeout: float = 120, check: bool
     return sh([cluster.engine, "exec", node, *cmd], timeout=timeout, check=check)
 
 
+def stop_node(cluster: Cluster, node: str, timeout: float = 120) -> None:
+    """Stop a node's container (the node is lost). Under load podman can give up on processes that take
+    long to die after its SIGKILL ("given PIDs did not die within timeout", exit 125) while they are
+    dying: then wait until the engine sees the container stopped, asking again every few seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stop = sh([cluster.engine, "stop", "-t", "5", node], timeout=60, check=False)
+        state = sh([cluster.engine, "inspect", "-f", "{{.State.Running}}", node], check=False).stdout.strip()
+        if state == "false":
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{cluster.engine} stop {node}: still running after {timeout:g} s "
+                                 f"(last exit {stop.returncode}: {stop.stderr[-1000:]})")
+        time.sleep(3)
+
+
 def from_outsider(cluster: Cluster, script: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """Run `script` in a throwaway container at cluster.outsider (same bridge, outside the cluster subnet)."""
     return sh([cluster.engine, "run", "--rm", "--network", cluster.network, "--ip", cluster.outsider,
@@ -525,7 +541,7 @@ def test_stopped_and_restarted_worker_container_resumes_bit_identical(cluster: C
     reached = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     assert reached < STEPS, f"the job finished (step {reached}) before it could be broken: raise STEPS or STEP_DELAY"
     victim = cluster.workers[-1]
-    sh([cluster.engine, "stop", "-t", "5", victim], timeout=60)
+    stop_node(cluster, victim)
     time.sleep(5)
     sh([cluster.engine, "start", victim], timeout=60)
     wait_for_boot(cluster, victim)
@@ -556,7 +572,7 @@ def test_elastic_job_goes_on_without_a_lost_worker_and_takes_it_back(cluster: Cl
     survivors = [n for n in cluster.nodes if n != victim]
 
     stopped_at, t0 = clock(cluster), time.monotonic()
-    sh([cluster.engine, "stop", "-t", "5", victim], timeout=60)
+    stop_node(cluster, victim)
     wait_in_journals(cluster, survivors, stopped_at, r"^group: world_size=2 nodes=2 .*$")
     # Every node's first process prints the group line; rank 0 (on any node) the resume line.
     node, _ = wait_in_journals(cluster, survivors, stopped_at, RESUMED)
@@ -600,7 +616,7 @@ def test_a_host_removed_from_the_inventory_the_job_goes_on_with_the_rest(cluster
     since = start_training(cluster, tmp)
     committed = wait_for_snapshot(cluster, BREAK_AFTER_STEP)
     victim = cluster.workers[-1]
-    sh([cluster.engine, "stop", "-t", "5", victim], timeout=60)
+    stop_node(cluster, victim)
     try:
         smaller = tmp / "inventory-without-a-worker"
         shutil.rmtree(smaller, ignore_errors=True)
