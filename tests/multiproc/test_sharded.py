@@ -148,54 +148,46 @@ def test_inspect_shows_the_global_shape_and_the_layout(rounds):
     assert "4097x6" in out.stdout and "Shard(dim=0)" in out.stdout and "ranks 0,2" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("edit, problem", [
-    ("overlap", "overlap"), ("hole", "not covered"), ("out of bounds", "out of bounds"),
-])
-def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem):
+def _refused_after(rounds, tmp_path: Path, edit, problem: str) -> None:
+    """Copy the FSDP2 snapshot, edit its largest sharded record (edit(record)), recompute the
+    checksums over the edit, and check that loading it is refused with `problem`."""
     base, _, _ = rounds
     copy = tmp_path / "ck.bin"
     subprocess.run(["cp", "-a", str(base / "fsdp2" / "ck.bin"), str(base / "fsdp2" / "ck.bin.pyckpt"), str(tmp_path)],
                    check=True)
     body = manifest_json(str(copy))
-    record = max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"])
+    edit(max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"]))
+    write_manifest(str(copy), body, recompute_record=True)
+    with pytest.raises(IntegrityError, match=problem):
+        pyckpt.load(str(copy))
+
+
+def _overlap(record):
     first, second = record["chunks"][0], record["chunks"][1]
-    if edit == "overlap":
-        second["offsets"][0] = first["offsets"][0]
-        second["sizes"][0], second["pieces"] = first["sizes"][0], first["pieces"]
-    elif edit == "hole":
-        del record["chunks"][1]
-    else:
-        second["offsets"][0] = record["shape"][0]
-    write_manifest(str(copy), body, recompute_record=True)
-    with pytest.raises(IntegrityError, match=problem):
-        pyckpt.load(str(copy))
+    second["offsets"][0] = first["offsets"][0]
+    second["sizes"][0], second["pieces"] = first["sizes"][0], first["pieces"]
 
 
 @pytest.mark.parametrize("edit, problem", [
-    ("offset-string", r"tensor \d+ chunk 1 offset/size '1x' is not an integer"),
-    ("sizes-short", r"tensor \d+ chunk 1: offsets and sizes must be lists of \d+ integers"),
-    ("ranks-strings", r"tensor \d+ chunk 1: ranks must be integers"),
-    ("pieces-object", r"tensor \d+ chunk 1 pieces must be a list"),
-    ("piece-checksum", r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
-])
+    (_overlap, "overlap"),
+    (lambda record: record["chunks"].pop(1), "not covered"),
+    (lambda record: record["chunks"][1]["offsets"].__setitem__(0, record["shape"][0]), "out of bounds"),
+], ids=["overlap", "hole", "out of bounds"])
+def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem):
+    _refused_after(rounds, tmp_path, edit, problem)
+
+
+def _second(change):
+    return lambda record: change(record["chunks"][1])
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_second(lambda c: c["offsets"].__setitem__(0, "1x")), r"tensor \d+ chunk 1 offset/size '1x' is not an integer"),
+    (_second(lambda c: c.update(sizes=c["sizes"][:-1])),
+     r"tensor \d+ chunk 1: offsets and sizes must be lists of \d+ integers"),
+    (_second(lambda c: c.update(ranks=["0"])), r"tensor \d+ chunk 1: ranks must be integers"),
+    (_second(lambda c: c.update(pieces={"0": c["pieces"][0]})), r"tensor \d+ chunk 1 pieces must be a list"),
+    (_second(lambda c: c["pieces"][0].update(xxh3="zz")), r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
+], ids=["offset-string", "sizes-short", "ranks-strings", "pieces-object", "piece-checksum"])
 def test_malformed_chunk_fields_are_refused_naming_tensor_and_chunk(rounds, tmp_path, edit, problem):
-    base, _, _ = rounds
-    copy = tmp_path / "ck.bin"
-    subprocess.run(["cp", "-a", str(base / "fsdp2" / "ck.bin"), str(base / "fsdp2" / "ck.bin.pyckpt"), str(tmp_path)],
-                   check=True)
-    body = manifest_json(str(copy))
-    record = max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"])
-    second = record["chunks"][1]
-    if edit == "offset-string":
-        second["offsets"][0] = "1x"
-    elif edit == "sizes-short":
-        second["sizes"] = second["sizes"][:-1]
-    elif edit == "ranks-strings":
-        second["ranks"] = ["0"]
-    elif edit == "pieces-object":
-        second["pieces"] = {"0": second["pieces"][0]}
-    else:
-        second["pieces"][0]["xxh3"] = "zz"
-    write_manifest(str(copy), body, recompute_record=True)
-    with pytest.raises(IntegrityError, match=problem):
-        pyckpt.load(str(copy))
+    _refused_after(rounds, tmp_path, edit, problem)
