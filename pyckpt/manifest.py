@@ -7,6 +7,7 @@ raises IntegrityError instead of allocating huge memory or touching paths outsid
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -362,14 +363,10 @@ class _Validator:
             offsets, sizes = entry.get("offsets"), entry.get("sizes")
             if not (type(offsets) is list and type(sizes) is list and len(offsets) == len(sizes) == dims):
                 raise self.fail(f"tensor {index} chunk {c}: offsets and sizes must be lists of {dims} integers")
-            volume = 1
-            for value in offsets:
+            for value in offsets + sizes:
                 if type(value) is not int or not 0 <= value <= MAX_DIM_PRODUCT:
                     self.int(value, f"tensor {index} chunk {c} offset/size", 0, MAX_DIM_PRODUCT)
-            for value in sizes:
-                if type(value) is not int or not 0 <= value <= MAX_DIM_PRODUCT:
-                    self.int(value, f"tensor {index} chunk {c} offset/size", 0, MAX_DIM_PRODUCT)
-                volume *= value
+            volume = math.prod(sizes)
             ranks = entry.get("ranks", [])
             if type(ranks) is not list or any(type(r) is not int for r in ranks):
                 raise self.fail(f"tensor {index} chunk {c}: ranks must be integers")
