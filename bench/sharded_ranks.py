@@ -59,8 +59,8 @@ class Peak:
 class Meter:
     """Times one operation on every rank at once: barrier, run, slowest rank; per-rank counters."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, settle: float = 0.0):
+        self.rank, self.settle = rank, settle
         self.runs: dict[str, list[float]] = {}
         self.values: dict[str, object] = {}
         self.rss = Peak()
@@ -92,10 +92,11 @@ class Meter:
         self.runs.setdefault(key, []).append(float(t.item()))
 
     def cold(self, *paths: str) -> None:
-        """Page cache dropped for these files (rank 0, then everyone waits)."""
+        """Page cache dropped for these files (rank 0, then everyone waits; measure.drop_cache says
+        why it then waits `settle` seconds)."""
         dist.barrier()
         if self.rank == 0:
-            self.values["cache_drop_method"] = drop_cache(*paths)
+            self.values["cache_drop_method"] = drop_cache(*paths, settle=self.settle)
         dist.barrier()
 
 
@@ -253,14 +254,14 @@ def restores(meter: Meter, prefix: str, libs: Libs, ref: list[str], base: str, k
 def edge_allowance(model, optimizer, saved_world: int) -> int:
     """What a resharded read may read beyond this rank's bytes: pieces are read whole (checksums
     cover whole pieces), so at most one piece at each of the two edges of each local shard, a piece
-    being at most pyckpt's MAX_PIECE and at most the saved chunk (a tensor's bytes / saved ranks)."""
-    from pyckpt.manifest import MAX_PIECE
+    being at most pyckpt's SHARD_PIECE and at most the saved chunk (a tensor's bytes / saved ranks)."""
+    from pyckpt.shards import SHARD_PIECE
     from torch.distributed.tensor import DTensor
     total = 0
     for t in ss.named_state(model, optimizer).values():
         if isinstance(t, DTensor) and t.to_local().numel():
             chunk = -(-t.numel() * t.element_size() // saved_world)
-            total += 2 * min(MAX_PIECE, chunk)
+            total += 2 * min(SHARD_PIECE, chunk)
     return total
 
 
@@ -272,7 +273,7 @@ def worker(rank: int, world: int, port: int, job: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     mesh = init_device_mesh("cpu", (world,))
-    meter = Meter(rank)
+    meter = Meter(rank, job["settle"])
     count_shard_reads(meter)
     coordinator = pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=1).initialize()
     workdir, repeat = job["workdir"], job["repeat"]

@@ -123,9 +123,9 @@ def _reshard_targets(data: dict, n: int, k: int, check, ratio) -> None:
               max(r / (1.05 * b + e) for r, b, e in zip(read, need, extra)), 1.0)
     rss = _per_rank(data, f"{q}.pyckpt.restore_cold", "rss_extra")
     if need and rss:
-        from pyckpt.manifest import MAX_PIECE
+        from pyckpt.shards import SHARD_PIECE
         check(f"{n} -> {k} ranks: peak extra RSS <= local state + 2 x piece x {READER_THREADS} threads",
-              max(r / (b + 2 * MAX_PIECE * READER_THREADS) for r, b in zip(rss, need)), 1.0)
+              max(r / (b + 2 * SHARD_PIECE * READER_THREADS) for r, b in zip(rss, need)), 1.0)
 
 
 def _fmt(x, spec):
@@ -139,7 +139,8 @@ def table(data: dict) -> str:
                       + f" MiB over {'/'.join(map(str, meta['ranks']))} ranks" for kind in meta["states"])
     lines = [f"# {meta['command']}",
              f"# {meta['date']}  torch {meta['torch']}  {meta['cpus']} cpus  fs {meta['workdir_fs']}  "
-             f"medians of {meta['repeat']} (slowest rank)  cache drop: {v.get('cache_drop_method')}",
+             f"medians of {meta['repeat']} (slowest rank)  cache drop: {v.get('cache_drop_method')}"
+             f" + {meta.get('settle', 0):g} s settle",
              f"# states (--size-gib {meta['size_gib']} each): {sizes}",
              f"{'figure':34} {'seconds':>8} {'spread':>6} {'x limit':>7} {'x dcp':>6} "
              f"{'MiB wr':>7} {'MiB rd':>7} {'MiB rss+':>8}  (max per rank)"]

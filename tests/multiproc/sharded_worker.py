@@ -209,7 +209,7 @@ def main(rank: int, world: int, port: int, base: str, worlds: list[int]) -> None
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
-    pyckpt.shards.MAX_PIECE = SMALL_PIECE
+    pyckpt.shards.SHARD_PIECE = SMALL_PIECE
     with pyckpt.DistributedCoordinator(pyckpt.load_config(environ={}), keep_last=2) as coordinator:
         for round_ in ("save", "restore"):
             result = save_round(base, coordinator) if round_ == "save" else restore_round(base, coordinator, worlds)
