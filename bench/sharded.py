@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -27,7 +28,8 @@ import torch
 from . import sharded_report as report
 from . import sharded_state as ss
 from .checkpoint import Results, _command, free_port, log
-from .measure import aligned_buffer, drop_cache, files_under, fs_type, read_direct_limit, read_limit, timed
+from .measure import aligned_buffer, drop_cache, files_under, fresh_buffer, fs_type, read_direct_limit, read_limit, \
+    timed
 
 GIB = 1 << 30
 
@@ -72,6 +74,19 @@ def run_jobs(args, workdir: str, res: Results) -> None:
     res.values["reference"] = {kind: digests[f"{kind}.full_digests.n{ranks[0]}"] for kind in args.states}
 
 
+def read_fresh(files: list[str]) -> bool:
+    """The snapshot's files read with O_DIRECT into one new, untouched buffer (the limit for a load
+    that returns new tensors: the memory has to be faulted in too)."""
+    buffer = fresh_buffer(sum(os.path.getsize(f) for f in files))
+    at = 0
+    for f in files:
+        size = os.path.getsize(f)
+        if not read_direct_limit(f, buffer[at: at + size + (-size % mmap.PAGESIZE)]):
+            return False
+        at += size + (-size % mmap.PAGESIZE)
+    return True
+
+
 def plain_loads(args, workdir: str, res: Results) -> None:
     """pyckpt.load of each N-rank snapshot in this process (no process group), cold, checked against
     the full tensors at save; next to cold buffered and O_DIRECT reads of the snapshot's files."""
@@ -93,6 +108,10 @@ def plain_loads(args, workdir: str, res: Results) -> None:
                 seconds, ok = timed(lambda: all([read_direct_limit(f, aligned) for f in files]))
                 if ok:
                     res.add(f"{prefix}.limit.read_direct", seconds)
+                drop_cache(snap, settle=args.settle)
+                seconds, ok = timed(lambda: read_fresh(files))
+                if ok:
+                    res.add(f"{prefix}.limit.read_fresh", seconds)
                 drop_cache(snap, settle=args.settle)
                 seconds, state = timed(lambda: pyckpt.load(snap[: -len(".pyckpt")]))
                 res.add(f"{prefix}.pyckpt.load", seconds)

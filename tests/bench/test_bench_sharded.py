@@ -33,6 +33,7 @@ def _expected(direct: bool) -> list[str]:
             out += [f"{p}.dcp.{m}" for m in ("save_t1", "save_t4", "plan_t1", "plan_t4", "get_state_dict",
                                              "async_blocked", "restore_cold")]
             out += [f"{p}.plain.pyckpt.load", f"{p}.plain.limit.read_cold"]
+            out += [f"{p}.plain.limit.read_direct", f"{p}.plain.limit.read_fresh"] if direct else []
         for n, m in ((1, 2), (2, 1)):
             out += [f"{kind}.n{n}to{m}.{lib}.restore_cold" for lib in ("pyckpt", "dcp")]
     return out
@@ -72,6 +73,7 @@ def test_quick_sharded_benchmark_reports_every_figure(tmp_path):
     assert all(isinstance(t["met"], bool) and _number(t["value"]) for t in data["targets"])
     for want in ("durable save <= 1.15x O_DIRECT write", "durable save <= 0.8x DCP's best", "one copy",
                  "async_save", "cold restore <= 1.2x", "cold restore <= 0.5x DCP's", "plain-process load",
+                 "an O_DIRECT read into new memory",
                  "small tensors save", "small tensors restore_cold", "1 -> 2 ranks: restore <= 1.3x",
                  "2 -> 1 ranks: restore <= 0.35x DCP's", "peak extra RSS"):
         assert any(want in n for n in names), want
