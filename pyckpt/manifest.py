@@ -27,8 +27,9 @@ READ_VERSIONS = (1, 2)
 COMMIT_VERSION = 1              # the commit record's own format
 MAX_CHUNKS = 1 << 20            # chunks of one tensor (a hostile manifest may not make tiling checks slow)
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
-# A tensor is checksummed (and read) in pieces of at most 16 MiB: fine enough for ranks that split a
-# restore to copy each other's pieces while the next ones are still being read (peers.py).
+# A replicated tensor is checksummed (and read) in pieces of at most 16 MiB: fine enough for ranks that
+# split a restore to copy each other's pieces while the next ones are still being read (peers.py).
+# Sharded tensors are cut finer (shards.SHARD_PIECE); readers take pieces of any size.
 MAX_PIECE = 16 << 20
 MAX_DIM_PRODUCT = 1 << 48       # no shape may claim more elements than this
 MAX_MANIFEST = 1 << 30          # bytes; a commit record naming a larger manifest is refused
