@@ -10,6 +10,7 @@ what does not fit is left out, never loaded wrong-shaped.
 from __future__ import annotations
 
 import random
+from collections.abc import Container
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -457,11 +458,12 @@ class _Indexed(_Records):
         return _Ref(index, self.tensors[index])
 
 
-def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[int, Target]:
+def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime", done: Container[int] = ()) -> dict[int, Target]:
     """Saved optimizer state of sharded (DTensor) parameters -> a Target of the parameter's layout on
     this rank: read as the boxes the parameter holds here and loaded as DTensors like it. This serves
     optimizers that have no state yet (FSDP2 creates it at the first step) without a fake step, which
-    has cost other tools off-by-one step counts and weight decay applied at load."""
+    has cost other tools off-by-one step counts and weight decay applied at load. Saved indices in
+    `done` (those live_destinations reads in place) get none: a Target costs a layout query per tensor."""
     objects = dict_items(dict_items(manifest.replicated).get("objects"))
     out: dict[int, Target] = {}
     for name, optimizer in runtime.objects.items():
@@ -483,7 +485,8 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
                 continue
             made: dict[str, Target] = {}   # exp_avg and exp_avg_sq share one (a Target holds no buffer here)
             for ref in entry.values():
-                if isinstance(ref, _Ref) and not ref.record.is_numpy and ref.record.shape == list(param.shape):
+                if isinstance(ref, _Ref) and ref.index not in done and not ref.record.is_numpy \
+                        and ref.record.shape == list(param.shape):
                     dtype = ref.record.dtype
                     if dtype not in made:
                         made[dtype] = dtensor_target(param, TORCH_DTYPES[dtype], in_place=False)

@@ -94,7 +94,7 @@ class _Restoring:
         self.private = snap.private(self.rank) if self.rank < snap.manifest.world_size else None
         fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private)
         self.in_place = fitting.live_destinations(snap.manifest, runtime)
-        into = {**fitting.optimizer_targets(snap.manifest, runtime), **self.in_place}
+        into = {**fitting.optimizer_targets(snap.manifest, runtime, done=self.in_place), **self.in_place}
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
