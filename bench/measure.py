@@ -39,8 +39,8 @@ def drop_cache(*paths: str, settle: float = 0.0) -> str:
     container); otherwise "fadvise": posix_fadvise(DONTNEED) on each file (evicts clean pages of
     those files only, which is what a cold restore needs).
 
-    Why settle: on a VM the memory a drop frees is handed back to the host a few seconds later
-    (free page reporting), and a read running then is slowed. Measured here (1.5 GiB restore, 1
+    Why settle: on this VM a read started within seconds of a drop that freed much memory is slowed
+    (likely the balloon's free page reporting handing the memory back to the host). Measured here (1.5 GiB restore, 1
     rank, drop before each): 0.72-0.88 s and 1.12-1.54 s alternating after a drop that freed 5 GiB,
     for as long as it was watched (12 s); 0.72-0.78 s every time with 4 s between drop and read."""
     os.sync()
