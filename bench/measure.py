@@ -130,7 +130,7 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
 def fresh_buffer(nbytes: int) -> torch.Tensor:
     """An untouched, page-aligned uint8 tensor: a new anonymous mapping, as the allocator gives a
     large new tensor. Reading into it pays for faulting the memory in, as any loader that returns
-    new tensors does (on this VM 1.5 GiB of new memory costs 0.7-1.6 s before a byte is read)."""
+    new tensors does (on this VM 1.5 GiB of new memory costs 0.7-4.4 s before a byte is read)."""
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1) + (-nbytes % mmap.PAGESIZE)), dtype=torch.uint8)
 
 
