@@ -193,7 +193,7 @@ class DistributedCoordinator:
         self._wait_pending()  # not the previous clean-up: the write waits for that, off the training thread
         keep = keep_last or self.keep_last
         start = time.perf_counter()
-        with gc_paused():
+        with gc_paused(), torch.no_grad():   # (no_grad: once, not per DTensor in shards.local_tensor)
             try:
                 captured = capture(runtime, self.rank, self.world_size, self._plans)
                 if not blocking:

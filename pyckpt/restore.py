@@ -30,7 +30,17 @@ class Neighbours:
 
 def restore_snapshot(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRuntime, *, strict: bool,
                      missing_ok: bool, version: str | None) -> bool:
-    """Load the snapshot at `path` into the runtime on every rank; False if there is none and missing_ok."""
+    """Load the snapshot at `path` into the runtime on every rank; False if there is none and missing_ok.
+    The cyclic GC is paused throughout: a restore builds several objects per tensor in every step, and
+    a full collection between steps cost up to 0.5 s of a 20,000-tensor restore (its objects form no
+    cycles; the collector resumes after). Autograd is off too: only bytes are moved (load_state_dict
+    turns it off itself), and one switch costs less than one per DTensor (shards.local_tensor)."""
+    with gc_paused(), torch.no_grad():
+        return _restore(comm, neighbours, path, runtime, strict=strict, missing_ok=missing_ok, version=version)
+
+
+def _restore(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRuntime, *, strict: bool,
+             missing_ok: bool, version: str | None) -> bool:
     local = neighbours.ranks if comm.rank in neighbours.ranks else [comm.rank]
     job = _Restoring(path, comm.rank)
     with ExitStack() as held:
@@ -54,7 +64,7 @@ def restore_snapshot(comm: Comm, neighbours: Neighbours, path: str, runtime: Tra
     saved_world = job.snap.manifest.world_size
     if comm.world_size != saved_world:
         warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
-                      "state are restored; per-rank RNG state only for ranks present in both", stacklevel=3)
+                      "state are restored; per-rank RNG state only for ranks present in both", stacklevel=4)
     _load_everywhere(comm, path, runtime, job.replicated.tree(), job.private, strict)
     runtime.restored_version = job.snap.ref.name
     return True
@@ -80,8 +90,7 @@ class _Restoring:
         if self.error is not None:
             return
         try:
-            with gc_paused():
-                step()
+            step()
         except SnapshotNotFoundError as exc:
             self.error = exc
         except Exception as exc:
@@ -150,8 +159,7 @@ def _load_everywhere(comm: Comm, path: str, runtime: TrainingRuntime, replicated
     """Put the read state into the runtime; a rank where that fails makes every rank raise."""
     failure: messages.RankError | None = None
     try:
-        with gc_paused():
-            runtime.load_state(replicated, private, strict=strict)
+        runtime.load_state(replicated, private, strict=strict)
     except Exception as exc:
         if comm.world_size == 1:
             raise
