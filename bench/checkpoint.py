@@ -54,7 +54,7 @@ def free_port() -> int:
 # One process: limits, every library, large and small state
 # ------------------------------------------------------------------------------------------------
 
-def limits(res: Results, model, optimizer, workdir: str):
+def limits(res: Results, model, optimizer, workdir: str, settle: float = 0.0):
     """Returns two functions: one measures every disk and allocation limit once (called at the start of
     every round of the libraries, so each limit is measured next to what is compared with it: the
     disk is shared), the other one copy of the state (called right before every async snapshot:
@@ -79,7 +79,7 @@ def limits(res: Results, model, optimizer, workdir: str):
         seconds, direct = timed(lambda: write_direct_limit(path, aligned))
         if direct:
             res.add("limit.write_direct", seconds)
-        res.values["cache_drop_method"] = drop_cache(path)
+        res.values["cache_drop_method"] = drop_cache(path, settle=settle)
         res.add("limit.read_cold", timed(lambda: read_limit(path, buffer))[0])
         res.add("limit.read_warm", timed(lambda: read_limit(path, buffer))[0])
         seconds, direct = timed(lambda: read_direct_limit(path, aligned))
@@ -90,7 +90,7 @@ def limits(res: Results, model, optimizer, workdir: str):
 
 
 def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir: str, repeat: int,
-                 each_round=None, before_async=None) -> None:
+                 each_round=None, before_async=None, settle: float = 0.0) -> None:
     ref = st.fingerprint(model, optimizer)
     instances = [cls(model, optimizer) for cls in lib_classes]
     for lib in instances:
@@ -128,7 +128,8 @@ def measure_libs(res: Results, kind: str, model, optimizer, lib_classes, workdir
                 res.add(f"{key}.async_durable", time.perf_counter() - start)
             st.scramble(model, optimizer)
             lib.settle()  # a restore after a restart has no clean-up of a previous snapshot running
-            res.values["cache_drop_method"] = drop_cache(path + ".pyckpt" if lib.name == "pyckpt" else path, path)
+            res.values["cache_drop_method"] = drop_cache(path + ".pyckpt" if lib.name == "pyckpt" else path, path,
+                                                         settle=settle)
             res.add(f"{key}.restore_cold", timed(lambda: lib.restore(path))[0])
             st.assert_equal(model, optimizer, ref, f"{key} cold restore")
             st.scramble(model, optimizer)
@@ -173,9 +174,10 @@ def run_single(args, workdir: str, res: Results) -> None:
             res.values[f"{kind}.tensors"] = len(st.state_tensors(model, optimizer))
             log(f"{kind} state: {res.values[f'{kind}.tensors']} tensors, "
                 f"{res.values[f'{kind}.state_bytes'] / MIB:.0f} MiB")
-            each_round, copy = limits(res, model, optimizer, workdir) if kind == "large" else (None, None)
+            each_round, copy = limits(res, model, optimizer, workdir, args.settle) if kind == "large" else (None, None)
             wanted = classes + ([libs.TorchSnapshot] if problem is None and kind == "large" else [])
-            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round, copy)
+            measure_libs(res, kind, model, optimizer, wanted, workdir, args.repeat, each_round, copy,
+                         args.settle)
             divergence_check_cost(res, kind, model, optimizer, args.repeat)
             log(f"{kind} libraries done")
             del model, optimizer
@@ -249,7 +251,8 @@ def run_rss(args, workdir: str, res: Results) -> None:
 # Several ranks (gloo, spawned processes on this machine): the DDP case
 # ------------------------------------------------------------------------------------------------
 
-def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdir: str, out: str) -> None:
+def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdir: str, out: str,
+                settle: float = 0.0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -273,7 +276,7 @@ def rank_worker(rank: int, world: int, port: int, size: int, repeat: int, workdi
 
     def cold(path: str) -> None:
         if rank == 0:
-            values["cache_drop_method"] = drop_cache(path)
+            values["cache_drop_method"] = drop_cache(path, settle=settle)
         dist.barrier()
 
     instances = [libs.Pyckpt(model, optimizer), libs.DCP(model, optimizer)]
@@ -358,7 +361,7 @@ def run_ranks(args, workdir: str, res: Results) -> None:
     size = int(args.size_gib * GIB)
     for world in args.ranks:
         out = os.path.join(workdir, f"ranks{world}.json")
-        tmp.start_processes(rank_worker, args=(world, free_port(), size, args.repeat, workdir, out),
+        tmp.start_processes(rank_worker, args=(world, free_port(), size, args.repeat, workdir, out, args.settle),
                             nprocs=world, join=True, start_method="spawn")
         with open(out) as f:
             data = json.load(f)
@@ -423,11 +426,13 @@ def parse(argv=None):
     p.add_argument("--pyckpt-reuse-files", choices=("on", "off"), default="off",
                    help="DistributedCoordinator(reuse_files=...): overwrite the data files of the dropped "
                    "version instead of allocating new ones (default off, as in pyckpt)")
+    p.add_argument("--settle", type=float, default=4.0, help="seconds between a cache drop and a cold "
+                   "figure (the VM returns the freed memory to the host meanwhile: bench/measure.py)")
     p.add_argument("--quick", action="store_true", help="64 MiB, 1 run, ranks 1,2, 2,000 small tensors, "
-                   "3 RSS snapshots: checks the program end to end (for CI); the figures mean little")
+                   "3 RSS snapshots, no settle: checks the program end to end (for CI); the figures mean little")
     args = p.parse_args(argv)
     if args.quick:
-        args.size_gib, args.repeat, args.rss_snapshots, args.small_tensors = 64 / 1024, 1, 3, 2000
+        args.size_gib, args.repeat, args.rss_snapshots, args.small_tensors, args.settle = 64 / 1024, 1, 3, 2000, 0.0
         if args.ranks == p.get_default("ranks"):
             args.ranks = "1,2"
     args.ranks = [int(r) for r in str(args.ranks).split(",") if r.strip()]
@@ -459,7 +464,7 @@ def main(argv=None) -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "size_gib": args.size_gib, "repeat": args.repeat,
-            "ranks": args.ranks, "small_tensors": args.small_tensors,
+            "ranks": args.ranks, "small_tensors": args.small_tensors, "settle": args.settle,
             "pyckpt_options": {"reuse_files": args.pyckpt_reuse_files == "on"}, "workdir_fs": fs_type(base), "seconds": time.perf_counter() - started,
         },
         "values": res.values,

@@ -117,6 +117,7 @@ def table(data: dict) -> str:
              f"# {meta['date']}  torch {meta['torch']}  {meta['cpus']} cpus  fs {meta['workdir_fs']}  "
              f"state {v.get('large.state_bytes', 0) / 2**30:.2f} GiB ({v.get('large.tensors')} tensors; small: "
              f"{v.get('small.tensors')} tensors)  medians of {meta['repeat']}  cache drop: {v.get('cache_drop_method')}"
+             f" + {meta.get('settle', 0):g} s settle"
              f"  torchsnapshot: {v.get('torchsnapshot')}  pyckpt: {meta.get('pyckpt_options', {})}",
              f"{'figure':40} {'seconds':>8} {'spread':>7} {'GB/s':>6} {'x limit':>8} {'x best alt':>10}  limit"]
     for r in data["rows"]:
