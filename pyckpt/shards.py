@@ -43,8 +43,7 @@ class ShardPart(NamedTuple):
 
 def placements_text(tensor: DTensor) -> str:
     """How a DTensor is laid out, for inspect: its mesh shape and placements."""
-    mesh = tensor.device_mesh
-    return f"mesh {tuple(mesh.shape)} {tuple(tensor.placements)}"
+    return f"mesh {mesh_ranks(tensor).shape} {tuple(tensor.placements)}"
 
 
 def local_tensor(tensor: DTensor) -> torch.Tensor:
