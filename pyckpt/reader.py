@@ -29,7 +29,7 @@ from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
-from .shards import Copy, Target, dtensor_target, plan_reads, whole_target
+from .shards import Copy, Edge, Target, dtensor_target, plan_reads, whole_target
 from .tree import TORCH_DTYPES, is_dtensor, references, unflatten
 
 
@@ -114,7 +114,8 @@ class PieceRead(NamedTuple):
 
     offset: int            # in the data file
     piece: Piece
-    view: memoryview       # the destination bytes (a slice of the tensor's buffer)
+    view: memoryview       # the destination bytes (a slice of the tensor's buffer); a ShardRead's edge
+    #                        pieces hold an Edge here, replaced by scratch while their job runs
     slot: int              # which of the read's tensors it belongs to (for messages)
 
 
@@ -290,10 +291,28 @@ class ShardRead(TensorRead):
         return by_file
 
     def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
-        """Read and verify the pieces, then copy the parts of the edge and strided ones into place."""
+        """Read and verify the pieces (each job puts the parts of its edge pieces into place), then copy
+        the strided regions into place."""
         super().run(jobs, direct=direct)
         for source, dest in self.copies:
             dest.copy_(source)
+
+    def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list[PieceRead]) -> None:
+        """The edge pieces of the batch get scratch for this job only; their parts go into place once
+        the whole batch is verified."""
+        edges = [k for k, item in enumerate(batch) if type(item.view) is Edge]
+        if not edges:
+            return super()._read_batch(source, direct, batch)
+        scratch = torch.empty(sum(batch[k].piece.length for k in edges), dtype=torch.uint8)
+        batch, parts, pos = list(batch), [], 0
+        for k in edges:
+            edge, length = batch[k].view, batch[k].piece.length
+            batch[k] = batch[k]._replace(view=byte_view(scratch[pos: pos + length]))
+            parts.append((edge, pos + edge.start))
+            pos += length
+        super()._read_batch(source, direct, batch)
+        for edge, at in parts:
+            edge.dest.copy_(scratch[at: at + edge.dest.numel()])
 
     @property
     def bytes_read(self) -> int:
