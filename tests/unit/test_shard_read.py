@@ -50,18 +50,24 @@ def _rows(first: int, stop: int) -> Target:
     return Target([(box, Box((0, 0), box.sizes))], box.sizes, None, lambda value: value)
 
 
+def _read(snap: Snapshot, first: int, stop: int, direct: bool) -> tuple[list, list, int, list]:
+    """Rows [first, stop) of every tensor: the planned destinations of the pieces (before any is read),
+    the copies left for after the read, the bytes read, and the values."""
+    with ShardRead(snap, list(range(TENSORS)), [_rows(first, stop) for _ in range(TENSORS)]) as read:
+        planned = [item.view for job in read.jobs for item in job.pieces]
+        copies, read_bytes = list(read.copies), read.bytes_read
+        read.run(direct=direct)
+        return planned, copies, read_bytes, read.values()
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_edge_pieces_are_read_whole_and_only_their_part_is_kept(tmp_path, direct):
     snap, tensors, _ = _snapshot(tmp_path)
     # rows 10-30 are bytes 10 KiB-30 KiB: parts of pieces 0 and 1, both edges
-    with ShardRead(snap, list(range(TENSORS)), [_rows(10, 30) for _ in tensors]) as read:
-        planned = [item.view for job in read.jobs for item in job.pieces]
-        # planned without scratch: every piece is an Edge, none holds memory yet, nothing to copy after
-        assert [type(view) for view in planned] == [Edge] * (2 * TENSORS)
-        assert read.copies == []
-        assert read.bytes_read == 2 * PIECE * TENSORS
-        read.run(direct=direct)
-        values = read.values()
+    planned, copies, read_bytes, values = _read(snap, 10, 30, direct)
+    # planned without scratch: every piece is an Edge, none holds memory yet, nothing to copy after
+    assert [type(view) for view in planned] == [Edge] * (2 * TENSORS)
+    assert copies == [] and read_bytes == 2 * PIECE * TENSORS
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[10:30])
 
@@ -69,10 +75,8 @@ def test_edge_pieces_are_read_whole_and_only_their_part_is_kept(tmp_path, direct
 def test_whole_pieces_go_straight_into_place(tmp_path):
     snap, tensors, _ = _snapshot(tmp_path)
     # rows 16-48 are exactly pieces 1 and 2
-    with ShardRead(snap, list(range(TENSORS)), [_rows(16, 48) for _ in tensors]) as read:
-        assert not any(type(item.view) is Edge for job in read.jobs for item in job.pieces)
-        read.run(direct=False)
-        values = read.values()
+    planned, copies, read_bytes, values = _read(snap, 16, 48, direct=False)
+    assert not any(type(view) is Edge for view in planned) and copies == [] and read_bytes == 2 * PIECE * TENSORS
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[16:48])
 
@@ -86,6 +90,5 @@ def test_a_flipped_byte_in_an_edge_piece_is_caught(tmp_path):
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with ShardRead(snap, list(range(TENSORS)), [_rows(10, 30) for _ in tensors]) as read:
-        with pytest.raises(IntegrityError, match="checksum mismatch"):
-            read.run(direct=False)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        _read(snap, 10, 30, direct=False)
