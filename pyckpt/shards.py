@@ -50,7 +50,7 @@ def local_tensor(tensor: DTensor) -> torch.Tensor:
     """tensor.to_local() outside autograd: with grad mode on it goes through an autograd Function
     (~50 us a call on torch 2.13: 0.7 s of a 20,000-tensor snapshot, as much again of its restore);
     pyckpt only reads and writes the bytes, so it needs no graph (the same storage either way). Callers
-    with many DTensors turn autograd off once around them: entering no_grad costs ~5 us a call too."""
+    with many DTensors turn autograd off once around them: entering no_grad costs 2-6 us a call too."""
     if not torch.is_grad_enabled():
         return tensor.to_local()
     with torch.no_grad():
