@@ -155,10 +155,10 @@ class Copy(NamedTuple):
 
 class Edge(NamedTuple):
     """A piece read whole for part of its bytes: [start, start + dest.numel()) of it go to `dest` (uint8)
-    once it is verified. The reader gives it scratch memory only while its read job runs, so a
-    restore's scratch is bounded by the jobs in flight, not by the count of edge pieces (a
-    20,000-tensor state restored 1 -> 4 has one at every tensor: 1.3 GiB of scratch when it was
-    allocated up front)."""
+    once it is verified. The reader reads it into its helper thread's scratch buffer (one per thread,
+    reused job after job), so a restore's scratch is bounded by the threads, not by the count of edge
+    pieces (a 20,000-tensor state restored 1 -> 4 has one at every tensor: 1.3 GiB of scratch when it
+    was allocated up front)."""
 
     start: int
     dest: torch.Tensor
