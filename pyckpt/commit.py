@@ -10,6 +10,7 @@ of them, naming that rank, instead of a hang until the process group times out.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from typing import Any
 
@@ -25,6 +26,8 @@ from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
 from .shards import pieces_of
 from .storage import Stage, Store
+
+log = logging.getLogger("pyckpt")
 
 
 def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reuse_files: bool,
@@ -44,13 +47,24 @@ def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reu
                 store.keep_spares(keep_last if reuse_files else None)
                 store.publish(stage, manifest.to_json(), cap.meta, keep_last)
             except Exception as exc:  # nothing half-made stays behind, whatever went wrong
-                store.abort(stage)
                 failure = next((r.error for r in reports if r.error is not None), None) \
                     or messages.RankError.of(0, exc)
+                _abort(store, stage)
         failure = comm.broadcast(failure)
         if failure is not None:
             raise _failure(comm, failure, f"snapshot to {store.path} failed, the previous snapshot is intact", cap)
     return begun.name, report.size
+
+
+def _abort(store: Store, stage: Stage) -> None:
+    """Leader: remove the stage of a failed snapshot. A failure to remove it is logged, never raised:
+    the outcome must still reach every rank (raised here, it skipped the broadcast and the other
+    ranks waited out the process group's timeout); the next writer or `pyckpt gc` removes what stays."""
+    try:
+        store.abort(stage)
+    except Exception as exc:
+        log.warning("pyckpt: could not remove the stage of the failed snapshot %s (the next writer or "
+                    "`pyckpt gc` will): %s", store.where(stage.name), exc)
 
 
 def _begin(store: Store, cap: Captured, held: ExitStack) -> messages.Begun:

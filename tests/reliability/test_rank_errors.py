@@ -131,6 +131,8 @@ def _rank(rank: int, world: int, port: int, path: str, out: str, case: str) -> N
             c.snapshot(path, runtime)
             if rank == 1:
                 _inject_read_error(case)
+        if case == "publish-and-abort-fail" and rank == 0:
+            _inject_commit_errors()
         start = time.monotonic()
         try:
             if case.startswith("read-error") or case == "per-rank":
@@ -162,6 +164,17 @@ def _inject_read_error(case: str) -> None:
         def stale_open(path, version=None):
             raise OSError(errno.ESTALE, "Stale file handle", str(path))
         pyckpt.reader.Snapshot.open = staticmethod(stale_open)
+
+
+def _inject_commit_errors() -> None:
+    """The leader's publish fails, and so does its removal of the stage (here an EACCES on the stage
+    directory; a link put in its place is refused the same way)."""
+    def failing(errno_, text):
+        def fail(self, stage, *args):
+            raise OSError(errno_, text, stage.handle)
+        return fail
+    pyckpt.posix_store.PosixStore.publish = failing(errno.EIO, "Input/output error")
+    pyckpt.posix_store.PosixStore.abort = failing(errno.EACCES, "Permission denied")
 
 
 def _two_ranks(tmp_path, case: str) -> list[dict]:
@@ -204,6 +217,15 @@ def test_state_that_cannot_be_captured_on_one_rank_fails_every_rank(tmp_path):
     for result in results:
         assert result["pyckpt"] and "rank 1" in result["outcome"] and "object is not supported" in result["outcome"]
         assert result["seconds"] < 30, results
+
+
+@pytest.mark.multiproc
+def test_a_failed_publish_whose_stage_cannot_be_removed_fails_every_rank_within_seconds(tmp_path):
+    results = _two_ranks(tmp_path, "publish-and-abort-fail")
+    for result in results:
+        assert result["pyckpt"] and "Input/output error" in result["outcome"], results
+        assert result["seconds"] < 30, results   # not the process group's 120 s timeout
+    assert "rank 0" in results[1]["outcome"]
 
 
 def test_any_error_while_committing_leaves_no_stage_and_keeps_the_previous_snapshot(tmp_path, monkeypatch):
