@@ -10,7 +10,6 @@ what does not fit is left out, never loaded wrong-shaped.
 from __future__ import annotations
 
 import random
-from collections.abc import Container
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -382,7 +381,14 @@ def _listing(items: list[str], sep: str = ", ") -> str:
 # In-place destinations
 # ---------------------------------------------------------------------------------------------
 
-def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[int, torch.Tensor]:
+class InPlace(NamedTuple):
+    """What a restore reads straight into the live objects."""
+
+    tensors: dict[int, torch.Tensor]   # saved tensor index -> the live tensor it is read into
+    objects: frozenset[str]            # the objects all of whose saved tensors are among them
+
+
+def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> InPlace:
     """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
 
     Only for replicated objects whose saved state has exactly the structure of their live state (same
@@ -401,10 +407,11 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
         live_tree = flatten({"objects": {name: obj.state_dict() for name, obj in runtime.objects.items()
                                          if name not in runtime.per_rank_names}}, live_tensors, "live")
     except (TypeError, KeyError):
-        return {}
+        return InPlace({}, frozenset())
     saved_objects = dict_items(dict_items(manifest.replicated).get("objects"))
     live_objects = dict_items(dict_items(live_tree).get("objects"))
     out: dict[int, torch.Tensor] = {}
+    whole: dict[str, list[int]] = {}   # objects whose every saved tensor got a destination (before _apart)
     for name, live in live_objects.items():
         pairs = matching_references(saved_objects[name], live) if name in saved_objects else None
         if pairs is None:
@@ -424,7 +431,10 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> dict[in
                 views[saved_index] = t.detach() if t.requires_grad else t
         else:
             out.update(views)
-    return _apart(out)
+            if len(views) == len(pairs):
+                whole[name] = list(views)
+    out = _apart(out)
+    return InPlace(out, frozenset(name for name, indices in whole.items() if all(i in out for i in indices)))
 
 
 def _apart(destinations: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -458,17 +468,19 @@ class _Indexed(_Records):
         return _Ref(index, self.tensors[index])
 
 
-def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime", done: Container[int] = ()) -> dict[int, Target]:
+def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime", done: InPlace = InPlace({}, frozenset())) \
+        -> dict[int, Target]:
     """Saved optimizer state of sharded (DTensor) parameters -> a Target of the parameter's layout on
     this rank: read as the boxes the parameter holds here and loaded as DTensors like it. This serves
     optimizers that have no state yet (FSDP2 creates it at the first step) without a fake step, which
     has cost other tools off-by-one step counts and weight decay applied at load. Saved indices in
-    `done` (those live_destinations reads in place) get none: a Target costs a layout query per tensor."""
+    `done` (those live_destinations reads in place) get none: a Target costs a layout query per tensor,
+    and an optimizer read in place whole is not decoded at all (most restores: its state exists)."""
     objects = dict_items(dict_items(manifest.replicated).get("objects"))
     out: dict[int, Target] = {}
     for name, optimizer in runtime.objects.items():
         if not (isinstance(optimizer, torch.optim.Optimizer) and name in objects and name not in runtime.per_rank_names
-                and any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"])):
+                and name not in done.objects and any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"])):
             continue   # (decoding only the optimizers of sharded parameters: 20k-tensor states restore often)
         saved = unflatten(objects[name], _Indexed(manifest), "manifest.json")
         if not isinstance(saved, dict):
@@ -485,7 +497,7 @@ def optimizer_targets(manifest: Manifest, runtime: "TrainingRuntime", done: Cont
                 continue
             made: dict[str, Target] = {}   # exp_avg and exp_avg_sq share one (a Target holds no buffer here)
             for ref in entry.values():
-                if isinstance(ref, _Ref) and ref.index not in done and not ref.record.is_numpy \
+                if isinstance(ref, _Ref) and ref.index not in done.tensors and not ref.record.is_numpy \
                         and ref.record.shape == list(param.shape):
                     dtype = ref.record.dtype
                     if dtype not in made:

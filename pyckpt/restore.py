@@ -102,8 +102,9 @@ class _Restoring:
         snap = self.snap = Snapshot.open(self.path, version)
         self.private = snap.private(self.rank) if self.rank < snap.manifest.world_size else None
         fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private)
-        self.in_place = fitting.live_destinations(snap.manifest, runtime)
-        into = {**fitting.optimizer_targets(snap.manifest, runtime, done=self.in_place), **self.in_place}
+        in_place = fitting.live_destinations(snap.manifest, runtime)
+        self.in_place = in_place.tensors
+        into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
