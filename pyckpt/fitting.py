@@ -389,7 +389,8 @@ class InPlace(NamedTuple):
 
 
 def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> InPlace:
-    """Saved tensor index -> the registered object's own tensor (detached), for reading in place.
+    """What to read in place: saved tensor index -> the registered object's own tensor (detached), and
+    the objects whose saved tensors all have one.
 
     Only for replicated objects whose saved state has exactly the structure of their live state (same
     keys, and every tensor with the same dtype and shape): loading them then cannot fail on a mismatch.
