@@ -3,7 +3,7 @@
 For a user path s3://BUCKET/K (e.g. s3://ckpt/run1/checkpoint.bin), in BUCKET:
   K                          the commit record: names the committed versions, newest first
   K.pyckpt/v00000012/        one version: manifest.json + data-<rank>.bin (+ .stage, see below)
-  K.pyckpt/.lock             the writer's lock object: {pid, host, what, since}, renewed while held
+  K.pyckpt/.lock             the writer's lock object: {pid, host, what, since, machine}, renewed while held
 A version is written under its final prefix (S3 has no rename); until the record names it, it is a
 stage that readers never see (`.stage` marks it from begin(), so even an empty one is listed). It
 becomes visible when the record is replaced by a conditional PUT (If-Match on the ETag read at begin,
@@ -13,8 +13,10 @@ reads are ranged GETs read straight into the destination buffers.
 
 The lock is a lease: created with If-None-Match: *, its holder re-PUTs it (If-Match on its own ETag)
 every LOCK_LEASE/4 s. One whose last write is older than LOCK_LEASE by the server's clock (a killed
-writer's) is taken over with If-Match on its ETag; a holder that finds its lock taken over refuses
-to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
+writer's) is taken over with If-Match on its ETag, and so is one whose holder was a process of this
+machine (same boot, same pid namespace) that no longer exists: a job killed while its snapshot or gc
+held the lock and started again on the same machine would otherwise fail its first snapshots for the
+rest of the lease. A holder that finds its lock taken over refuses to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
 path to another: that is the price of a lock that a crash cannot leave held forever.
 
 botocore retries a request whose answer was lost; when the lost try had taken effect, the retry meets
@@ -355,8 +357,9 @@ class S3Store:
     def locked(self, what: str = "snapshot") -> Iterator[None]:
         """Hold the path's lock object for `what` ("snapshot" or "gc"). Held by a snapshot:
         SnapshotLockedError at once; held by gc: wait up to LOCK_WAIT s; left by a dead writer (not
-        renewed for LOCK_LEASE s): taken over."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()}
+        renewed for LOCK_LEASE s, or a process of this machine that is gone): taken over."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time(),
+                  "machine": _this_machine()}
         lease = _Lease(self, holder, self._acquire(json.dumps(holder).encode()))
         self._lease = lease
         try:
@@ -382,14 +385,16 @@ class S3Store:
             holder, etag, age = found
             if holder == json.loads(body):                  # its own: a retry met its first try's write
                 return etag
-            if age > LOCK_LEASE:
+            gone = _gone_from_this_machine(holder)
+            if age > LOCK_LEASE or gone:
                 try:
                     taken = self._put(key, body, f"locking {self.path}", IfMatch=etag)
                 except botocore.exceptions.ClientError:    # someone else took it first
                     time.sleep(0.05)
                     continue
-                log.warning("pyckpt: took over the lock of %s from %s: not renewed for %.0f s (a writer that died)",
-                            self.path, lock_holder_text(holder), age)
+                log.warning("pyckpt: took over the lock of %s from %s: %s", self.path, lock_holder_text(holder),
+                            "that process no longer exists" if gone else
+                            f"not renewed for {age:.0f} s (a writer that died)")
                 return taken
             wait_for_lock(self.path, self._url(key), holder, deadline)
 
@@ -577,6 +582,32 @@ class S3Store:
         except _ERRORS as exc:
             if not _missing(exc):    # NoSuchUpload: finished or aborted meanwhile
                 raise s3_error(exc, self.bucket, f"aborting unfinished uploads under {self._url(prefix)}") from exc
+
+
+def _this_machine() -> str:
+    """This machine's boot and pid namespace ("" where /proc does not say): two lock holders with the
+    same value see the same processes under the same pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _gone_from_this_machine(holder: dict) -> bool:
+    """Whether a lock's holder was another process of this machine and pid namespace that no longer
+    exists (its pid unused, or taken by a process of another boot: then the machine value differs)."""
+    pid, here = holder.get("pid"), _this_machine()
+    if not here or holder.get("machine") != here or type(pid) is not int or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:            # EPERM: it exists (another user's)
+        return False
+    return False
 
 
 class _Lease:

@@ -161,10 +161,11 @@ print("committed", flush=True)
 
 @pytest.mark.parametrize("cleaner", ["next-writer", "gc"])
 def test_a_writer_killed_mid_multipart_upload_leaves_the_previous_version_and_its_leftovers_are_cleaned(
-        tmp_path, monkeypatch, cleaner):
+        tmp_path, cleaner):
     """Server: moto behind the fault proxy, which holds every UploadPart (the parts are in flight)
-    until the writer, a separate process, has been SIGKILLed. The lock the writer left is a lease
-    (LOCK_LEASE, 120 s): it is shortened to 2 s in this process so the cleaner may take it over."""
+    until the writer, a separate process, has been SIGKILLed. The lock the writer left is taken over
+    at once: its holder was a process of this machine and is gone (a writer of another machine's lock
+    only once its lease ran out: tests/unit/test_s3_store.py)."""
     url = f"s3://{new_bucket()}/runs/killed/checkpoint.bin"
     before = _state(4)
     _snapshot(tmp_path, url, before, 1)
@@ -189,11 +190,6 @@ def test_a_writer_killed_mid_multipart_upload_leaves_the_previous_version_and_it
     assert store.read_commit().current.step == 1 and len(store.read_commit().versions) == 1
     _assert_restores(tmp_path, url, before, 1)
 
-    if cleaner == "gc":     # within the lease the lock is still the dead writer's: gc removes nothing
-        busy = CliRunner().invoke(app, ["gc", url, "--keep", "2"])
-        assert busy.exit_code == 1 and "busy" in busy.output and len(_uploads(store)) == 1, busy.output
-    monkeypatch.setattr(s3_store, "LOCK_LEASE", 2.0)
-    time.sleep(3.5)                       # the lease runs out (the server's clock counts in seconds)
     if cleaner == "gc":
         done = CliRunner().invoke(app, ["gc", url, "--keep", "2"])
         assert done.exit_code == 0 and "removed v00000002" in done.output, done.output
