@@ -16,8 +16,9 @@ every LOCK_LEASE/4 s. One whose last write is older than LOCK_LEASE by the serve
 writer's) is taken over with If-Match on its ETag, and so is one whose holder was a process of this
 machine (same boot, same pid namespace) that no longer exists: a job killed while its snapshot or gc
 held the lock and started again on the same machine would otherwise fail its first snapshots for the
-rest of the lease. A holder that finds its lock taken over refuses to publish. A writer paused for longer than the lease (SIGSTOP, a hung node) can thus lose the
-path to another: that is the price of a lock that a crash cannot leave held forever.
+rest of the lease. A holder that finds its lock taken over refuses to publish. A writer paused for
+longer than the lease (SIGSTOP, a hung node) can thus lose the path to another: that is the price of
+a lock that a crash cannot leave held forever.
 
 botocore retries a request whose answer was lost; when the lost try had taken effect, the retry meets
 it (412 on a conditional PUT, NoSuchUpload on CompleteMultipartUpload). That is recognized as done:
@@ -39,6 +40,7 @@ pyckpt checksums every byte itself (xxh3 in the manifest).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -584,6 +586,7 @@ class S3Store:
                 raise s3_error(exc, self.bucket, f"aborting unfinished uploads under {self._url(prefix)}") from exc
 
 
+@functools.cache   # fixed for the process's life; asked on every try while a lock is waited for
 def _this_machine() -> str:
     """This machine's boot and pid namespace ("" where /proc does not say): two lock holders with the
     same value see the same processes under the same pids."""
