@@ -287,6 +287,29 @@ def byte_span(chunk: Box, region: Box, itemsize: int) -> tuple[int, int, bool]:
     return start, stop, stop - start == volume(region) * itemsize
 
 
+def range_boxes(sizes: Sequence[int], first: int, stop: int) -> list[Box]:
+    """The elements [first, stop) of a box of `sizes` in row-major order, as boxes of it (offsets from
+    its corner): at most 2 x dims - 1 of them (a partial run at each end of each dim, whole slabs
+    between)."""
+    if first >= stop:
+        return []
+    if len(sizes) <= 1:
+        return [Box((first,), (stop - first,))] if sizes else [Box((), ())]
+    inner = math.prod(sizes[1:])
+    (row, at), (last, end) = divmod(first, inner), divmod(stop, inner)
+    if row == last:
+        return [Box((row, *b.offsets), (1, *b.sizes)) for b in range_boxes(sizes[1:], at, end)]
+    out = []
+    if at:
+        out += [Box((row, *b.offsets), (1, *b.sizes)) for b in range_boxes(sizes[1:], at, inner)]
+        row += 1
+    if last > row:
+        out.append(Box((row,) + (0,) * (len(sizes) - 1), (last - row, *sizes[1:])))
+    if end:
+        out += [Box((last, *b.offsets), (1, *b.sizes)) for b in range_boxes(sizes[1:], 0, end)]
+    return out
+
+
 class SavedIndex:
     """Saved chunks sorted on dim 0, built once per tensor so that planning many targets is not
     quadratic: a target only looks at chunks whose dim-0 start lies within reach of its own rows."""

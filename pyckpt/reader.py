@@ -29,7 +29,7 @@ from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
-from .shards import Copy, Edge, Target, dtensor_target, plan_reads, whole_target
+from .shards import Edge, Strided, Target, dtensor_target, plan_reads, whole_target
 from .tree import TORCH_DTYPES, is_dtensor, references, unflatten
 
 
@@ -115,7 +115,8 @@ class PieceRead(NamedTuple):
     offset: int            # in the data file
     piece: Piece
     view: memoryview       # the destination bytes (a slice of the tensor's buffer); a ShardRead's edge
-    #                        pieces hold an Edge here, replaced by scratch while their job runs
+    #                        and strided pieces hold an Edge or a Strided here, replaced by scratch
+    #                        while their job runs
     slot: int              # which of the read's tensors it belongs to (for messages)
 
 
@@ -267,6 +268,10 @@ class TensorRead:
             iov = _advance(iov, got)
 
 
+_SPILLED = (Edge, Strided)   # read into scratch, then put in place
+_SCRATCH_ALIGN = 64         # any dtype's view of a piece in scratch starts aligned
+
+
 class ShardRead(TensorRead):
     """The read of tensors into Targets (shards.py): for each, only the saved pieces that overlap the
     boxes this rank needs, straight into place where the bytes are contiguous on both sides. Each rank
@@ -274,7 +279,6 @@ class ShardRead(TensorRead):
 
     def __init__(self, snap: Snapshot, indices: list[int], targets: list[Target]):
         self.targets = targets
-        self.copies: list[Copy] = []
         self._scratch: dict[int, torch.Tensor] = {}   # each helper thread's, for this read only
         super().__init__(snap, indices)
 
@@ -285,35 +289,30 @@ class ShardRead(TensorRead):
             local = target.buffer if target.buffer is not None else \
                 torch.empty(target.local_shape, dtype=TORCH_DTYPES[rec.dtype])
             self.buffers.append(local)
-            reads, copies = plan_reads(rec.as_chunks(), target, local)
-            for piece, view in reads:
+            for piece, view in plan_reads(rec.as_chunks(), target, local):
                 by_file.setdefault(piece.file, []).append(PieceRead(piece.offset, piece, view, k))
-            self.copies += copies
         return by_file
 
-    def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
-        """Read and verify the pieces (each job puts the parts of its edge pieces into place), then copy
-        the strided regions into place."""
-        super().run(jobs, direct=direct)
-        for source, dest in self.copies:
-            dest.copy_(source)
-
     def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list[PieceRead]) -> None:
-        """The edge pieces of the batch get scratch for this job only; their parts go into place once
-        the whole batch is verified."""
-        edges = [k for k, item in enumerate(batch) if type(item.view) is Edge]
-        if not edges:
+        """The edge and strided pieces of the batch get scratch for this job only; their parts go into
+        place once the whole batch is verified."""
+        spilled = [k for k, item in enumerate(batch) if type(item.view) in _SPILLED]
+        if not spilled:
             return super()._read_batch(source, direct, batch)
-        scratch = self._scratch_for(sum(batch[k].piece.length for k in edges), source.job_bytes)
-        batch, parts, pos = list(batch), [], 0
-        for k in edges:
-            edge, length = batch[k].view, batch[k].piece.length
-            batch[k] = batch[k]._replace(view=byte_view(scratch[pos: pos + length]))
-            parts.append((edge, pos + edge.start))
-            pos += length
+        at, pos = [], 0
+        for k in spilled:
+            at.append(pos)
+            pos += -(-batch[k].piece.length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN   # each piece element-aligned
+        scratch = self._scratch_for(pos, source.job_bytes)
+        batch, parts = list(batch), []
+        for k, start in zip(spilled, at):
+            spill, length = batch[k].view, batch[k].piece.length
+            data = scratch[start: start + length]
+            batch[k] = batch[k]._replace(view=byte_view(data))
+            parts.append((spill, data))
         super()._read_batch(source, direct, batch)
-        for edge, at in parts:
-            edge.dest.copy_(scratch[at: at + edge.dest.numel()])
+        for spill, data in parts:
+            spill.put(data)
 
     def _scratch_for(self, size: int, job_bytes: int) -> torch.Tensor:
         """`size` bytes of this thread's scratch. One buffer per thread, reused by its jobs: a new one

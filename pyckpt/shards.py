@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
-from .boxes import Box, SavedIndex, byte_span, holders, layout_of, local_layout, mesh_ranks
+from .boxes import Box, SavedIndex, byte_span, holders, intersect, layout_of, local_layout, mesh_ranks, range_boxes
 from .sysio import byte_view
 
 if TYPE_CHECKING:   # imported where a DTensor exists: torch.distributed.tensor costs 1.4 s to import
@@ -146,13 +146,6 @@ def _same(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-class Copy(NamedTuple):
-    """After the pieces are read and verified: copy `source` (a view of the read bytes) into `dest`."""
-
-    source: torch.Tensor
-    dest: torch.Tensor
-
-
 class Edge(NamedTuple):
     """A piece read whole for part of its bytes: [start, start + dest.numel()) of it go to `dest` (uint8)
     once it is verified. The reader reads it into its helper thread's scratch buffer (one per thread,
@@ -163,22 +156,42 @@ class Edge(NamedTuple):
     start: int
     dest: torch.Tensor
 
+    def put(self, data: torch.Tensor) -> None:
+        """Copy its part out of the verified piece (`data`: its bytes, uint8)."""
+        self.dest.copy_(data[self.start: self.start + self.dest.numel()])
 
-def plan_reads(chunks: list, target: Target, local: torch.Tensor) -> tuple[list[tuple[Any, Any]], list[Copy]]:
+
+class Strided(NamedTuple):
+    """A piece under a strided overlap (a column block of a row-major chunk: a tensor-parallel reshard),
+    read like an Edge into its job's scratch. Once it is verified, the elements of it inside the
+    region go to their views of the destination: `parts` are (sizes, strides, first element in the
+    piece, dest), at most 2 x dims - 1 per piece (a piece is a row-major range of its chunk). Planned
+    with scratch up front, a fresh optimizer's column reshard held twice its local state."""
+
+    dtype: torch.dtype
+    parts: list[tuple[tuple[int, ...], tuple[int, ...], int, torch.Tensor]]
+
+    def put(self, data: torch.Tensor) -> None:
+        elements = data.view(self.dtype)
+        base = elements.storage_offset()
+        for sizes, strides, first, dest in self.parts:
+            dest.copy_(elements.as_strided(sizes, strides, base + first))
+
+
+def plan_reads(chunks: list, target: Target, local: torch.Tensor) -> list[tuple[Any, Any]]:
     """How to fill `local` (the target's tensor, of the saved dtype) from the saved chunks: the pieces to
-    read, each with where its bytes go (a memoryview, or an Edge), and the copies to make once all are
-    verified. A piece wholly inside a range that is contiguous in both the chunk and `local` is read
-    straight into place; one at an edge of such a range is an Edge; those of a strided overlap are
-    read whole into scratch memory (every piece is checksummed whole) and the region is copied out."""
+    read, each with where its bytes go. A piece wholly inside a range that is contiguous in both the
+    chunk and `local` is read straight into place (a memoryview); one at an edge of such a range is an
+    Edge; one under a strided overlap is a Strided. Edges and Strideds hold no memory: the reader
+    gives them scratch while their read job runs (every piece is checksummed whole)."""
     itemsize = local.element_size()
     local_bytes = byte_view(local) if local.numel() else memoryview(b"")
     whole_local = Box((0,) * local.dim(), tuple(local.shape))
     same = _saved_as_is(chunks, target, whole_local)
     if same is not None:
-        return _contiguous_all(same.pieces, local_bytes), []
+        return _contiguous_all(same.pieces, local_bytes)
     index = SavedIndex([c.box for c in chunks])
     reads: list[tuple[Any, Any]] = []
-    copies: list[Copy] = []
     for box, inside in target.boxes:
         for c, region in index.plan(box):
             chunk = chunks[c]
@@ -188,8 +201,8 @@ def plan_reads(chunks: list, target: Target, local: torch.Tensor) -> tuple[list[
             if exact and dest_exact:
                 _contiguous(chunk.pieces, start, stop, local_bytes[at: at + stop - start], reads)
             else:
-                _strided(chunk, region, start, stop, itemsize, local[_slices(spot)], reads, copies)
-    return reads, copies
+                _strided(chunk, region, start, stop, itemsize, local[_slices(spot)], reads)
+    return reads
 
 
 def _saved_as_is(chunks: list, target: Target, whole_local: Box) -> Any:
@@ -232,26 +245,29 @@ def _contiguous(pieces: list, start: int, stop: int, dest: memoryview, reads: li
         reads.append((piece, Edge(a - lo, torch.frombuffer(dest[a - start: b - start], dtype=torch.uint8))))
 
 
-def _strided(chunk: Any, region: Box, start: int, stop: int, itemsize: int, dest: torch.Tensor, reads: list,
-             copies: list) -> None:
-    """A region that is not one byte range (a column block): the pieces spanning it are read into one
-    scratch buffer and the region is copied out of it as a strided view."""
-    pos, first = 0, None
-    spans = []
-    for piece in chunk.pieces:
-        lo, hi = pos, pos + piece.length
-        pos = hi
-        if hi > start and lo < stop:
-            first = lo if first is None else first
-            spans.append((piece, lo))
-    scratch = torch.empty(spans[-1][1] + spans[-1][0].length - first, dtype=torch.uint8)
-    for piece, lo in spans:
-        reads.append((piece, byte_view(scratch[lo - first: lo - first + piece.length])))
+def _strided(chunk: Any, region: Box, start: int, stop: int, itemsize: int, dest: torch.Tensor,
+             reads: list) -> None:
+    """A region that is not one byte range (a column block): each piece of the chunk holding some of
+    its elements is a Strided, with the boxes of the region it holds. Pieces within [start, stop)
+    holding none of it (a row longer than a piece, outside the block) are not read."""
     strides, step = [], 1
     for size in reversed(chunk.sizes):
         strides.append(step)
         step *= size
-    strides.reverse()
-    elements = scratch.view(dest.dtype) if scratch.numel() else scratch
-    source = elements.as_strided(region.sizes, strides, (start - first) // itemsize)
-    copies.append(Copy(source, dest))
+    strides = tuple(reversed(strides))
+    inside = Box(tuple(o - c for o, c in zip(region.offsets, chunk.offsets)), region.sizes)   # chunk coordinates
+    pos = 0
+    for piece in chunk.pieces:
+        lo, hi = pos, pos + piece.length
+        pos = hi
+        if hi <= start or lo >= stop:
+            continue
+        parts = []
+        for held in range_boxes(chunk.sizes, lo // itemsize, hi // itemsize):
+            part = intersect(held, inside)
+            if part is not None:
+                first = sum(o * s for o, s in zip(part.offsets, strides)) - lo // itemsize
+                spot = tuple(slice(o - i, o - i + n) for o, i, n in zip(part.offsets, inside.offsets, part.sizes))
+                parts.append((part.sizes, strides, first, dest[spot]))
+        if parts:
+            reads.append((piece, Strided(dest.dtype, parts)))

@@ -1,9 +1,10 @@
 """pyckpt.reader.ShardRead on a real data file: a resharded read takes part of the pieces at the
-edges of what a rank needs, reads them whole (a checksum covers a whole piece), and gives them
-scratch memory only as their read job runs. Before, every edge piece got its scratch when the
-read was planned and kept it to the end: a 20,000-tensor state restored 1 -> 4 ranks held 1.3 GiB
-of scratch per rank for 384 MiB of state (docs/PERFORMANCE.md, "Sharded bench"); each helper thread
-now reuses one scratch buffer for all its jobs."""
+edges of what a rank needs (and, for a column block, of every piece under it), reads them whole (a
+checksum covers a whole piece), and gives them scratch memory only as their read job runs. Before,
+every edge piece got its scratch when the read was planned and kept it to the end: a 20,000-tensor
+state restored 1 -> 4 ranks held 1.3 GiB of scratch per rank for 384 MiB of state
+(docs/PERFORMANCE.md, "Sharded bench"); a column block (a tensor-parallel reshard) held scratch for
+all the pieces under it. Each helper thread now reuses one scratch buffer for all its jobs."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from pyckpt.errors import IntegrityError
 from pyckpt.manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord, checksum
 from pyckpt.posix_store import PosixSource
 from pyckpt.reader import ShardRead, Snapshot
-from pyckpt.shards import Edge, Target
+from pyckpt.shards import Edge, Strided, Target
 from pyckpt.sysio import helper_pool
 
 ROWS, COLS, PIECE = 64, 256, 16 << 10       # a 64 KiB float32 tensor in four 16 KiB pieces
@@ -52,24 +53,30 @@ def _rows(first: int, stop: int) -> Target:
     return Target([(box, Box((0, 0), box.sizes))], box.sizes, None, lambda value: value)
 
 
-def _read(snap: Snapshot, first: int, stop: int, direct: bool) -> tuple[list, list, int, list]:
-    """Rows [first, stop) of every tensor: the planned destinations of the pieces (before any is read),
-    the copies left for after the read, the bytes read, and the values."""
-    with ShardRead(snap, list(range(TENSORS)), [_rows(first, stop) for _ in range(TENSORS)]) as read:
+def _cols(first: int, stop: int) -> Target:
+    """What a rank holding columns [first, stop) of each tensor needs (a Shard(1) tensor-parallel shard)."""
+    box = Box((0, first), (ROWS, stop - first))
+    return Target([(box, Box((0, 0), box.sizes))], box.sizes, None, lambda value: value)
+
+
+def _read(snap: Snapshot, first: int, stop: int, direct: bool, of=_rows) -> tuple[list, int, list]:
+    """Rows (or columns, of=_cols) [first, stop) of every tensor: the planned destinations of the pieces
+    (before any is read), the bytes read, and the values."""
+    with ShardRead(snap, list(range(TENSORS)), [of(first, stop) for _ in range(TENSORS)]) as read:
         planned = [item.view for job in read.jobs for item in job.pieces]
-        copies, read_bytes = list(read.copies), read.bytes_read
+        read_bytes = read.bytes_read
         read.run(direct=direct)
-        return planned, copies, read_bytes, read.values()
+        return planned, read_bytes, read.values()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_edge_pieces_are_read_whole_and_only_their_part_is_kept(tmp_path, direct):
     snap, tensors, _ = _snapshot(tmp_path)
     # rows 10-30 are bytes 10 KiB-30 KiB: parts of pieces 0 and 1, both edges
-    planned, copies, read_bytes, values = _read(snap, 10, 30, direct)
-    # planned without scratch: every piece is an Edge, none holds memory yet, nothing to copy after
+    planned, read_bytes, values = _read(snap, 10, 30, direct)
+    # planned without scratch: every piece is an Edge, none holds memory yet
     assert [type(view) for view in planned] == [Edge] * (2 * TENSORS)
-    assert copies == [] and read_bytes == 2 * PIECE * TENSORS
+    assert read_bytes == 2 * PIECE * TENSORS
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[10:30])
 
@@ -77,8 +84,8 @@ def test_edge_pieces_are_read_whole_and_only_their_part_is_kept(tmp_path, direct
 def test_whole_pieces_go_straight_into_place(tmp_path):
     snap, tensors, _ = _snapshot(tmp_path)
     # rows 16-48 are exactly pieces 1 and 2
-    planned, copies, read_bytes, values = _read(snap, 16, 48, direct=False)
-    assert not any(type(view) is Edge for view in planned) and copies == [] and read_bytes == 2 * PIECE * TENSORS
+    planned, read_bytes, values = _read(snap, 16, 48, direct=False)
+    assert all(type(view) is memoryview for view in planned) and read_bytes == 2 * PIECE * TENSORS
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[16:48])
 
@@ -94,6 +101,28 @@ def test_a_flipped_byte_in_an_edge_piece_is_caught(tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         _read(snap, 10, 30, direct=False)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_a_column_block_is_read_piece_by_piece_into_job_scratch(tmp_path, direct):
+    snap, tensors, _ = _snapshot(tmp_path)
+    # columns 100-200 of every row: all four pieces hold some, none is contiguous in the destination
+    planned, read_bytes, values = _read(snap, 100, 200, direct, of=_cols)
+    assert [type(view) for view in planned] == [Strided] * (4 * TENSORS)   # no scratch at planning
+    assert read_bytes == 4 * PIECE * TENSORS
+    for value, tensor in zip(values, tensors):
+        assert torch.equal(value, tensor[:, 100:200])
+
+
+def test_a_flipped_byte_under_a_column_block_is_caught(tmp_path):
+    snap, tensors, path = _snapshot(tmp_path)
+    with open(path, "r+b") as f:   # tensor 5, row 40, column 0: outside the block, inside a piece read
+        f.seek(5 * ROWS * COLS * 4 + 40 * COLS * 4)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        _read(snap, 100, 200, direct=False, of=_cols)
 
 
 def test_edge_jobs_reuse_one_scratch_buffer_per_thread(tmp_path, monkeypatch):
@@ -118,3 +147,29 @@ def test_edge_jobs_reuse_one_scratch_buffer_per_thread(tmp_path, monkeypatch):
     assert 1 <= len(allocated) <= helper_pool()._max_workers   # threads, not jobs
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[10:30])
+
+
+def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monkeypatch):
+    """A column block's pieces used to get their scratch when the read was planned, all at once: a
+    fresh optimizer restored on a new tensor-parallel degree held twice its local state. Now the
+    scratch of a read is one buffer per helper thread, of at most a job's size."""
+    monkeypatch.setattr(PosixSource, "job_bytes", 2 * PIECE)
+    snap, tensors, _ = _snapshot(tmp_path)
+    allocated = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        allocated.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", counting_empty)
+    with ShardRead(snap, list(range(TENSORS)), [_cols(3, 251) for _ in range(TENSORS)]) as read:
+        planned = len(allocated)     # the destination tensors only
+        read.run(direct=False)
+        scratch = allocated[planned:]
+        values = read.values()
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert planned == TENSORS
+    assert 1 <= len(scratch) <= helper_pool()._max_workers and max(scratch) <= 2 * PIECE
+    for value, tensor in zip(values, tensors):
+        assert torch.equal(value, tensor[:, 3:251])
