@@ -29,7 +29,7 @@ from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
 from .sysio import aligned_buffers, byte_view, helper_pool
-from .shards import Edge, Strided, Target, dtensor_target, plan_reads, whole_target
+from .shards import SHARD_PIECE, Edge, Strided, Target, dtensor_target, plan_reads, whole_target
 from .tree import TORCH_DTYPES, is_dtensor, references, unflatten
 
 
@@ -270,6 +270,13 @@ class TensorRead:
 
 _SPILLED = (Edge, Strided)   # read into scratch, then put in place
 _SCRATCH_ALIGN = 64         # any dtype's view of a piece in scratch starts aligned
+# Scratch bytes of one read job (more only for one larger piece): two sharded pieces, so a resharded
+# restore holds at most 2 x SHARD_PIECE x reader threads of scratch (16 MiB with 4 threads).
+SPILL_JOB = 2 * SHARD_PIECE
+
+
+def _scratch_bytes(length: int) -> int:
+    return -(-length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
 
 class ShardRead(TensorRead):
@@ -302,8 +309,8 @@ class ShardRead(TensorRead):
         at, pos = [], 0
         for k in spilled:
             at.append(pos)
-            pos += -(-batch[k].piece.length // _SCRATCH_ALIGN) * _SCRATCH_ALIGN   # each piece element-aligned
-        scratch = self._scratch_for(pos, source.job_bytes)
+            pos += _scratch_bytes(batch[k].piece.length)
+        scratch = self._scratch_for(pos)
         batch, parts = list(batch), []
         for k, start in zip(spilled, at):
             spill, length = batch[k].view, batch[k].piece.length
@@ -314,7 +321,7 @@ class ShardRead(TensorRead):
         for spill, data in parts:
             spill.put(data)
 
-    def _scratch_for(self, size: int, job_bytes: int) -> torch.Tensor:
+    def _scratch_for(self, size: int) -> torch.Tensor:
         """`size` bytes of this thread's scratch. One buffer per thread, reused by its jobs: a new one
         per job made glibc raise its mmap threshold after the first was freed, and the later ones,
         taken from the threads' arenas, stayed there (a first 1 -> 4 restore of the 20,000-tensor state
@@ -322,7 +329,7 @@ class ShardRead(TensorRead):
         thread = threading.get_ident()
         buffer = self._scratch.get(thread)
         if buffer is None or buffer.numel() < size:
-            buffer = self._scratch[thread] = torch.empty(max(size, job_bytes), dtype=torch.uint8)
+            buffer = self._scratch[thread] = torch.empty(max(size, SPILL_JOB), dtype=torch.uint8)
         return buffer[:size]
 
     def close(self) -> None:
@@ -520,18 +527,20 @@ _SCRATCH = memoryview(bytearray(_MAX_GAP))  # shared by every read: gap bytes ar
 
 
 def _batches(pieces: list[PieceRead], job_bytes: int) -> list[list[PieceRead]]:
-    """Cut file-ordered pieces into read jobs: contiguous runs of at most job_bytes (or one larger piece)
-    and _BATCH_IOV // 2 pieces each."""
-    out, current, size, end = [], [], 0, None
+    """Cut file-ordered pieces into read jobs: contiguous runs of at most job_bytes, _BATCH_IOV // 2
+    pieces and SPILL_JOB bytes of pieces read into scratch (or one larger piece)."""
+    out, current, size, spilled, end = [], [], 0, 0, None
     for item in pieces:
         offset, piece = item.offset, item.piece
+        spill = _scratch_bytes(piece.length) if type(item.view) in _SPILLED else 0
         joins = current and 0 <= offset - end <= _MAX_GAP and size + piece.length <= job_bytes \
-            and len(current) < _BATCH_IOV // 2
+            and len(current) < _BATCH_IOV // 2 and spilled + spill <= SPILL_JOB
         if not joins and current:
             out.append(current)
-            current, size = [], 0
+            current, size, spilled = [], 0, 0
         current.append(item)
         size += piece.length
+        spilled += spill
         end = offset + piece.length
     if current:
         out.append(current)

@@ -17,6 +17,7 @@ from pyckpt.boxes import Box
 from pyckpt.errors import IntegrityError
 from pyckpt.manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord, checksum
 from pyckpt.posix_store import PosixSource
+from pyckpt import reader
 from pyckpt.reader import ShardRead, Snapshot
 from pyckpt.shards import Edge, Strided, Target
 from pyckpt.sysio import helper_pool
@@ -151,9 +152,10 @@ def test_edge_jobs_reuse_one_scratch_buffer_per_thread(tmp_path, monkeypatch):
 
 def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monkeypatch):
     """A column block's pieces used to get their scratch when the read was planned, all at once: a
-    fresh optimizer restored on a new tensor-parallel degree held twice its local state. Now the
-    scratch of a read is one buffer per helper thread, of at most a job's size."""
-    monkeypatch.setattr(PosixSource, "job_bytes", 2 * PIECE)
+    fresh optimizer restored on a new tensor-parallel degree held twice its local state. Now a job
+    holds at most SPILL_JOB bytes of pieces read into scratch (two pieces: 2 x 16 KiB here), and each
+    helper thread one buffer of that size for the whole read."""
+    monkeypatch.setattr(reader, "SPILL_JOB", 2 * PIECE)
     snap, tensors, _ = _snapshot(tmp_path)
     allocated = []
     real_empty = torch.empty
@@ -165,11 +167,12 @@ def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monke
     monkeypatch.setattr(torch, "empty", counting_empty)
     with ShardRead(snap, list(range(TENSORS)), [_cols(3, 251) for _ in range(TENSORS)]) as read:
         planned = len(allocated)     # the destination tensors only
+        assert [len(job.pieces) for job in read.jobs] == [2] * (2 * TENSORS)
         read.run(direct=False)
         scratch = allocated[planned:]
         values = read.values()
     monkeypatch.setattr(torch, "empty", real_empty)
     assert planned == TENSORS
-    assert 1 <= len(scratch) <= helper_pool()._max_workers and max(scratch) <= 2 * PIECE
+    assert 1 <= len(scratch) <= helper_pool()._max_workers and max(scratch) == 2 * PIECE
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[:, 3:251])
