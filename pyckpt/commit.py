@@ -24,7 +24,7 @@ from .boxes import Box, check_tiling, volume
 from .manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
 from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
-from .shards import pieces_of
+from .shards import SHARD_PIECE, pieces_of
 from .storage import Stage, Store
 
 log = logging.getLogger("pyckpt")
@@ -134,10 +134,11 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
         for s in plan.slices:
             tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         for index, offsets, box_sizes, start, length, ranks, file_offset in report.shards:
-            pieces = [Piece(rank, file_offset + off, n, next(digests))
-                      for off, n in pieces_of(length)]
-            parts.setdefault(index, {}).setdefault((tuple(offsets), tuple(box_sizes)), []).append(
-                (start, pieces, list(ranks)))
+            if 0 < length <= SHARD_PIECE:   # one piece: most parts of a many-tensor state
+                pieces = [Piece(rank, file_offset, length, next(digests))]
+            else:
+                pieces = [Piece(rank, file_offset + off, n, next(digests)) for off, n in pieces_of(length)]
+            parts.setdefault(index, {}).setdefault((offsets, box_sizes), []).append((start, pieces, list(ranks)))
         base = len(tensors)
         tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
         private_sizes = [n for _, _, n in report.private_records]
@@ -159,8 +160,10 @@ def _chunks(tensors: list[TensorRecord], parts: dict[int, dict[tuple, list]], tr
             continue
         itemsize = TORCH_DTYPES[record.dtype].itemsize
         problem = None
-        for (offsets, sizes), written in sorted(parts.get(index, {}).items()):
-            written.sort(key=lambda part: part[0])
+        boxes = sorted(parts.get(index, {}).items())
+        for (offsets, sizes), written in boxes:
+            if len(written) > 1:      # a box split between its holders (HSDP replicas)
+                written.sort(key=lambda part: part[0])
             pos, pieces = 0, []
             for start, part_pieces, ranks in written:
                 if start != pos:
@@ -170,7 +173,7 @@ def _chunks(tensors: list[TensorRecord], parts: dict[int, dict[tuple, list]], tr
             if pos != volume(Box(offsets, sizes)) * itemsize:
                 problem = problem or f"the box at {list(offsets)} has {pos} bytes written, not {volume(Box(offsets, sizes)) * itemsize}"
             record.chunks.append(Chunk(list(offsets), list(sizes), pieces, written[0][2]))
-        problem = problem or check_tiling(tuple(record.shape), [c.box for c in record.chunks])
+        problem = problem or check_tiling(tuple(record.shape), [Box(*box) for box, _ in boxes])
         if problem:
             names = names or tensor_paths(tree)
             raise SnapshotError(f"sharded tensor {names.get(index, index)!r} of shape {record.shape}: {problem}; "
