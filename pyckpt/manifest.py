@@ -314,10 +314,14 @@ class _Validator:
             raise self.fail(f"tensor {index}: nbytes {nbytes} does not match shape {shape} x {itemsize} bytes")
         if "chunks" in t:
             return self._chunked(index, t, dtype, shape, nbytes, itemsize, files)
-        return TensorRecord(dtype, shape, nbytes, self._pieces(f"tensor {index}", t.get("pieces"), nbytes, files))
+        # numpy arrays of any itemsize are cut at 64-byte boundaries between ranks; torch's itemsizes divide 64
+        whole = 1 if dtype.startswith("numpy:") else itemsize
+        return TensorRecord(dtype, shape, nbytes, self._pieces(f"tensor {index}", t.get("pieces"), nbytes, whole, files))
 
-    def _pieces(self, what: str | _Lazy, raw: Any, nbytes: int, files: list[FileRecord]) -> list[Piece]:
-        """The pieces of a tensor or chunk of nbytes bytes: each inside its file, together exactly nbytes."""
+    def _pieces(self, what: str | _Lazy, raw: Any, nbytes: int, itemsize: int, files: list[FileRecord]) -> list[Piece]:
+        """The pieces of a tensor or chunk of nbytes bytes: each inside its file and a whole number of
+        elements (a piece under a column block is copied out element by element), together exactly
+        nbytes."""
         if type(raw) is not list:
             raise self.fail(f"{what} pieces must be a list")
         pieces = []
@@ -332,6 +336,8 @@ class _Validator:
                 self.int(file, f"{what} piece file", 0, nfiles - 1)
             if type(length) is not int or not 0 <= length <= nbytes:
                 self.int(length, f"{what} piece length", 0, nbytes)
+            if length % itemsize:
+                raise self.fail(f"{what}: piece length {length} is not a whole number of {itemsize}-byte elements")
             if type(offset) is not int or not 0 <= offset <= files[file].size - length:
                 self.int(offset, f"{what} piece offset", 0, files[file].size - length)
             if type(digest) is not str or hex16(digest) is None:
@@ -373,7 +379,7 @@ class _Validator:
                 raise self.fail(f"tensor {index} chunk {c}: ranks must be integers")
             if volume > MAX_DIM_PRODUCT:
                 raise self.fail(f"tensor {index} chunk {c}: sizes {sizes} are too large")
-            pieces = self._pieces(_Lazy(index, c), entry.get("pieces"), volume * itemsize, files)
+            pieces = self._pieces(_Lazy(index, c), entry.get("pieces"), volume * itemsize, itemsize, files)
             chunks.append(Chunk(offsets, sizes, pieces, ranks))
         problem = check_tiling(tuple(shape), [c.box for c in chunks])
         if problem is not None:

@@ -177,6 +177,12 @@ def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem):
     _refused_after(rounds, tmp_path, edit, problem)
 
 
+def _split_mid_element(pieces: list) -> list:
+    """The first piece cut after its first byte, inside a float32 element: lengths still add up."""
+    first = pieces[0]
+    return [dict(first, length=1), dict(first, offset=first["offset"] + 1, length=first["length"] - 1)] + pieces[1:]
+
+
 def _second(change):
     return lambda record: change(record["chunks"][1])
 
@@ -188,6 +194,8 @@ def _second(change):
     (_second(lambda c: c.update(ranks=["0"])), r"tensor \d+ chunk 1: ranks must be integers"),
     (_second(lambda c: c.update(pieces={"0": c["pieces"][0]})), r"tensor \d+ chunk 1 pieces must be a list"),
     (_second(lambda c: c["pieces"][0].update(xxh3="zz")), r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
-], ids=["offset-string", "sizes-short", "ranks-strings", "pieces-object", "piece-checksum"])
+    (_second(lambda c: c.update(pieces=_split_mid_element(c["pieces"]))),
+     r"tensor \d+ chunk 1: piece length 1 is not a whole number of 4-byte elements"),
+], ids=["offset-string", "sizes-short", "ranks-strings", "pieces-object", "piece-checksum", "piece-mid-element"])
 def test_malformed_chunk_fields_are_refused_naming_tensor_and_chunk(rounds, tmp_path, edit, problem):
     _refused_after(rounds, tmp_path, edit, problem)
