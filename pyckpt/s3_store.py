@@ -609,7 +609,7 @@ def _gone_from_this_machine(holder: dict) -> bool:
     except ProcessLookupError:
         return True
     except OSError:            # EPERM: it exists (another user's)
-        return False
+        pass
     return False
 
 

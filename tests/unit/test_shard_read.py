@@ -7,6 +7,7 @@ state restored 1 -> 4 ranks held 1.3 GiB of scratch per rank for 384 MiB of stat
 all the pieces under it. Each helper thread now reuses one scratch buffer for all its jobs."""
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -126,24 +127,33 @@ def test_a_flipped_byte_under_a_column_block_is_caught(tmp_path):
         _read(snap, 100, 200, direct=False, of=_cols)
 
 
+@contextlib.contextmanager
+def _counting_empty(monkeypatch):
+    """The first argument (the size) of every torch.empty call made inside, from any thread."""
+    sizes = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        sizes.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", counting_empty)
+    try:
+        yield sizes
+    finally:
+        monkeypatch.setattr(torch, "empty", real_empty)
+
+
 def test_edge_jobs_reuse_one_scratch_buffer_per_thread(tmp_path, monkeypatch):
     """A new scratch tensor per job made glibc raise its mmap threshold once the first was freed; the
     later ones came from the threads' arenas and stayed (a first 1 -> 4 restore of the 20,000-tensor
     state kept 330-410 MiB per rank). Each helper thread now reuses one buffer for the whole read."""
     monkeypatch.setattr(PosixSource, "job_bytes", 2 * PIECE)   # one job per tensor: 40 jobs
     snap, tensors, _ = _snapshot(tmp_path)
-    allocated = []
-    real_empty = torch.empty
-
-    def counting_empty(*args, **kwargs):
-        allocated.append(args)
-        return real_empty(*args, **kwargs)
-
     with ShardRead(snap, list(range(TENSORS)), [_rows(10, 30) for _ in range(TENSORS)]) as read:
         assert len(read.jobs) == TENSORS
-        monkeypatch.setattr(torch, "empty", counting_empty)
-        read.run(direct=False)
-        monkeypatch.setattr(torch, "empty", real_empty)
+        with _counting_empty(monkeypatch) as allocated:
+            read.run(direct=False)
         values = read.values()
     assert 1 <= len(allocated) <= helper_pool()._max_workers   # threads, not jobs
     for value, tensor in zip(values, tensors):
@@ -157,21 +167,13 @@ def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monke
     helper thread one buffer of that size for the whole read."""
     monkeypatch.setattr(reader, "SPILL_JOB", 2 * PIECE)
     snap, tensors, _ = _snapshot(tmp_path)
-    allocated = []
-    real_empty = torch.empty
-
-    def counting_empty(*args, **kwargs):
-        allocated.append(args[0])
-        return real_empty(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "empty", counting_empty)
-    with ShardRead(snap, list(range(TENSORS)), [_cols(3, 251) for _ in range(TENSORS)]) as read:
+    with _counting_empty(monkeypatch) as allocated, \
+            ShardRead(snap, list(range(TENSORS)), [_cols(3, 251) for _ in range(TENSORS)]) as read:
         planned = len(allocated)     # the destination tensors only
         assert [len(job.pieces) for job in read.jobs] == [2] * (2 * TENSORS)
         read.run(direct=False)
         scratch = allocated[planned:]
         values = read.values()
-    monkeypatch.setattr(torch, "empty", real_empty)
     assert planned == TENSORS
     assert 1 <= len(scratch) <= helper_pool()._max_workers and max(scratch) == 2 * PIECE
     for value, tensor in zip(values, tensors):
