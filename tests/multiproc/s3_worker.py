@@ -34,7 +34,10 @@ def main() -> int:
         coordinator.restore(args.url, restored)
         values = sorted({float(v) for t in fresh.tensors.values() for v in torch.unique(t)})
         own = sorted({float(v) for t in fresh_mine.tensors.values() for v in torch.unique(t)})
-        print(f"restored {coordinator.rank} step {restored.step} values {values} mine {own}", flush=True)
+        # One write per line: both ranks share torchrun's stdout, and print's separate "\n" write
+        # let another rank's line land between them when the stream is unbuffered.
+        sys.stdout.write(f"restored {coordinator.rank} step {restored.step} values {values} mine {own}\n")
+        sys.stdout.flush()
     return 0
 
 
