@@ -6,6 +6,8 @@ raises IntegrityError instead of allocating huge memory or touching paths outsid
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import re
@@ -19,11 +21,14 @@ from .boxes import Box, check_tiling
 from .errors import IntegrityError, SnapshotError
 from .tree import ARRAY, NUMPY_KINDS, SHARDED, TENSOR, TORCH_DTYPES, tensor_paths, validate
 
-# Manifest versions: 2 adds chunked (sharded) tensors. A snapshot without any is written as version 1,
-# which pyckpt before sharded state reads too; this pyckpt reads both.
-FORMAT_VERSION = 2
+# Manifest versions: 2 added chunked (sharded) tensors, each chunk an object with its pieces; 3 stores
+# every chunk and piece in two tables of columns instead (a 20k-tensor FSDP2 state on 4 ranks has 60k
+# chunks: half the bytes, and a reader checks the columns in bulk). A snapshot without sharded tensors
+# is written as version 1, which pyckpt before sharded state reads too; this pyckpt reads all three.
+FORMAT_VERSION = 3
 PLAIN_VERSION = 1
-READ_VERSIONS = (1, 2)
+OBJECT_CHUNKS = 2               # the version whose chunks are objects inside their tensor (read only)
+READ_VERSIONS = (1, 2, 3)
 COMMIT_VERSION = 1              # the commit record's own format
 MAX_CHUNKS = 1 << 20            # chunks of one tensor (a hostile manifest may not make tiling checks slow)
 ALIGN = 64                      # every tensor starts on a 64-byte boundary in its file
@@ -42,6 +47,7 @@ MAX_TIME = 253_402_300_799      # 9999-12-31 23:59:59 UTC: the latest time a sna
 DATA_FILE = re.compile(r"^data-(0|[1-9][0-9]{0,5})\.bin$")
 VERSION_NAME = re.compile(r"^v[0-9]{8}$")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX = re.compile(r"[0-9a-f]*")
 
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
@@ -64,8 +70,28 @@ def _tensor_json(t: TensorRecord) -> dict:
     if t.chunks is None:
         return {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "pieces": _pieces_json(t.pieces)}
     return {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "placements": t.placements,
-            "chunks": [{"offsets": c.offsets, "sizes": c.sizes, "ranks": c.ranks, "pieces": _pieces_json(c.pieces)}
-                       for c in t.chunks]}
+            "chunks": len(t.chunks)}
+
+
+def _tables_json(tensors: list[TensorRecord]) -> tuple[dict, dict]:
+    """The chunk table and the piece table: every sharded tensor's chunks in tensor order, each
+    chunk's pieces in chunk order, one list per field (docs/FORMAT.md)."""
+    offsets, sizes, holders, ranks, counts = [], [], [], [], []
+    files, where, lengths, digests = [], [], [], []
+    for t in tensors:
+        for c in t.chunks or ():
+            offsets += c.offsets
+            sizes += c.sizes
+            holders.append(len(c.ranks))
+            ranks += c.ranks
+            counts.append(len(c.pieces))
+            for p in c.pieces:
+                files.append(p.file)
+                where.append(p.offset)
+                lengths.append(p.length)
+                digests.append(p.xxh3)
+    return ({"offsets": offsets, "sizes": sizes, "holders": holders, "ranks": ranks, "pieces": counts},
+            {"file": files, "offset": where, "length": lengths, "xxh3": "".join(digests)})
 
 
 def _pieces_json(pieces: list[Piece]) -> list[dict]:
@@ -173,6 +199,7 @@ class Manifest:
                 "format_version": self.format_version}
         if any(t.chunks is not None for t in self.tensors):
             body["format_version"] = FORMAT_VERSION
+            body["chunk_table"], body["piece_table"] = _tables_json(self.tensors)
         data = json.dumps(body, separators=(",", ":"), check_circular=False).encode()
         if len(data) > MAX_MANIFEST:
             raise SnapshotError(f"the manifest would be {len(data)} bytes, more than {MAX_MANIFEST}: the state "
@@ -207,7 +234,7 @@ class Manifest:
         v.check(type(version) is int and version in READ_VERSIONS,
                 f"format_version {str(version)[:40]!r} is not supported (this pyckpt reads {READ_VERSIONS}); "
                 "upgrade pyckpt")
-        v.chunked_ok = version >= 2
+        v.chunked_ok = version >= OBJECT_CHUNKS
         world = v.int(body.get("world_size"), "world_size", 1, 1 << 20)
         files = [FileRecord(v.file_name(f.get("name") if isinstance(f, dict) else None),
                             v.int(f.get("size"), "file size", 0, 1 << 62))
@@ -215,10 +242,14 @@ class Manifest:
         v.check([f.name for f in files] == [data_file_name(r) for r in range(len(files))] and len(files) == world,
                 "files must be data-0.bin .. data-<world_size-1>.bin")
         total = sum(f.size for f in files)
+        if version > OBJECT_CHUNKS:
+            v.tables = _Tables(v, body.get("chunk_table"), body.get("piece_table"), files)
         tensors = []
         for i, t in enumerate(v.list(body.get("tensors"), "tensors")):
             v.check(isinstance(t, dict), f"tensor {i} is not an object")
             tensors.append(v.tensor(i, t, files, total))
+        if v.tables is not None:
+            v.tables.finish()
         # Each stored byte belongs to one tensor: a manifest claiming more than the files hold would
         # make the reader allocate memory for bytes that do not exist.
         claimed = sum(t.nbytes for t in tensors)
@@ -236,6 +267,7 @@ class _Validator:
     def __init__(self, where: str):
         self.where = where
         self.chunked_ok = False          # chunked tensors: format version 2 on
+        self.tables: _Tables | None = None   # version 3: where the chunks are
 
     def fail(self, problem: str) -> IntegrityError:
         return IntegrityError(f"{self.where}: {problem}", file=self.where)
@@ -313,12 +345,14 @@ class _Validator:
         if nbytes != count * itemsize:
             raise self.fail(f"tensor {index}: nbytes {nbytes} does not match shape {shape} x {itemsize} bytes")
         if "chunks" in t:
-            return self._chunked(index, t, dtype, shape, nbytes, itemsize, files)
+            if self.tables is not None:
+                return self.tables.take(index, t, dtype, shape, nbytes, itemsize)
+            return self.chunk_objects(index, t, dtype, shape, nbytes, itemsize, files)
         # numpy arrays of any itemsize are cut at 64-byte boundaries between ranks; torch's itemsizes divide 64
         whole = 1 if dtype.startswith("numpy:") else itemsize
-        return TensorRecord(dtype, shape, nbytes, self._pieces(f"tensor {index}", t.get("pieces"), nbytes, whole, files))
+        return TensorRecord(dtype, shape, nbytes, self.pieces(f"tensor {index}", t.get("pieces"), nbytes, whole, files))
 
-    def _pieces(self, what: str | _Lazy, raw: Any, nbytes: int, itemsize: int, files: list[FileRecord]) -> list[Piece]:
+    def pieces(self, what: str | _Lazy, raw: Any, nbytes: int, itemsize: int, files: list[FileRecord]) -> list[Piece]:
         """The pieces of a tensor or chunk of nbytes bytes: each inside its file and a whole number of
         elements (a piece under a column block is copied out element by element), together exactly
         nbytes."""
@@ -348,17 +382,33 @@ class _Validator:
             raise self.fail(f"{what}: pieces cover {covered} of {nbytes} bytes")
         return pieces
 
-    def _chunked(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int,
-                 files: list[FileRecord]) -> TensorRecord:
-        """A sharded tensor: chunks that tile its shape exactly, each with pieces covering its bytes.
-        As in tensor(): plain comparisons, messages formatted only on failure (once per sharded tensor
-        on every restore)."""
+    def chunked_tensor(self, index: int, t: dict, dtype: str) -> None:
+        """What every version asks of a sharded tensor's own record."""
         if not self.chunked_ok:
             raise self.fail(f"tensor {index}: chunks in a format_version 1 manifest")
         if dtype.startswith("numpy:"):
             raise self.fail(f"tensor {index}: a numpy array cannot be chunked")
         if "pieces" in t:
             raise self.fail(f"tensor {index}: both pieces and chunks")
+
+    def sharded(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int,
+                chunks: list[Chunk], tiled: bool = False) -> TensorRecord:
+        """The record of a sharded tensor whose chunks are read: they must tile its shape (tiled: the
+        caller saw them do so)."""
+        problem = None if tiled else check_tiling(tuple(shape), [c.box for c in chunks])
+        if problem is not None:
+            raise self.fail(f"tensor {index}: its chunks do not tile shape {shape}: {problem}")
+        placements = t.get("placements", "")
+        if type(placements) is not str or len(placements) > 1000:
+            raise self.fail(f"tensor {index}: placements is not a string")
+        return TensorRecord(dtype, shape, nbytes, [], chunks, placements)
+
+    def chunk_objects(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int,
+                 files: list[FileRecord]) -> TensorRecord:
+        """A sharded tensor whose chunks are objects (version 2, and version 3's check of a tensor
+        whose columns failed the bulk checks): chunks that tile its shape exactly, each with pieces
+        covering its bytes. As in tensor(): plain comparisons, messages formatted only on failure."""
+        self.chunked_tensor(index, t, dtype)
         raw = self.list(t.get("chunks"), f"tensor {index} chunks")
         if len(raw) > MAX_CHUNKS:
             raise self.fail(f"tensor {index}: {len(raw)} chunks, more than {MAX_CHUNKS}")
@@ -379,15 +429,9 @@ class _Validator:
                 raise self.fail(f"tensor {index} chunk {c}: ranks must be integers")
             if volume > MAX_DIM_PRODUCT:
                 raise self.fail(f"tensor {index} chunk {c}: sizes {sizes} are too large")
-            pieces = self._pieces(_Lazy(index, c), entry.get("pieces"), volume * itemsize, itemsize, files)
+            pieces = self.pieces(_Lazy(index, c), entry.get("pieces"), volume * itemsize, itemsize, files)
             chunks.append(Chunk(offsets, sizes, pieces, ranks))
-        problem = check_tiling(tuple(shape), [c.box for c in chunks])
-        if problem is not None:
-            raise self.fail(f"tensor {index}: its chunks do not tile shape {shape}: {problem}")
-        placements = t.get("placements", "")
-        if type(placements) is not str or len(placements) > 1000:
-            raise self.fail(f"tensor {index}: placements is not a string")
-        return TensorRecord(dtype, shape, nbytes, [], chunks, placements)
+        return self.sharded(index, t, dtype, shape, nbytes, chunks)
 
     def _numpy_itemsize(self, index: int, dtype: Any) -> int:
         if isinstance(dtype, str) and dtype.startswith("numpy:"):
@@ -399,6 +443,141 @@ class _Validator:
                        f"tensor {index}: numpy dtype {dtype!r} is not plain numbers")
             return np_dtype.itemsize
         raise self.fail(f"tensor {index}: dtype {str(dtype)[:40]!r} is not supported")
+
+
+def _all_ints(values: list, low: int, high: int) -> bool:
+    """Whether every value is an int (not a bool) in [low, high], checked in C (map, set, min, max)."""
+    return not values or (set(map(type, values)) == {int} and low <= min(values) and max(values) <= high)
+
+
+class _Tables:
+    """Version 3's chunk and piece tables (docs/FORMAT.md), handed out tensor by tensor in order.
+
+    Their columns are checked in bulk first: types and bounds in C, each piece's place in its file with
+    numpy. If that passes, a tensor's chunks are cut from the columns with per-chunk checks only (the
+    bytes its pieces cover, the tiling). If it does not, each tensor is checked as the version 2 record
+    made of its rows, which names the first bad field in the same words as a version 2 manifest."""
+
+    CHUNK_COLUMNS = ("offsets", "sizes", "holders", "ranks", "pieces")
+    PIECE_COLUMNS = ("file", "offset", "length", "xxh3")
+
+    def __init__(self, v: _Validator, chunk_table: Any, piece_table: Any, files: list[FileRecord]):
+        self.v, self.files = v, files
+        for name, table, columns in (("chunk_table", chunk_table, self.CHUNK_COLUMNS),
+                                     ("piece_table", piece_table, self.PIECE_COLUMNS)):
+            v.check(type(table) is dict and sorted(table) == sorted(columns),
+                    f"{name} must be an object of {', '.join(columns)}")
+            for column in columns:
+                v.check(type(table[column]) is (str if column == "xxh3" else list),
+                        f"{name} {column} must be a {'string' if column == 'xxh3' else 'list'}")
+        self.offsets, self.sizes, self.ranks = chunk_table["offsets"], chunk_table["sizes"], chunk_table["ranks"]
+        holders, counts = chunk_table["holders"], chunk_table["pieces"]
+        self.column = piece_table
+        npieces = len(piece_table["file"])
+        v.check(len(holders) == len(counts) and len(self.offsets) == len(self.sizes),
+                "chunk_table: holders and pieces need one entry per chunk, offsets and sizes one per chunk dimension")
+        v.check(_all_ints(holders, 0, 1 << 20) and _all_ints(counts, 0, npieces),
+                f"chunk_table holders and pieces must be counts (integers in [0, {npieces}])")
+        v.check(sum(counts) == npieces == len(piece_table["offset"]) == len(piece_table["length"]),
+                f"piece_table holds {npieces} files, {len(piece_table['offset'])} offsets and "
+                f"{len(piece_table['length'])} lengths; chunk_table names {sum(counts)} pieces")
+        v.check(len(piece_table["xxh3"]) == 16 * npieces,
+                f"piece_table xxh3 holds {len(piece_table['xxh3'])} characters, not 16 per piece")
+        v.check(sum(holders) == len(self.ranks), "chunk_table ranks must hold the holders of each chunk in turn")
+        self.piece_at = list(itertools.accumulate(counts, initial=0))   # chunk j's pieces: [piece_at[j], piece_at[j+1])
+        self.rank_at = list(itertools.accumulate(holders, initial=0))
+        self.chunk = self.cell = 0           # the next tensor's first chunk and its first offset
+        self.fast = self._bulk_checks()
+        if self.fast:
+            x = piece_table["xxh3"]
+            self.pieces = list(map(Piece, piece_table["file"], piece_table["offset"], piece_table["length"],
+                                   [x[i: i + 16] for i in range(0, len(x), 16)]))
+            self.byte_at = list(itertools.accumulate(piece_table["length"], initial=0))
+            self.itemsizes: list[int] = []   # of each chunk handed out, for the whole-element check
+            self.firsts: list[int] = []      # the first chunk of each sharded tensor handed out, and
+            self.indices: list[int] = []     # its index: to name the tensor of a bad piece
+
+    def _bulk_checks(self) -> bool:
+        """Whether the columns hold only what version 2's per-field checks allow (the bytes each chunk's
+        pieces cover and their whole elements are checked per chunk and in finish())."""
+        column, nfiles = self.column, len(self.files)
+        if not (_all_ints(self.offsets, 0, MAX_DIM_PRODUCT) and _all_ints(self.sizes, 0, MAX_DIM_PRODUCT)
+                and (not self.ranks or set(map(type, self.ranks)) == {int})
+                and _all_ints(column["file"], 0, nfiles - 1) and _all_ints(column["offset"], 0, 1 << 62)
+                and _all_ints(column["length"], 0, 1 << 62) and _HEX.fullmatch(column["xxh3"]) is not None):
+            return False
+        if not column["file"]:
+            return True
+        sizes = np.array([f.size for f in self.files], dtype=np.int64)
+        file, offset, length = (np.array(column[c], dtype=np.int64) for c in ("file", "offset", "length"))
+        return bool((offset <= sizes[file] - length).all())
+
+    def take(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int) -> TensorRecord:
+        """The record of sharded tensor `index`: its "chunks" is how many of the next chunks are its."""
+        v = self.v
+        v.chunked_tensor(index, t, dtype)
+        count = t.get("chunks")
+        if type(count) is not int or not 0 <= count <= MAX_CHUNKS:
+            v.int(count, f"tensor {index} chunks", 0, MAX_CHUNKS)
+        first, cell, dims = self.chunk, self.cell, len(shape)
+        if first + count > len(self.piece_at) - 1 or cell + count * dims > len(self.offsets):
+            raise v.fail(f"tensor {index}: {count} chunks of {dims} dimensions run past the end of chunk_table")
+        self.chunk, self.cell = first + count, cell + count * dims
+        if not self.fast:
+            rows = {**t, "chunks": [self._row(j, cell + (j - first) * dims, dims) for j in range(first, first + count)]}
+            return v.chunk_objects(index, rows, dtype, shape, nbytes, itemsize, self.files)
+        chunks = []
+        offsets, sizes, ranks, rank_at, piece_at, byte_at, pieces = \
+            self.offsets, self.sizes, self.ranks, self.rank_at, self.piece_at, self.byte_at, self.pieces
+        # FSDP2's chunks are dim-0 slabs, written in order: seen to tile here, no check_tiling needed.
+        rows, zeros, rest = 0, [0] * (dims - 1), shape[1:]
+        for c, j in enumerate(range(first, first + count)):
+            end = cell + dims
+            box_offsets, box_sizes = offsets[cell: end], sizes[cell: end]
+            volume = math.prod(box_sizes)
+            if volume > MAX_DIM_PRODUCT:
+                raise v.fail(f"tensor {index} chunk {c}: sizes {box_sizes} are too large")
+            a, b = piece_at[j], piece_at[j + 1]
+            if byte_at[b] - byte_at[a] != volume * itemsize:   # raises, naming the piece or the sum
+                v.pieces(_Lazy(index, c), self._row(j, cell, dims)["pieces"], volume * itemsize, itemsize, self.files)
+            chunks.append(Chunk(box_offsets, box_sizes, pieces[a: b], ranks[rank_at[j]: rank_at[j + 1]]))
+            if rows >= 0 and dims and box_offsets[0] == rows and box_sizes[0] > 0 and box_offsets[1:] == zeros \
+                    and box_sizes[1:] == rest:
+                rows += box_sizes[0]
+            else:
+                rows = -1
+            cell = end
+        self.itemsizes += [itemsize] * count
+        self.firsts.append(first)
+        self.indices.append(index)
+        return v.sharded(index, t, dtype, shape, nbytes, chunks, tiled=dims > 0 and count > 0 and rows == shape[0])
+
+    def _row(self, j: int, cell: int, dims: int) -> dict:
+        """Chunk j as a version 2 chunk object (for the checks that name a bad field)."""
+        column, x = self.column, self.column["xxh3"]
+        return {"offsets": self.offsets[cell: cell + dims], "sizes": self.sizes[cell: cell + dims],
+                "ranks": self.ranks[self.rank_at[j]: self.rank_at[j + 1]],
+                "pieces": [{"file": column["file"][k], "offset": column["offset"][k], "length": column["length"][k],
+                            "xxh3": x[16 * k: 16 * k + 16]} for k in range(self.piece_at[j], self.piece_at[j + 1])]}
+
+    def finish(self) -> None:
+        """After the last tensor: every chunk was some tensor's, and every piece a whole number of its
+        tensor's elements (a piece under a column block is copied out element by element)."""
+        v = self.v
+        v.check(self.chunk == len(self.piece_at) - 1 and self.cell == len(self.offsets),
+                f"chunk_table holds {len(self.piece_at) - 1} chunks ({len(self.offsets)} offsets); the tensors "
+                f"name {self.chunk} ({self.cell} offsets)")
+        if not self.fast or not self.pieces:
+            return
+        whole = np.repeat(np.array(self.itemsizes, dtype=np.int64), np.diff(np.array(self.piece_at, dtype=np.int64)))
+        lengths = np.array(self.column["length"], dtype=np.int64)
+        bad = np.flatnonzero(lengths % whole)
+        if len(bad):
+            k = int(bad[0])
+            j = bisect.bisect_right(self.piece_at, k) - 1
+            t = bisect.bisect_right(self.firsts, j) - 1
+            raise v.fail(f"tensor {self.indices[t]} chunk {j - self.firsts[t]}: piece length {int(lengths[k])} is "
+                         f"not a whole number of {int(whole[k])}-byte elements")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_fsdp2_training_killed_and_resumed_from_s3_ends_bit_identical(tmp_path):
     resumed = torchrun(2, [*args, "--snapshot-path", url], env=clean_env())
     assert f"resumed from {url} at step 40" in resumed.stdout, resumed.stdout[-2000:]
     assert final_digest(resumed.stdout) == reference
-    assert pyckpt.Snapshot.open(url).manifest.format_version == 2   # sharded records in the bucket
+    assert pyckpt.Snapshot.open(url).manifest.format_version == 3   # sharded records in the bucket
 
 
 def _digests(stdout: str) -> dict[tuple[int, str], str]:

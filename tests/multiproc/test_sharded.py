@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import pyckpt
 from pyckpt.errors import IntegrityError
 from tests.conftest import clean_env, free_port
-from tests.reliability.helpers import manifest_json, write_manifest
+from tests.reliability.helpers import chunk_objects, chunk_tables, manifest_json, write_manifest
 
 # The module fixture runs 4 jobs (10 ranks) side by side: minutes on 2 loaded cores, past the 600 s default.
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(1800)]
@@ -87,7 +88,7 @@ def test_each_rank_reads_what_it_holds_plus_at_most_the_edge_pieces(rounds):
     base, _, restored = rounds
     for world, ranks in restored.items():
         for n in WORLDS:
-            manifest = manifest_json(str(base / f"fsdp{n}" / "ck.bin"))
+            manifest = chunk_objects(manifest_json(str(base / f"fsdp{n}" / "ck.bin")))
             for rank, cases in enumerate(ranks):
                 entry = cases[f"fsdp{n}->fsdp"]
                 allowance = 2 * SMALL_PIECE * _overlaps(manifest, world, rank)
@@ -112,7 +113,7 @@ def _overlaps(manifest: dict, world: int, rank: int) -> int:
 
 def test_hsdp_writes_each_byte_once(rounds):
     base, saved, _ = rounds
-    manifest = manifest_json(str(base / "hsdp4" / "ck.bin"))
+    manifest = chunk_objects(manifest_json(str(base / "hsdp4" / "ck.bin")))
     sharded = sum(r["nbytes"] for r in manifest["tensors"] if "chunks" in r)
     parts = sum(len(c["pieces"]) for r in manifest["tensors"] if "chunks" in r for c in r["chunks"])
     other = sum(r["nbytes"] for r in manifest["tensors"] if "chunks" not in r)
@@ -148,16 +149,22 @@ def test_inspect_shows_the_global_shape_and_the_layout(rounds):
     assert "4097x6" in out.stdout and "Shard(dim=0)" in out.stdout and "ranks 0,2" in out.stdout, out.stdout
 
 
-def _refused_after(rounds, tmp_path: Path, edit, problem: str) -> None:
-    """Copy the FSDP2 snapshot, edit its largest sharded record (edit(record)), recompute the
-    checksums over the edit, and check that loading it is refused with `problem`."""
+def _copy(rounds, tmp_path: Path) -> Path:
     base, _, _ = rounds
-    copy = tmp_path / "ck.bin"
     subprocess.run(["cp", "-a", str(base / "fsdp2" / "ck.bin"), str(base / "fsdp2" / "ck.bin.pyckpt"), str(tmp_path)],
                    check=True)
-    body = manifest_json(str(copy))
+    return tmp_path / "ck.bin"
+
+
+def _refused_after(rounds, tmp_path: Path, edit, problem: str, version: int = 3) -> None:
+    """Copy the FSDP2 snapshot, edit its largest sharded record in version 2's form (edit(record)),
+    write the manifest as `version` (3: the chunk and piece tables pyckpt writes; 2: chunk objects, as
+    written before 2026-12-01), recompute the checksums over the edit, and check that loading it is
+    refused with `problem`."""
+    copy = _copy(rounds, tmp_path)
+    body = chunk_objects(manifest_json(str(copy)))
     edit(max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"]))
-    write_manifest(str(copy), body, recompute_record=True)
+    write_manifest(str(copy), chunk_tables(body) if version == 3 else body, recompute_record=True)
     with pytest.raises(IntegrityError, match=problem):
         pyckpt.load(str(copy))
 
@@ -168,13 +175,14 @@ def _overlap(record):
     second["sizes"][0], second["pieces"] = first["sizes"][0], first["pieces"]
 
 
+@pytest.mark.parametrize("version", [3, 2])
 @pytest.mark.parametrize("edit, problem", [
     (_overlap, "overlap"),
     (lambda record: record["chunks"].pop(1), "not covered"),
     (lambda record: record["chunks"][1]["offsets"].__setitem__(0, record["shape"][0]), "out of bounds"),
 ], ids=["overlap", "hole", "out of bounds"])
-def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem):
-    _refused_after(rounds, tmp_path, edit, problem)
+def test_chunks_that_do_not_tile_are_refused(rounds, tmp_path, edit, problem, version):
+    _refused_after(rounds, tmp_path, edit, problem, version)
 
 
 def _split_mid_element(pieces: list) -> list:
@@ -187,15 +195,98 @@ def _second(change):
     return lambda record: change(record["chunks"][1])
 
 
+@pytest.mark.parametrize("version", [3, 2])
 @pytest.mark.parametrize("edit, problem", [
     (_second(lambda c: c["offsets"].__setitem__(0, "1x")), r"tensor \d+ chunk 1 offset/size '1x' is not an integer"),
-    (_second(lambda c: c.update(sizes=c["sizes"][:-1])),
-     r"tensor \d+ chunk 1: offsets and sizes must be lists of \d+ integers"),
+    (_second(lambda c: c["sizes"].__setitem__(0, True)), r"tensor \d+ chunk 1 offset/size 'True' is not an integer"),
     (_second(lambda c: c.update(ranks=["0"])), r"tensor \d+ chunk 1: ranks must be integers"),
-    (_second(lambda c: c.update(pieces={"0": c["pieces"][0]})), r"tensor \d+ chunk 1 pieces must be a list"),
-    (_second(lambda c: c["pieces"][0].update(xxh3="zz")), r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
+    (_second(lambda c: c["pieces"][0].update(xxh3="z" * 16)), r"tensor \d+ chunk 1: piece checksum 'z{16}' is malformed"),
+    (_second(lambda c: c["pieces"][0].update(length=c["pieces"][0]["length"] + 4)),
+     r"tensor \d+ chunk 1: pieces cover \d+ of \d+ bytes"),
+    (_second(lambda c: c["pieces"][0].update(offset=10 ** 12)), r"tensor \d+ chunk 1 piece offset '1000000000000' is not an integer in \[0, \d+\]"),
+    (_second(lambda c: c["pieces"][0].update(file=7)), r"tensor \d+ chunk 1 piece file '7' is not an integer in \[0, 1\]"),
     (_second(lambda c: c.update(pieces=_split_mid_element(c["pieces"]))),
      r"tensor \d+ chunk 1: piece length 1 is not a whole number of 4-byte elements"),
-], ids=["offset-string", "sizes-short", "ranks-strings", "pieces-object", "piece-checksum", "piece-mid-element"])
-def test_malformed_chunk_fields_are_refused_naming_tensor_and_chunk(rounds, tmp_path, edit, problem):
-    _refused_after(rounds, tmp_path, edit, problem)
+], ids=["offset-string", "size-bool", "ranks-strings", "piece-checksum", "piece-length", "piece-offset", "piece-file",
+        "piece-mid-element"])
+def test_malformed_chunk_fields_are_refused_naming_tensor_and_chunk(rounds, tmp_path, edit, problem, version):
+    """The same refusal, in the same words, whether the chunks are version 3's columns (checked in
+    bulk, then the bad tensor's rows one by one) or version 2's objects."""
+    _refused_after(rounds, tmp_path, edit, problem, version)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_second(lambda c: c.update(sizes=c["sizes"][:-1])),
+     r"tensor \d+ chunk 1: offsets and sizes must be lists of \d+ integers"),
+    (_second(lambda c: c.update(pieces={"0": c["pieces"][0]})), r"tensor \d+ chunk 1 pieces must be a list"),
+    (_second(lambda c: c["pieces"][0].update(xxh3="zz")), r"tensor \d+ chunk 1: piece checksum 'zz' is malformed"),
+], ids=["sizes-short", "pieces-object", "piece-checksum-short"])
+def test_malformed_version_2_chunk_objects_are_refused(rounds, tmp_path, edit, problem):
+    """Edits that only chunk objects can hold (version 3's columns have no place for them)."""
+    _refused_after(rounds, tmp_path, edit, problem, version=2)
+
+
+def _tables_edit(change):
+    """An edit of the version 3 body itself (its tables)."""
+    return lambda body: change(body["chunk_table"], body["piece_table"], body)
+
+
+def _extra_chunk(chunks: dict) -> None:
+    """A chunk of no piece that no tensor names, at the end of the table."""
+    chunks["offsets"] += [0, 0]
+    chunks["sizes"] += [1, 1]
+    chunks["holders"].append(0)
+    chunks["pieces"].append(0)
+
+
+def _largest_chunks(body: dict, count) -> None:
+    max((r for r in body["tensors"] if "chunks" in r), key=lambda r: r["nbytes"])["chunks"] = count
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_tables_edit(lambda c, p, b: c.pop("holders")), "chunk_table must be an object of offsets, sizes, holders"),
+    (_tables_edit(lambda c, p, b: p.update(xxh3=list(p["xxh3"]))), "piece_table xxh3 must be a string"),
+    (_tables_edit(lambda c, p, b: c["sizes"].pop()), "offsets and sizes one per chunk dimension"),
+    (_tables_edit(lambda c, p, b: c["pieces"].__setitem__(0, -1)), r"chunk_table holders and pieces must be counts"),
+    (_tables_edit(lambda c, p, b: c["pieces"].__setitem__(0, c["pieces"][0] + 1)), "chunk_table names"),
+    (_tables_edit(lambda c, p, b: p.update(xxh3=p["xxh3"][:-1])), "not 16 per piece"),
+    (_tables_edit(lambda c, p, b: c["holders"].__setitem__(0, c["holders"][0] + 1)),
+     "ranks must hold the holders of each chunk"),
+    (_tables_edit(lambda c, p, b: _largest_chunks(b, 10 ** 6)), r"tensor \d+: 1000000 chunks of 2 dimensions run past"),
+    (_tables_edit(lambda c, p, b: _largest_chunks(b, 1)), r"tensor \d+: its chunks do not tile"),
+    (_tables_edit(lambda c, p, b: _largest_chunks(b, [])), r"tensor \d+ chunks '\[\]' is not an integer"),
+    (_tables_edit(lambda c, p, b: _extra_chunk(c)), r"chunk_table holds \d+ chunks \(\d+ offsets\); the tensors name"),
+], ids=["column-missing", "xxh3-list", "sizes-short", "count-negative", "count-past-pieces", "xxh3-short",
+        "holders-past-ranks", "chunks-past-table", "chunks-too-few", "chunks-list", "chunks-left-over"])
+def test_malformed_tables_are_refused(rounds, tmp_path, edit, problem):
+    copy = _copy(rounds, tmp_path)
+    body = manifest_json(str(copy))
+    assert body["format_version"] == 3 and "chunks" not in body["chunk_table"]
+    edit(body)
+    write_manifest(str(copy), body, recompute_record=True)
+    with pytest.raises(IntegrityError, match=problem):
+        pyckpt.load(str(copy))
+
+
+def test_a_version_2_manifest_still_loads_bit_exact(rounds, tmp_path):
+    """Snapshots written between 2026-11-30 and 2026-12-01 hold chunk objects (format_version 2):
+    the same snapshot with its manifest in that form loads to the same tensors."""
+    copy = _copy(rounds, tmp_path)
+    expected = pyckpt.load(str(copy))
+    write_manifest(str(copy), chunk_objects(manifest_json(str(copy))), recompute_record=True)
+    assert pyckpt.Snapshot.open(str(copy)).manifest.format_version == 2
+    loaded = pyckpt.load(str(copy))
+    assert _same(loaded, expected)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
+            torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b

@@ -67,6 +67,54 @@ def manifest_json(path: str) -> dict:
         return json.loads(f.read())
 
 
+def chunk_objects(body: dict) -> dict:
+    """A format_version 3 manifest body in version 2's form: each sharded tensor's "chunks" a list of
+    chunk objects with their pieces, the tables gone (docs/FORMAT.md). Written apart from pyckpt's
+    encoder: what the tests read and edit, and a version 2 manifest for the reader of old snapshots."""
+    body = json.loads(json.dumps(body))
+    chunks, pieces = body.pop("chunk_table"), body.pop("piece_table")
+    chunk = cell = rank = piece = 0
+    for record in body["tensors"]:
+        if "chunks" not in record:
+            continue
+        dims, objects = len(record["shape"]), []
+        for _ in range(record["chunks"]):
+            holders, count = chunks["holders"][chunk], chunks["pieces"][chunk]
+            objects.append({"offsets": chunks["offsets"][cell: cell + dims], "sizes": chunks["sizes"][cell: cell + dims],
+                            "ranks": chunks["ranks"][rank: rank + holders],
+                            "pieces": [{"file": pieces["file"][k], "offset": pieces["offset"][k],
+                                        "length": pieces["length"][k], "xxh3": pieces["xxh3"][16 * k: 16 * k + 16]}
+                                       for k in range(piece, piece + count)]})
+            chunk, cell, rank, piece = chunk + 1, cell + dims, rank + holders, piece + count
+        record["chunks"] = objects
+    assert chunk == len(chunks["pieces"]) and piece == len(pieces["file"]), "the tables hold chunks no tensor names"
+    body["format_version"] = 2
+    return body
+
+
+def chunk_tables(body: dict) -> dict:
+    """The inverse of chunk_objects: version 2's chunk objects as version 3's chunk and piece tables."""
+    body = json.loads(json.dumps(body))
+    chunks = {"offsets": [], "sizes": [], "holders": [], "ranks": [], "pieces": []}
+    pieces = {"file": [], "offset": [], "length": [], "xxh3": ""}
+    for record in body["tensors"]:
+        if "chunks" not in record:
+            continue
+        for c in record["chunks"]:
+            chunks["offsets"] += c["offsets"]
+            chunks["sizes"] += c["sizes"]
+            chunks["holders"].append(len(c["ranks"]))
+            chunks["ranks"] += c["ranks"]
+            chunks["pieces"].append(len(c["pieces"]))
+            for p in c["pieces"]:
+                for key in ("file", "offset", "length"):
+                    pieces[key].append(p[key])
+                pieces["xxh3"] += p["xxh3"]
+        record["chunks"] = len(record["chunks"])
+    body.update(chunk_table=chunks, piece_table=pieces, format_version=3)
+    return body
+
+
 def write_manifest(path: str, body: dict | bytes, *, recompute_record: bool) -> None:
     """Replace the current version's manifest; with recompute_record, also fix the record (a hostile author)."""
     data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
