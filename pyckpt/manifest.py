@@ -524,13 +524,13 @@ class _Tables:
             raise v.fail(f"tensor {index}: {count} chunks of {dims} dimensions run past the end of chunk_table")
         self.chunk, self.cell = first + count, cell + count * dims
         if not self.fast:
-            rows = {**t, "chunks": [self._row(j, cell + (j - first) * dims, dims) for j in range(first, first + count)]}
-            return v.chunk_objects(index, rows, dtype, shape, nbytes, itemsize, self.files)
+            record = {**t, "chunks": [self._row(j, cell + (j - first) * dims, dims) for j in range(first, first + count)]}
+            return v.chunk_objects(index, record, dtype, shape, nbytes, itemsize, self.files)
         chunks = []
         offsets, sizes, ranks, rank_at, piece_at, byte_at, pieces = \
             self.offsets, self.sizes, self.ranks, self.rank_at, self.piece_at, self.byte_at, self.pieces
         # FSDP2's chunks are dim-0 slabs, written in order: seen to tile here, no check_tiling needed.
-        rows, zeros, rest = 0, [0] * (dims - 1), shape[1:]
+        slab_end, zeros, rest = 0, [0] * (dims - 1), shape[1:]   # -1 once a chunk is not the next slab
         for c, j in enumerate(range(first, first + count)):
             end = cell + dims
             box_offsets, box_sizes = offsets[cell: end], sizes[cell: end]
@@ -541,16 +541,16 @@ class _Tables:
             if byte_at[b] - byte_at[a] != volume * itemsize:   # raises, naming the piece or the sum
                 v.pieces(_Lazy(index, c), self._row(j, cell, dims)["pieces"], volume * itemsize, itemsize, self.files)
             chunks.append(Chunk(box_offsets, box_sizes, pieces[a: b], ranks[rank_at[j]: rank_at[j + 1]]))
-            if rows >= 0 and dims and box_offsets[0] == rows and box_sizes[0] > 0 and box_offsets[1:] == zeros \
-                    and box_sizes[1:] == rest:
-                rows += box_sizes[0]
+            if slab_end >= 0 and dims and box_offsets[0] == slab_end and box_sizes[0] > 0 \
+                    and box_offsets[1:] == zeros and box_sizes[1:] == rest:
+                slab_end += box_sizes[0]
             else:
-                rows = -1
+                slab_end = -1
             cell = end
         self.itemsizes += [itemsize] * count
         self.firsts.append(first)
         self.indices.append(index)
-        return v.sharded(index, t, dtype, shape, nbytes, chunks, tiled=dims > 0 and count > 0 and rows == shape[0])
+        return v.sharded(index, t, dtype, shape, nbytes, chunks, tiled=dims > 0 and count > 0 and slab_end == shape[0])
 
     def _row(self, j: int, cell: int, dims: int) -> dict:
         """Chunk j as a version 2 chunk object (for the checks that name a bad field)."""
