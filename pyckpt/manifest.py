@@ -404,7 +404,7 @@ class _Validator:
         return TensorRecord(dtype, shape, nbytes, [], chunks, placements)
 
     def chunk_objects(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int,
-                 files: list[FileRecord]) -> TensorRecord:
+                      files: list[FileRecord]) -> TensorRecord:
         """A sharded tensor whose chunks are objects (version 2, and version 3's check of a tensor
         whose columns failed the bulk checks): chunks that tile its shape exactly, each with pieces
         covering its bytes. As in tensor(): plain comparisons, messages formatted only on failure."""
@@ -471,7 +471,8 @@ class _Tables:
                 v.check(type(table[column]) is (str if column == "xxh3" else list),
                         f"{name} {column} must be a {'string' if column == 'xxh3' else 'list'}")
         self.offsets, self.sizes, self.ranks = chunk_table["offsets"], chunk_table["sizes"], chunk_table["ranks"]
-        holders, counts = chunk_table["holders"], chunk_table["pieces"]
+        holders = chunk_table["holders"]
+        counts = self.counts = chunk_table["pieces"]     # each chunk's pieces
         self.column = piece_table
         npieces = len(piece_table["file"])
         v.check(len(holders) == len(counts) and len(self.offsets) == len(self.sizes),
@@ -569,7 +570,7 @@ class _Tables:
                 f"name {self.chunk} ({self.cell} offsets)")
         if not self.fast or not self.pieces:
             return
-        whole = np.repeat(np.array(self.itemsizes, dtype=np.int64), np.diff(np.array(self.piece_at, dtype=np.int64)))
+        whole = np.repeat(np.array(self.itemsizes, dtype=np.int64), self.counts)
         lengths = np.array(self.column["length"], dtype=np.int64)
         bad = np.flatnonzero(lengths % whole)
         if len(bad):
