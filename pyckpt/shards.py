@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import torch
 
 from .boxes import Box, SavedIndex, byte_span, holders, intersect, layout_of, local_layout, mesh_ranks, range_boxes
+from .manifest import ChunkRows
 from .sysio import byte_view
 
 if TYPE_CHECKING:   # imported where a DTensor exists: torch.distributed.tensor costs 1.4 s to import
@@ -215,6 +216,8 @@ def _saved_as_is(chunks: list, target: Target, whole_local: Box) -> Any:
     if inside != whole_local:
         return None
     offsets, sizes = list(box.offsets), list(box.sizes)
+    if isinstance(chunks, ChunkRows):   # a read manifest's rows: only this one is made a Chunk
+        return chunks.find(offsets, sizes)
     for chunk in chunks:
         if chunk.offsets == offsets and chunk.sizes == sizes:
             return chunk
