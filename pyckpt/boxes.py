@@ -246,6 +246,24 @@ def _few_dim0_slabs_tile(shape: tuple, boxes: Sequence[Box]) -> bool:
     return end == shape[0]
 
 
+def dim0_slabs_in_order(offsets: list[int], sizes: list[int], cell: int, end: int, dims: int,
+                        shape: Sequence[int]) -> bool:
+    """Whether the boxes whose offsets and sizes are [cell, end) of two flat int columns (dims entries
+    per box, box after box: a manifest's chunk table) are FSDP2's dim-0 slabs in order, tiling the
+    shape: each at least a row, each where the one before ends, the last at the end of dim 0, every
+    other dim whole. Whole columns at a time, in C: a 20k-tensor state has 60k chunks. False means
+    "not shown here": check_tiling then decides, and names the problem."""
+    if not dims or end == cell:
+        return False
+    rows = sizes[cell: end: dims]
+    starts = list(itertools.accumulate(rows, initial=0))
+    if starts.pop() != shape[0] or offsets[cell: end: dims] != starts or min(rows) < 1:
+        return False
+    count = len(rows)
+    return all(sizes[d: end: dims].count(shape[d - cell]) == count and not any(offsets[d: end: dims])
+               for d in range(cell + 1, cell + dims))
+
+
 def check_tiling(shape: Sequence[int], boxes: Sequence[Box]) -> str | None:
     """None if the boxes tile the tensor exactly (each in bounds, no size below 1, no overlap, no
     hole), else a short text naming the problem. Bounded for hostile input: it refuses (returns a

@@ -11,7 +11,9 @@ of them, naming that rank, instead of a hang until the process group times out.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,8 @@ from . import messages
 from .capture import Captured, PlanCache
 from .collectives import Comm
 from .errors import SnapshotError
-from .boxes import Box, check_tiling, volume
-from .manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
+from .boxes import Box, check_tiling, dim0_slabs_in_order
+from .manifest import ChunkRows, ChunkTable, FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
 from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
 from .shards import SHARD_PIECE, pieces_of
@@ -126,7 +128,7 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
     # fills in each rank's checksums in plan order.
     tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, [], None if r.chunks is None else [], r.placements)
                for r in cap.records]
-    parts: dict[int, dict[tuple, list]] = {}   # sharded tensor -> box -> [(start, pieces, ranks)]
+    parts: list[tuple] = []   # sharded: (tensor, offsets, sizes, start, length, ranks, rank, file offset, digests)
     per_rank_trees = []
     sizes = [0 if r.chunks is not None else r.nbytes for r in cap.records]
     for rank, (plan, report) in enumerate(zip(plans(sizes, len(reports)), reports)):
@@ -134,50 +136,74 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
         for s in plan.slices:
             tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         for index, offsets, box_sizes, start, length, ranks, file_offset in report.shards:
-            if 0 < length <= SHARD_PIECE:   # one piece: most parts of a many-tensor state
-                pieces = [Piece(rank, file_offset, length, next(digests))]
-            else:
-                pieces = [Piece(rank, file_offset + off, n, next(digests)) for off, n in pieces_of(length)]
-            parts.setdefault(index, {}).setdefault((offsets, box_sizes), []).append((start, pieces, list(ranks)))
+            count = 1 if 0 < length <= SHARD_PIECE else len(pieces_of(length))   # one: most parts of 20k tensors
+            parts.append((index, offsets, box_sizes, start, length, ranks, rank, file_offset,
+                          list(islice(digests, count))))
         base = len(tensors)
         tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
         private_sizes = [n for _, _, n in report.private_records]
         for s in plan_private(private_sizes, report.private_base).slices:
             tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         per_rank_trees.append(shift(report.private_tree, base))
-    _chunks(tensors, parts, cap.replicated_tree)
+    _chunk_rows(tensors, parts, cap.replicated_tree)
     files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
     return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
 
 
-def _chunks(tensors: list[TensorRecord], parts: dict[int, dict[tuple, list]], tree: Any) -> None:
-    """Leader: each sharded tensor's chunks from the parts its holders wrote; SnapshotError naming the
-    tensor when the parts do not cover every box or the boxes do not tile the tensor (ranks that laid
-    it out differently)."""
-    names = None
+def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> None:
+    """Leader: the chunk table (manifest format 3) straight from the parts every rank wrote, each
+    sharded record's chunks its rows: the tensors in order, each one's boxes in order, each box's parts
+    by their place in it. SnapshotError naming the tensor when the parts do not cover every box or the
+    boxes do not tile the tensor (ranks that laid it out differently)."""
+    table, digests = ChunkTable(), []
+    parts.sort()
+    k, n = 0, len(parts)
     for index, record in enumerate(tensors):
         if record.chunks is None:
             continue
-        itemsize = TORCH_DTYPES[record.dtype].itemsize
-        problem = None
-        boxes = sorted(parts.get(index, {}).items())
-        for (offsets, sizes), written in boxes:
-            if len(written) > 1:      # a box split between its holders (HSDP replicas)
-                written.sort(key=lambda part: part[0])
-            pos, pieces = 0, []
-            for start, part_pieces, ranks in written:
+        itemsize, dims = TORCH_DTYPES[record.dtype].itemsize, len(record.shape)
+        first, cell, problem = len(table.holders), len(table.offsets), None
+        while k < n and parts[k][0] < index:    # (parts of no sharded tensor: none are made)
+            k += 1
+        while k < n and parts[k][0] == index:
+            box = parts[k][1:3]
+            pos, count, ranks = 0, 0, parts[k][5]
+            while k < n and parts[k][0] == index and parts[k][1:3] == box:   # a box split between its holders
+                _, _, _, start, length, _, rank, file_offset, part_digests = parts[k]
                 if start != pos:
-                    problem = f"bytes {pos}-{start} of the box at {list(offsets)} were written by no rank"
-                pieces += part_pieces
-                pos = start + sum(p.length for p in part_pieces)
-            if pos != volume(Box(offsets, sizes)) * itemsize:
-                problem = problem or f"the box at {list(offsets)} has {pos} bytes written, not {volume(Box(offsets, sizes)) * itemsize}"
-            record.chunks.append(Chunk(list(offsets), list(sizes), pieces, written[0][2]))
-        problem = problem or check_tiling(tuple(record.shape), [Box(*box) for box, _ in boxes])
+                    problem = problem or f"bytes {pos}-{start} of the box at {list(box[0])} were written by no rank"
+                if len(part_digests) == 1:
+                    table.file.append(rank)
+                    table.offset.append(file_offset)
+                    table.length.append(length)
+                else:
+                    for off, size in pieces_of(length):
+                        table.file.append(rank)
+                        table.offset.append(file_offset + off)
+                        table.length.append(size)
+                digests += part_digests
+                count += len(part_digests)
+                pos = start + length
+                k += 1
+            expected = math.prod(box[1]) * itemsize
+            if pos != expected:
+                problem = problem or f"the box at {list(box[0])} has {pos} bytes written, not {expected}"
+            table.offsets += box[0]
+            table.sizes += box[1]
+            table.holders.append(len(ranks))
+            table.ranks += ranks
+            table.pieces.append(count)
+        count, end = len(table.holders) - first, len(table.offsets)
+        if problem is None and not dim0_slabs_in_order(table.offsets, table.sizes, cell, end, dims, record.shape):
+            boxes = [Box(tuple(table.offsets[c: c + dims]), tuple(table.sizes[c: c + dims]))
+                     for c in range(cell, end, dims)] if dims else [Box((), ())] * count
+            problem = check_tiling(tuple(record.shape), boxes)
         if problem:
-            names = names or tensor_paths(tree)
-            raise SnapshotError(f"sharded tensor {names.get(index, index)!r} of shape {record.shape}: {problem}; "
-                                "the ranks do not hold a consistent layout of it (different meshes or placements)")
+            raise SnapshotError(f"sharded tensor {tensor_paths(tree).get(index, index)!r} of shape {record.shape}: "
+                                f"{problem}; the ranks do not hold a consistent layout of it (different meshes or "
+                                "placements)")
+        record.chunks = ChunkRows(table, first, count, cell, dims)
+    table.xxh3 = "".join(digests)
 
 
 def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:

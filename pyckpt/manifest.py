@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .boxes import Box, check_tiling
+from .boxes import Box, check_tiling, dim0_slabs_in_order
 from .errors import IntegrityError, SnapshotError
 from .tree import ARRAY, NUMPY_KINDS, SHARDED, TENSOR, TORCH_DTYPES, tensor_paths, validate
 
@@ -74,25 +74,36 @@ def _tensor_json(t: TensorRecord) -> dict:
             "chunks": len(t.chunks)}
 
 
-def _tables_json(tensors: list[TensorRecord]) -> tuple[dict, dict]:
-    """The chunk table and the piece table: every sharded tensor's chunks in tensor order, each
-    chunk's pieces in chunk order, one list per field (docs/FORMAT.md)."""
-    offsets, sizes, holders, ranks, counts = [], [], [], [], []
-    files, where, lengths, digests = [], [], [], []
+def _chunk_table(tensors: list[TensorRecord]) -> ChunkTable:
+    """The table of every sharded tensor's chunks: the one their records are rows of (the leader's,
+    or a read manifest's), else made from their Chunk objects."""
+    table, chunk, cell = None, 0, 0
+    for t in tensors:
+        rows = t.chunks
+        if rows is None:
+            continue
+        if type(rows) is not ChunkRows or (table is not None and rows.table is not table) \
+                or (rows.first, rows.cell) != (chunk, cell):
+            break
+        table, chunk, cell = rows.table, chunk + rows.count, cell + rows.count * rows.dims
+    else:
+        if table is not None and chunk == len(table.holders) and cell == len(table.offsets):
+            return table
+    table, digests = ChunkTable(), []
     for t in tensors:
         for c in t.chunks or ():
-            offsets += c.offsets
-            sizes += c.sizes
-            holders.append(len(c.ranks))
-            ranks += c.ranks
-            counts.append(len(c.pieces))
+            table.offsets += c.offsets
+            table.sizes += c.sizes
+            table.holders.append(len(c.ranks))
+            table.ranks += c.ranks
+            table.pieces.append(len(c.pieces))
             for p in c.pieces:
-                files.append(p.file)
-                where.append(p.offset)
-                lengths.append(p.length)
+                table.file.append(p.file)
+                table.offset.append(p.offset)
+                table.length.append(p.length)
                 digests.append(p.xxh3)
-    return ({"offsets": offsets, "sizes": sizes, "holders": holders, "ranks": ranks, "pieces": counts},
-            {"file": files, "offset": where, "length": lengths, "xxh3": "".join(digests)})
+    table.xxh3 = "".join(digests)
+    return table
 
 
 def _pieces_json(pieces: list[Piece]) -> list[dict]:
@@ -148,16 +159,55 @@ class Chunk:
         return Box(tuple(self.offsets), tuple(self.sizes))
 
 
+@dataclass
+class ChunkTable:
+    """Version 3's chunk and piece tables, one list per column (docs/FORMAT.md): every sharded tensor's
+    chunks in tensor order, each chunk's pieces in chunk order. The leader fills it from the ranks'
+    reports; a reader gets it from the manifest. A sharded record's chunks are ChunkRows of it."""
+
+    offsets: list[int] = field(default_factory=list)   # each chunk's box: one entry per dimension
+    sizes: list[int] = field(default_factory=list)
+    holders: list[int] = field(default_factory=list)   # how many ranks held each chunk, and
+    ranks: list[int] = field(default_factory=list)     # those ranks, chunk after chunk (informational)
+    pieces: list[int] = field(default_factory=list)    # how many pieces each chunk has
+    file: list[int] = field(default_factory=list)      # each piece's data file, place in it, length
+    offset: list[int] = field(default_factory=list)
+    length: list[int] = field(default_factory=list)
+    xxh3: str = ""                                     # and checksum: 16 hex digits per piece
+    _starts: tuple[list[int], list[int]] | None = field(default=None, repr=False, compare=False)
+
+    def starts(self) -> tuple[list[int], list[int]]:
+        """Where each chunk's pieces and ranks begin: chunk j's pieces are [piece_at[j], piece_at[j + 1])."""
+        if self._starts is None:
+            self._starts = (list(itertools.accumulate(self.pieces, initial=0)),
+                            list(itertools.accumulate(self.holders, initial=0)))
+        return self._starts
+
+    def row(self, j: int, cell: int, dims: int) -> Chunk:
+        """Chunk j (its offsets and sizes at [cell, cell + dims) of their columns)."""
+        piece_at, rank_at = self.starts()
+        files, offsets, lengths, x = self.file, self.offset, self.length, self.xxh3
+        return Chunk(self.offsets[cell: cell + dims], self.sizes[cell: cell + dims],
+                     [Piece(files[k], offsets[k], lengths[k], x[16 * k: 16 * k + 16])
+                      for k in range(piece_at[j], piece_at[j + 1])],
+                     self.ranks[rank_at[j]: rank_at[j + 1]])
+
+    def to_json(self) -> tuple[dict, dict]:
+        return ({"offsets": self.offsets, "sizes": self.sizes, "holders": self.holders, "ranks": self.ranks,
+                 "pieces": self.pieces},
+                {"file": self.file, "offset": self.offset, "length": self.length, "xxh3": self.xxh3})
+
+
 class ChunkRows(Sequence):
-    """A sharded tensor's chunks as rows of a read manifest's tables (version 3), made into Chunk
+    """A sharded tensor's chunks as rows of a ChunkTable (version 3), made into Chunk
     objects when asked for: all of them when listed, or only the one with a given box (find). A
     restore on the saved layout reads one chunk of each tensor: a 20k-tensor FSDP2 state on 4 ranks has
     60k chunks, and each rank made objects for all of them (~0.2 s a rank, on 2 cores shared by 4)."""
 
-    __slots__ = ("tables", "first", "count", "cell", "dims", "_made")
+    __slots__ = ("table", "first", "count", "cell", "dims", "_made")
 
-    def __init__(self, tables: "_Tables", first: int, count: int, cell: int, dims: int):
-        self.tables, self.first, self.count, self.cell, self.dims = tables, first, count, cell, dims
+    def __init__(self, table: ChunkTable, first: int, count: int, cell: int, dims: int):
+        self.table, self.first, self.count, self.cell, self.dims = table, first, count, cell, dims
         self._made: list[Chunk] | None = None
 
     def __len__(self) -> int:
@@ -181,17 +231,17 @@ class ChunkRows(Sequence):
 
     def _all(self) -> list[Chunk]:
         if self._made is None:
-            tables, dims = self.tables, self.dims
-            self._made = [tables.row(self.first + c, self.cell + c * dims, dims) for c in range(self.count)]
+            table, dims = self.table, self.dims
+            self._made = [table.row(self.first + c, self.cell + c * dims, dims) for c in range(self.count)]
         return self._made
 
     def find(self, offsets: list[int], sizes: list[int]) -> Chunk | None:
         """The chunk whose box is exactly (offsets, sizes), or None; the others stay rows."""
-        tables, dims = self.tables, self.dims
+        table, dims = self.table, self.dims
         for c in range(self.count):
             at = self.cell + c * dims
-            if tables.offsets[at: at + dims] == offsets and tables.sizes[at: at + dims] == sizes:
-                return tables.row(self.first + c, at, dims)
+            if table.offsets[at: at + dims] == offsets and table.sizes[at: at + dims] == sizes:
+                return table.row(self.first + c, at, dims)
         return None
 
 
@@ -248,7 +298,7 @@ class Manifest:
                 "format_version": self.format_version}
         if any(t.chunks is not None for t in self.tensors):
             body["format_version"] = FORMAT_VERSION
-            body["chunk_table"], body["piece_table"] = _tables_json(self.tensors)
+            body["chunk_table"], body["piece_table"] = _chunk_table(self.tensors).to_json()
         data = json.dumps(body, separators=(",", ":"), check_circular=False).encode()
         if len(data) > MAX_MANIFEST:
             raise SnapshotError(f"the manifest would be {len(data)} bytes, more than {MAX_MANIFEST}: the state "
@@ -523,9 +573,9 @@ class _Tables:
             for column in columns:
                 v.check(type(table[column]) is (str if column == "xxh3" else list),
                         f"{name} {column} must be a {'string' if column == 'xxh3' else 'list'}")
-        self.offsets, self.sizes, self.ranks = chunk_table["offsets"], chunk_table["sizes"], chunk_table["ranks"]
-        holders = chunk_table["holders"]
-        counts = self.counts = chunk_table["pieces"]     # each chunk's pieces
+        table = self.table = ChunkTable(**chunk_table, **piece_table)
+        self.offsets, self.sizes, self.ranks = table.offsets, table.sizes, table.ranks
+        holders, counts = table.holders, table.pieces
         self.column = piece_table
         npieces = len(piece_table["file"])
         v.check(len(holders) == len(counts) and len(self.offsets) == len(self.sizes),
@@ -538,8 +588,7 @@ class _Tables:
         v.check(len(piece_table["xxh3"]) == 16 * npieces,
                 f"piece_table xxh3 holds {len(piece_table['xxh3'])} characters, not 16 per piece")
         v.check(sum(holders) == len(self.ranks), "chunk_table ranks must hold the holders of each chunk in turn")
-        self.piece_at = list(itertools.accumulate(counts, initial=0))   # chunk j's pieces: [piece_at[j], piece_at[j+1])
-        self.rank_at = list(itertools.accumulate(holders, initial=0))
+        self.piece_at, self.rank_at = table.starts()
         self.chunk = self.cell = 0           # the next tensor's first chunk and its first offset
         self.fast = self._bulk_checks()
         self.itemsizes: list[int] = []   # of each chunk handed out, for the whole-element check
@@ -582,28 +631,13 @@ class _Tables:
         self.itemsizes += [itemsize] * count
         self.firsts.append(first)
         self.taken.append((index, count, cell, dims, itemsize))
-        if self._slabs(cell, end, dims, shape):
+        if dim0_slabs_in_order(self.offsets, self.sizes, cell, end, dims, shape):
             # each slab's volume is at most the tensor's: finish() checks the bytes their pieces cover
             self.slab_chunks += range(first, first + count)
             row = math.prod(shape[1:]) * itemsize
             self.slab_bytes += [size * row for size in self.sizes[cell: end: dims]]
-            return v.sharded(index, t, dtype, shape, nbytes, ChunkRows(self, first, count, cell, dims), tiled=True)
+            return v.sharded(index, t, dtype, shape, nbytes, ChunkRows(self.table, first, count, cell, dims), tiled=True)
         return v.sharded(index, t, dtype, shape, nbytes, self._chunks(index, first, count, cell, dims, itemsize))
-
-    def _slabs(self, cell: int, end: int, dims: int, shape: list[int]) -> bool:
-        """Whether the chunks whose offsets and sizes are [cell, end) of the columns are FSDP2's dim-0
-        slabs in order (each at least a row, each where the one before ends, the last at the end of
-        dim 0): then they tile the shape, no check_tiling needed. Whole columns at a time, in C."""
-        if not dims or end == cell:
-            return False
-        offsets, sizes = self.offsets, self.sizes
-        rows = sizes[cell: end: dims]
-        starts = list(itertools.accumulate(rows, initial=0))
-        if starts.pop() != shape[0] or offsets[cell: end: dims] != starts or min(rows) < 1:
-            return False
-        count = len(rows)
-        return all(sizes[d: end: dims].count(shape[d - cell]) == count and not any(offsets[d: end: dims])
-                   for d in range(cell + 1, cell + dims))
 
     def _chunks(self, index: int, first: int, count: int, cell: int, dims: int, itemsize: int) -> list[Chunk]:
         """A tensor's chunks as objects, each checked: its volume, and the bytes its pieces cover (the
@@ -614,21 +648,12 @@ class _Tables:
             volume = math.prod(box_sizes)
             if volume > MAX_DIM_PRODUCT:
                 raise v.fail(f"tensor {index} chunk {c}: sizes {box_sizes} are too large")
-            chunk = self.row(j, cell, dims)
+            chunk = self.table.row(j, cell, dims)
             if sum(p.length for p in chunk.pieces) != volume * itemsize:   # raises, naming the piece or the sum
                 v.pieces(_Lazy(index, c), self._row(j, cell, dims)["pieces"], volume * itemsize, itemsize, self.files)
             chunks.append(chunk)
             cell += dims
         return chunks
-
-    def row(self, j: int, cell: int, dims: int) -> Chunk:
-        """Chunk j (its offsets and sizes at [cell, cell + dims) of the columns)."""
-        column, x = self.column, self.column["xxh3"]
-        files, offsets, lengths = column["file"], column["offset"], column["length"]
-        return Chunk(self.offsets[cell: cell + dims], self.sizes[cell: cell + dims],
-                     [Piece(files[k], offsets[k], lengths[k], x[16 * k: 16 * k + 16])
-                      for k in range(self.piece_at[j], self.piece_at[j + 1])],
-                     self.ranks[self.rank_at[j]: self.rank_at[j + 1]])
 
     def _row(self, j: int, cell: int, dims: int) -> dict:
         """Chunk j as a version 2 chunk object (for the checks that name a bad field)."""
@@ -657,7 +682,7 @@ class _Tables:
                 t = bisect.bisect_right(self.firsts, self.slab_chunks[int(bad[0])]) - 1
                 index, count, cell, dims, itemsize = self.taken[t]
                 self._chunks(index, self.firsts[t], count, cell, dims, itemsize)
-        whole = np.repeat(np.array(self.itemsizes, dtype=np.int64), self.counts)
+        whole = np.repeat(np.array(self.itemsizes, dtype=np.int64), self.table.pieces)
         bad = np.flatnonzero(lengths % whole)
         if len(bad):
             k = int(bad[0])

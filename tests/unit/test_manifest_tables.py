@@ -9,13 +9,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyckpt.errors import IntegrityError
-from pyckpt.manifest import Chunk, FileRecord, Manifest, Piece, TensorRecord
+from pyckpt.boxes import Box
+from pyckpt.commit import _chunk_rows
+from pyckpt.errors import IntegrityError, SnapshotError
+from pyckpt.manifest import Chunk, ChunkRows, FileRecord, Manifest, Piece, TensorRecord
+from pyckpt.shards import SHARD_PIECE, pieces_of
 from tests.reliability.helpers import chunk_objects, chunk_tables
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float64": 8, "uint8": 1}
@@ -127,3 +131,72 @@ def test_a_piece_cut_mid_element_is_named_in_version_3_too():
         Manifest.from_json(data, "manifest.json")
     with pytest.raises(IntegrityError, match=r"tensor 0 chunk 1: piece length 3 is not a whole number of 4-byte"):
         _read(chunk_objects(json.loads(data)))
+
+
+# -- the leader's table (commit._chunk_rows) and the rows a reader hands out -------------------------
+
+def _part(tensor, offsets, sizes, start, length, rank, file_offset, ranks=(0,)):
+    """A part as a rank reports it, its pieces' digests made up from where it lies."""
+    count = len(pieces_of(length)) if length > SHARD_PIECE else 1
+    return (tensor, tuple(offsets), tuple(sizes), start, length, tuple(ranks), rank, file_offset,
+            [f"{rank:04x}{file_offset + i:012x}" for i in range(count)])
+
+
+def _leader_records(parts, shapes):
+    records = [TensorRecord("float32", list(shape), math.prod(shape) * 4, [], []) for shape in shapes]
+    _chunk_rows(records, parts, {"L": [{"S": i} for i in range(len(shapes))]})
+    return records
+
+
+def test_the_leaders_table_holds_each_box_once_in_order_with_its_holders_pieces():
+    # tensor 0: two dim-0 slabs, reported out of order; the first split between two holders (HSDP);
+    # tensor 1: a 0-d tensor; tensor 2: column blocks (not slabs: check_tiling decides); tensor 3: one
+    # slab longer than a piece
+    big = SHARD_PIECE // 4 + 1           # elements of a (1, big) float32 slab: a part of 2 pieces
+    parts = [_part(0, [2, 0], [2, 3], 0, 24, 1, 0, (1,)),
+             _part(0, [0, 0], [2, 3], 12, 12, 1, 24, (0, 1)), _part(0, [0, 0], [2, 3], 0, 12, 0, 0, (0, 1)),
+             _part(1, [], [], 0, 4, 0, 12),
+             _part(2, [0, 2], [2, 2], 0, 16, 1, 36, (1,)), _part(2, [0, 0], [2, 2], 0, 16, 0, 16),
+             _part(3, [0, 0], [1, big], 0, 4 * big, 0, 64)]
+    records = _leader_records(parts, [(4, 3), (), (2, 4), (1, big)])
+    assert all(type(r.chunks) is ChunkRows for r in records)
+    table = records[0].chunks.table
+    assert all(r.chunks.table is table for r in records)
+    assert table.offsets == [0, 0, 2, 0, 0, 0, 0, 2, 0, 0] and table.sizes == [2, 3, 2, 3, 2, 2, 2, 2, 1, big]
+    assert table.holders == [2, 1, 1, 1, 1, 1] and table.ranks == [0, 1, 1, 0, 0, 1, 0]
+    assert table.pieces == [2, 1, 1, 1, 1, 2]
+    assert table.file == [0, 1, 1, 0, 0, 1, 0, 0] and table.offset == [0, 24, 0, 12, 16, 36, 64, 64 + SHARD_PIECE]
+    assert table.length == [12, 12, 24, 4, 16, 16, SHARD_PIECE, 4 * big - SHARD_PIECE]
+    assert len(table.xxh3) == 16 * 8 and table.xxh3.startswith("0000000000000000" + "0001000000000018")
+    assert [c.box for c in records[0].chunks] == [Box((0, 0), (2, 3)), Box((2, 0), (2, 3))]
+    files = [FileRecord("data-0.bin", 64 + 4 * big), FileRecord("data-1.bin", 52)]
+    data = Manifest(2, files, records, {"L": [{"S": i} for i in range(4)]}, [{"D": []}, {"D": []}], {}).to_json()
+    assert json.loads(data)["chunk_table"] == table.to_json()[0]
+    assert Manifest.from_json(data, "manifest.json").tensors == records
+
+
+@pytest.mark.parametrize("parts, problem", [
+    ([_part(0, [0], [4], 0, 8, 0, 0), _part(0, [0], [4], 12, 4, 1, 0)], "bytes 8-12 of the box at [0] were written by no rank"),
+    ([_part(0, [0], [4], 0, 12, 0, 0)], "the box at [0] has 12 bytes written, not 16"),
+    ([_part(0, [0], [3], 0, 12, 0, 0), _part(0, [2], [2], 0, 8, 1, 0)], "overlap"),
+    ([_part(0, [0], [3], 0, 12, 0, 0)], "hole"),
+    ([], "hole"),
+])
+def test_the_leader_refuses_parts_that_do_not_cover_or_tile_naming_the_tensor(parts, problem):
+    with pytest.raises(SnapshotError, match=r"sharded tensor '\[0\]' of shape \[4\]: .*" + re.escape(problem)
+                       + r".*not hold a consistent layout"):
+        _leader_records(parts, [(4,)])
+
+
+def test_a_restore_on_the_saved_layout_makes_only_the_chunk_it_reads():
+    parts = [_part(0, [r, 0], [1, 2], 0, 8, r, 0, (r,)) for r in range(4)]
+    records = _leader_records(parts, [(4, 2)])
+    files = [FileRecord(f"data-{r}.bin", 8) for r in range(4)]
+    data = Manifest(4, files, records, {"L": [{"S": 0}]}, [{"D": []}] * 4, {}).to_json()
+    rows = Manifest.from_json(data, "manifest.json").tensors[0].chunks
+    assert type(rows) is ChunkRows and len(rows) == 4
+    chunk = rows.find([2, 0], [1, 2])
+    assert chunk == Chunk([2, 0], [1, 2], [Piece(2, 0, 8, "0002000000000000")], [2])
+    assert rows._made is None          # the other three were not made
+    assert rows.find([2, 0], [2, 2]) is None
+    assert rows[2] == chunk and rows == list(rows) and rows._made is not None
