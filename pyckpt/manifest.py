@@ -237,12 +237,19 @@ class ChunkRows(Sequence):
 
     def find(self, offsets: list[int], sizes: list[int]) -> Chunk | None:
         """The chunk whose box is exactly (offsets, sizes), or None; the others stay rows."""
-        table, dims = self.table, self.dims
-        for c in range(self.count):
-            at = self.cell + c * dims
+        table, dims, cell = self.table, self.dims, self.cell
+        if not dims:   # a 0-d tensor: one chunk of no dims
+            return self[0] if self.count == 1 and not offsets and not sizes else None
+        starts = table.offsets[cell: cell + self.count * dims: dims]   # each chunk's offset in dim 0
+        c = -1
+        while True:
+            try:
+                c = starts.index(offsets[0], c + 1)
+            except ValueError:
+                return None
+            at = cell + c * dims
             if table.offsets[at: at + dims] == offsets and table.sizes[at: at + dims] == sizes:
                 return table.row(self.first + c, at, dims)
-        return None
 
 
 @dataclass

@@ -43,8 +43,18 @@ class ShardPart(NamedTuple):
 
 
 def placements_text(tensor: DTensor) -> str:
-    """How a DTensor is laid out, for inspect: its mesh shape and placements."""
-    return f"mesh {mesh_ranks(tensor).shape} {tuple(tensor.placements)}"
+    """How a DTensor is laid out, for inspect: its mesh shape and placements. Formatted once per
+    layout (a model's tensors share few): the placements' reprs cost ~4% of a 20k-tensor capture."""
+    key = (mesh_ranks(tensor).shape, tuple(tensor.placements))
+    text = _PLACEMENTS_TEXT.get(key)
+    if text is None:
+        if len(_PLACEMENTS_TEXT) >= 64:
+            _PLACEMENTS_TEXT.clear()
+        text = _PLACEMENTS_TEXT[key] = f"mesh {key[0]} {key[1]}"
+    return text
+
+
+_PLACEMENTS_TEXT: dict[tuple, str] = {}   # (mesh shape, placements) -> placements_text
 
 
 def local_tensor(tensor: DTensor) -> torch.Tensor:

@@ -169,6 +169,9 @@ def test_the_leaders_table_holds_each_box_once_in_order_with_its_holders_pieces(
     assert table.length == [12, 12, 24, 4, 16, 16, SHARD_PIECE, 4 * big - SHARD_PIECE]
     assert len(table.xxh3) == 16 * 8 and table.xxh3.startswith("0000000000000000" + "0001000000000018")
     assert [c.box for c in records[0].chunks] == [Box((0, 0), (2, 3)), Box((2, 0), (2, 3))]
+    assert records[2].chunks.find([0, 2], [2, 2]) == records[2].chunks[1]   # the second with offset 0 in dim 0
+    assert records[2].chunks.find([0, 2], [2, 1]) is None and records[0].chunks.find([1, 0], [2, 3]) is None
+    assert records[1].chunks.find([], []) == Chunk([], [], [Piece(0, 12, 4, "000000000000000c")], [0])
     files = [FileRecord("data-0.bin", 64 + 4 * big), FileRecord("data-1.bin", 52)]
     data = Manifest(2, files, records, {"L": [{"S": i} for i in range(4)]}, [{"D": []}, {"D": []}], {}).to_json()
     assert json.loads(data)["chunk_table"] == table.to_json()[0]
