@@ -37,6 +37,13 @@ class SavedTensor:
     shape: tuple[int, ...]
 
 
+def live_state(obj: Any) -> Any:
+    """A registered object's state_dict, a module's with its tensors themselves (keep_vars): pyckpt only
+    reads their bytes, and detaching each one cost ~9 us per DTensor parameter (45 ms of every
+    snapshot and restore of a 5,000-parameter FSDP2 model; plain tensors: ~1 us)."""
+    return obj.state_dict(keep_vars=True) if isinstance(obj, torch.nn.Module) else obj.state_dict()
+
+
 @dataclass
 class Fit:
     """What of a saved state fits the registered objects, decided before any of it is loaded."""
@@ -405,7 +412,7 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> InPlace
     """
     live_tensors: list = []
     try:
-        live_tree = flatten({"objects": {name: obj.state_dict() for name, obj in runtime.objects.items()
+        live_tree = flatten({"objects": {name: live_state(obj) for name, obj in runtime.objects.items()
                                          if name not in runtime.per_rank_names}}, live_tensors, "live")
     except (TypeError, KeyError):
         return InPlace({}, frozenset())

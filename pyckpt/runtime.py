@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import StateMismatchError
-from .fitting import fit_state, mismatch_error
+from .fitting import fit_state, live_state, mismatch_error
 
 try:  # numpy's global RNG is captured when numpy is installed
     import numpy as np
@@ -122,7 +122,7 @@ class TrainingRuntime:
         return {
             "progress": {"epoch": self._epoch, "step": self._step},
             "kinds": {name: kind for name, kind in self._kinds.items() if name not in self._per_rank},
-            "objects": {name: obj.state_dict() for name, obj in self._objects.items() if name not in self._per_rank},
+            "objects": {name: live_state(obj) for name, obj in self._objects.items() if name not in self._per_rank},
         }
 
     def private_state(self) -> dict:
@@ -131,7 +131,7 @@ class TrainingRuntime:
         if self.capture_rng:
             state["rng"] = rng_state()
         if self._per_rank:  # only then: snapshots without per-rank objects keep their earlier form
-            state["objects"] = {name: obj.state_dict() for name, obj in self._objects.items()
+            state["objects"] = {name: live_state(obj) for name, obj in self._objects.items()
                                 if name in self._per_rank}
         return state
 
