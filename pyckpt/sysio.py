@@ -132,8 +132,8 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
         t = t.contiguous()
     if t.nbytes == 0:
         return memoryview(b"")
-    if t.dtype in _NUMPY_NATIVE:  # numpy's reshape/view cost half of torch's per call (20k tensors)
-        return memoryview(t.numpy().reshape(-1).view(np.uint8))
+    if t.dtype in _NUMPY_NATIVE:  # numpy's array and a cast memoryview: 1/3 of torch's reshape/view per call
+        return memoryview(t.numpy()).cast("B")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 

@@ -168,3 +168,25 @@ def test_optimizer_restore_with_many_params_matches_torch(snap_path):
     assert opt.param_groups[0]["lr"] == 0.01
     got = opt.state_dict()["state"][7]
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    lambda: torch.tensor(2.5),                                       # 0-d
+    lambda: torch.empty(0, 3), lambda: torch.empty(0),               # empty
+    lambda: torch.tensor([True, False, True]),
+    lambda: torch.arange(6, dtype=torch.float16), lambda: torch.arange(6, dtype=torch.int16),
+    lambda: torch.arange(6).to(torch.bfloat16),                      # not numpy's
+    lambda: torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64),
+    lambda: torch.tensor([1 + 2j, 3 - 4j]).conj(),                   # a lazy conjugate view
+    lambda: torch.arange(12.0).reshape(3, 4).t(),                    # not contiguous
+    lambda: torch.nn.Parameter(torch.arange(4.0)),                   # requires grad
+], ids=["2d", "0d", "empty2d", "empty", "bool", "f16", "i16", "bf16", "c64", "conj", "strided", "param"])
+def test_byte_view_is_the_tensors_row_major_bytes(make):
+    from pyckpt.sysio import byte_view
+
+    tensor = make()
+    plain = tensor.detach().resolve_conj().contiguous()
+    expected = plain.reshape(-1).view(torch.uint8).numpy().tobytes() if plain.numel() else b""
+    view = byte_view(tensor)
+    assert (view.format, view.ndim, bytes(view)) == ("B", 1, expected)

@@ -179,7 +179,8 @@ def test_the_leaders_table_holds_each_box_once_in_order_with_its_holders_pieces(
 
 
 @pytest.mark.parametrize("parts, problem", [
-    ([_part(0, [0], [4], 0, 8, 0, 0), _part(0, [0], [4], 12, 4, 1, 0)], "bytes 8-12 of the box at [0] were written by no rank"),
+    ([_part(0, [0], [4], 0, 8, 0, 0), _part(0, [0], [4], 12, 4, 1, 0)],
+     "bytes 8-12 of the box at [0] were written by no rank"),
     ([_part(0, [0], [4], 0, 12, 0, 0)], "the box at [0] has 12 bytes written, not 16"),
     ([_part(0, [0], [3], 0, 12, 0, 0), _part(0, [2], [2], 0, 8, 1, 0)], "overlap"),
     ([_part(0, [0], [3], 0, 12, 0, 0)], "hole"),
