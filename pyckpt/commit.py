@@ -167,7 +167,7 @@ def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> N
             k += 1
         while k < n and parts[k][0] == index:
             box = parts[k][1:3]
-            pos, count, ranks = 0, 0, parts[k][5]
+            pos, npieces, ranks = 0, 0, parts[k][5]
             while k < n and parts[k][0] == index and parts[k][1:3] == box:   # a box split between its holders
                 _, _, _, start, length, _, rank, file_offset, part_digests = parts[k]
                 if start != pos:
@@ -182,7 +182,7 @@ def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> N
                         table.offset.append(file_offset + off)
                         table.length.append(size)
                 digests += part_digests
-                count += len(part_digests)
+                npieces += len(part_digests)
                 pos = start + length
                 k += 1
             expected = math.prod(box[1]) * itemsize
@@ -192,7 +192,7 @@ def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> N
             table.sizes += box[1]
             table.holders.append(len(ranks))
             table.ranks += ranks
-            table.pieces.append(count)
+            table.pieces.append(npieces)
         count, end = len(table.holders) - first, len(table.offsets)
         if problem is None and not dim0_slabs_in_order(table.offsets, table.sizes, cell, end, dims, record.shape):
             boxes = [Box(tuple(table.offsets[c: c + dims]), tuple(table.sizes[c: c + dims]))

@@ -584,7 +584,6 @@ class _Tables:
         table = self.table = ChunkTable(**chunk_table, **piece_table)
         self.offsets, self.sizes, self.ranks = table.offsets, table.sizes, table.ranks
         holders, counts = table.holders, table.pieces
-        self.column = piece_table
         npieces = len(piece_table["file"])
         v.check(len(holders) == len(counts) and len(self.offsets) == len(self.sizes),
                 "chunk_table: holders and pieces need one entry per chunk, offsets and sizes one per chunk dimension")
@@ -608,17 +607,17 @@ class _Tables:
     def _bulk_checks(self) -> bool:
         """Whether the columns hold only what version 2's per-field checks allow (the bytes each chunk's
         pieces cover and their whole elements are checked per chunk and in finish())."""
-        column, nfiles = self.column, len(self.files)
+        table, nfiles = self.table, len(self.files)
         if not (_all_ints(self.offsets, 0, MAX_DIM_PRODUCT) and _all_ints(self.sizes, 0, MAX_DIM_PRODUCT)
                 and (not self.ranks or set(map(type, self.ranks)) == {int})
-                and _all_ints(column["file"], 0, nfiles - 1) and _all_ints(column["offset"], 0, 1 << 62)
-                and _all_ints(column["length"], 0, 1 << 62) and _HEX.fullmatch(column["xxh3"]) is not None
-                and sum(column["length"]) < 1 << 62):   # (finish() sums them in int64)
+                and _all_ints(table.file, 0, nfiles - 1) and _all_ints(table.offset, 0, 1 << 62)
+                and _all_ints(table.length, 0, 1 << 62) and _HEX.fullmatch(table.xxh3) is not None
+                and sum(table.length) < 1 << 62):   # (finish() sums them in int64)
             return False
-        if not column["file"]:
+        if not table.file:
             return True
         sizes = np.array([f.size for f in self.files], dtype=np.int64)
-        file, offset, length = (np.array(column[c], dtype=np.int64) for c in ("file", "offset", "length"))
+        file, offset, length = (np.array(c, dtype=np.int64) for c in (table.file, table.offset, table.length))
         return bool((offset <= sizes[file] - length).all())
 
     def take(self, index: int, t: dict, dtype: str, shape: list[int], nbytes: int, itemsize: int) -> TensorRecord:
@@ -666,11 +665,9 @@ class _Tables:
 
     def _row(self, j: int, cell: int, dims: int) -> dict:
         """Chunk j as a version 2 chunk object (for the checks that name a bad field)."""
-        column, x = self.column, self.column["xxh3"]
-        return {"offsets": self.offsets[cell: cell + dims], "sizes": self.sizes[cell: cell + dims],
-                "ranks": self.ranks[self.rank_at[j]: self.rank_at[j + 1]],
-                "pieces": [{"file": column["file"][k], "offset": column["offset"][k], "length": column["length"][k],
-                            "xxh3": x[16 * k: 16 * k + 16]} for k in range(self.piece_at[j], self.piece_at[j + 1])]}
+        chunk = self.table.row(j, cell, dims)
+        return {"offsets": chunk.offsets, "sizes": chunk.sizes, "ranks": chunk.ranks,
+                "pieces": _pieces_json(chunk.pieces)}
 
     def finish(self) -> None:
         """After the last tensor: every chunk was some tensor's, the pieces of each slab cover its bytes,
@@ -682,7 +679,7 @@ class _Tables:
                 f"name {self.chunk} ({self.cell} offsets)")
         if not self.fast or not self.piece_at[-1]:
             return
-        lengths = np.array(self.column["length"], dtype=np.int64)
+        lengths = np.array(self.table.length, dtype=np.int64)
         if self.slab_chunks:
             byte_at = np.concatenate(([0], np.cumsum(lengths)))[np.array(self.piece_at, dtype=np.int64)]
             chunks = np.array(self.slab_chunks, dtype=np.int64)
