@@ -105,7 +105,7 @@ class _Restoring:
         in_place = fitting.live_destinations(snap.manifest, runtime)
         self.in_place = in_place.tensors
         into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
-        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
+        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into, read_ahead=True))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
         if offers:  # ranks on one machine each read a share and copy the rest
