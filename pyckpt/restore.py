@@ -52,11 +52,8 @@ def _restore(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRun
         # Also the point before which no rank returns: peers may be copying from its tensors.
         outcomes = comm.all_gather(job.outcome())
     error = job.error
-    if isinstance(error, IntegrityError) and job.in_place:
-        # tensors are read straight into the live objects: say they are now unusable
-        error = IntegrityError(f"{error}\nThe registered model/optimizer were being restored in place and may "
-                               "be partly overwritten: restore another version (restore(path, version=...); "
-                               "`pyckpt ls` lists them) before training on.", file=error.file, tensor=error.tensor)
+    if error is not None and job.in_place and job.reading and not isinstance(error, SnapshotNotFoundError):
+        error = _partly_overwritten(error)
     if not _agreed(outcomes, path, error):
         if missing_ok:
             return False
@@ -80,6 +77,7 @@ class _Restoring:
         self.private: Any = None
         self.in_place: dict[int, torch.Tensor] = {}
         self.replicated: TreeRead | None = None
+        self.reading = False   # bytes may be going into the live objects (from the read plan on)
         self.error: Exception | None = None
 
     @property
@@ -105,6 +103,7 @@ class _Restoring:
         in_place = fitting.live_destinations(snap.manifest, runtime)
         self.in_place = in_place.tensors
         into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
+        self.reading = True
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into, read_ahead=True))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
@@ -120,6 +119,16 @@ class _Restoring:
         if self.error is not None:
             return messages.RestoreOutcome(error=messages.RankError.of(self.rank, self.error))
         return messages.RestoreOutcome(version=self.snap.ref.name)
+
+
+def _partly_overwritten(error: Exception) -> Exception:
+    """The error of a restore that failed after it began reading straight into the live objects (a
+    read that reads ahead starts while it is still planned): it says they are now unusable."""
+    note = ("\nThe registered model/optimizer were being restored in place and may be partly overwritten: "
+            "restore another version (restore(path, version=...); `pyckpt ls` lists them) before training on.")
+    if isinstance(error, IntegrityError):
+        return IntegrityError(f"{error}{note}", file=error.file, tensor=error.tensor)
+    return type(error)(f"{error}{note}")   # a pyckpt error (as_read_error), whose message is its one argument
 
 
 def _exchange_offers(comm: Comm, any_shared: bool, replicated: TreeRead | None, version: str | None,

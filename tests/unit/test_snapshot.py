@@ -311,3 +311,35 @@ def test_corruption_during_in_place_restore_says_the_objects_are_unusable(coordi
         f.write(b"\xff\xff\xff\xff")
     with pytest.raises(IntegrityError, match="partly overwritten: restore another version"):
         coordinator.restore(snap_path, runtime)
+
+
+@pytest.mark.parametrize("where", ["read", "plan"])
+def test_any_failure_once_in_place_reading_began_says_the_objects_are_unusable(coordinator, snap_path, monkeypatch,
+                                                                                where):
+    """Not only a checksum: an I/O error while reading, or a failure in the read plan (reads into the
+    live tensors start while the rest is planned, reader._ReadAhead) may leave them partly overwritten."""
+    *_, runtime = make()
+    coordinator.snapshot(snap_path, runtime)
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+    found = pyckpt.fitting.live_destinations
+
+    def destinations(*args):   # the rank's private state is read by now: fail what follows
+        monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch" if where == "read" else "_pieces", failing)
+        return found(*args)
+    monkeypatch.setattr(pyckpt.fitting, "live_destinations", destinations)
+    with pytest.raises(pyckpt.SnapshotReadError, match="(?s)Input/output error.*partly overwritten: restore another"):
+        coordinator.restore(snap_path, runtime)
+
+
+def test_a_failure_before_the_read_plan_leaves_the_objects_untouched(coordinator, snap_path, monkeypatch):
+    *_, runtime = make()
+    coordinator.snapshot(snap_path, runtime)
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(pyckpt.fitting, "live_destinations", failing)
+    with pytest.raises(pyckpt.SnapshotReadError, match="Input/output error") as caught:
+        coordinator.restore(snap_path, runtime)
+    assert "overwritten" not in str(caught.value)
