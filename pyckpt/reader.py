@@ -374,15 +374,15 @@ class ShardRead(TensorRead):
         return [target.build(buf) for target, buf in zip(self.targets, self.buffers)]
 
 
-_AHEAD_EVERY = 4 << 20   # bytes of saved tensors planned between two looks for read jobs to start
+_AHEAD_EVERY = 4 << 20   # bytes of tensors planned between two looks for read jobs to start
 
 
 class _ReadAhead:
     """Read jobs of a ShardRead started while the rest is still planned, so that the disk works
-    while Python plans: a cold 20,000-tensor restore of 1.5 GiB planned for 0.3 s (1 rank) to 0.9 s
-    (each of 4 ranks) before its first read (docs/PERFORMANCE.md). Only a file's pieces planned in
-    file order are started, whole jobs at a time, cut as _batches cuts them; a file whose pieces come
-    out of order is left to the end (sorted and batched there, as without reading ahead)."""
+    while Python plans (a 20,000-tensor restore spends ~0.3 s per rank planning, about the time of a
+    cold read of 1.5 GiB here). Only a file's pieces planned in file order are started, a job's worth
+    at a time, cut as _batches cuts them; a file whose pieces come out of order is left to the end
+    (sorted and batched there, as without reading ahead)."""
 
     def __init__(self, read: "ShardRead"):
         self.read = read
@@ -423,8 +423,7 @@ class _ReadAhead:
         read = self.read
         j = len(read.jobs)
         read.jobs.append(ReadJob(file, batch))
-        self.futures[j] = helper_pool().submit(read._read_batch, read._sources[file],
-                                               self.direct_by_file.get(file), batch)
+        self.futures[j] = helper_pool().submit(read._read_batch, read._sources[file], self.direct_by_file.get(file), batch)
 
 
 class TreeRead(TensorRead):
