@@ -76,22 +76,19 @@ class Snapshot:
     def file_path(self, index: int) -> str:
         return self.files[index].where
 
-    def reading(self, tree: Any, into: dict[int, torch.Tensor] | None = None, *,
-                read_ahead: bool = False) -> "TreeRead":
+    def reading(self, tree: Any, into: dict[int, torch.Tensor] | None = None) -> "TreeRead":
         """Plan the read of a state tree (files opened and size-checked, buffers allocated); run it
         with .run(), whole or in parts, then take .tree(). Use as a context manager (closes the files).
 
         `into` maps tensor indices to existing contiguous CPU tensors of the same dtype and shape:
-        those are read in place (no allocation, no copy later) and returned as those tensors.
-        `read_ahead`: the sharded tensors' read jobs start (direct where the filesystem takes it) while
-        the rest is still being planned; pass it only when the read will be run direct."""
+        those are read in place (no allocation, no copy later) and returned as those tensors."""
         wanted = sorted(set(references(tree)))
         out = [into.get(i) for i in wanted] if into else None
-        return TreeRead(self, tree, wanted, out, read_ahead=read_ahead)
+        return TreeRead(self, tree, wanted, out)
 
     def read_tree(self, tree: Any, into: dict[int, torch.Tensor] | None = None, direct: bool = True) -> Any:
         """Materialise a state tree of this snapshot with CPU tensors, verifying every checksum."""
-        with self.reading(tree, into, read_ahead=direct) as read:
+        with self.reading(tree, into) as read:
             read.run(direct=direct)
             return read.tree()
 
@@ -107,7 +104,7 @@ class Snapshot:
         contiguous CPU tensor of the record's dtype and shape, returned as is); every piece's checksum
         is verified before this returns. `direct`: read with O_DIRECT where the filesystem takes it
         (pass False when other processes on this host read the same files: they share the page cache)."""
-        with TreeRead(self, None, indices, out, read_ahead=direct) as read:
+        with TreeRead(self, None, indices, out) as read:
             read.run(direct=direct)
             return read.requested_values()
 
@@ -145,12 +142,12 @@ class TensorRead:
         self.records = [snap.manifest.tensors[i] for i in indices]
         self._names = _LazyNames(snap.manifest, indices)
         self._sources = _copies(snap)
-        self.jobs: list[ReadJob] = []   # a ShardRead reading ahead adds (and starts) some while planning
         try:
             by_file = self._pieces()
         except BaseException:
             self.close()
             raise
+        self.jobs: list[ReadJob] = []
         for file, pieces in by_file.items():
             pieces.sort(key=lambda item: item.offset)   # linear when already in order
             self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces, self._sources[file].job_bytes))
@@ -213,7 +210,7 @@ class TensorRead:
         files = {self.jobs[j].file for j in jobs}
         direct_sources = _open_direct({f: self._sources[f] for f in files}) if direct else {}
         futures = [helper_pool().submit(self._read_job, j, direct_sources.get(self.jobs[j].file)) for j in jobs]
-        return _Running(futures, list(direct_sources.values()))
+        return _Running(futures, direct_sources)
 
     def _read_job(self, j: int, direct: DataSource | None) -> None:
         file, batch = self.jobs[j]
@@ -287,44 +284,21 @@ class ShardRead(TensorRead):
     boxes this rank needs, straight into place where the bytes are contiguous on both sides. Each rank
     reads its own (no sharing between the ranks of a machine: they need different bytes)."""
 
-    def __init__(self, snap: Snapshot, indices: list[int], targets: list[Target], *, read_ahead: bool = False):
+    def __init__(self, snap: Snapshot, indices: list[int], targets: list[Target]):
         self.targets = targets
         self._scratch: dict[int, torch.Tensor] = {}   # each helper thread's, for this read only
-        self._ahead: _ReadAhead | None = None
-        self._read_ahead = read_ahead
         super().__init__(snap, indices)
 
     def _pieces(self) -> dict[int, list[PieceRead]]:
         by_file: dict[int, list] = {}
         self.buffers = []
-        ahead = self._ahead = _ReadAhead(self) if self._read_ahead else None
-        planned = 0
         for k, (rec, target) in enumerate(zip(self.records, self.targets)):
             local = target.buffer if target.buffer is not None else \
                 torch.empty(target.local_shape, dtype=TORCH_DTYPES[rec.dtype])
             self.buffers.append(local)
             for piece, view in plan_reads(rec.as_chunks(), target, local):
                 by_file.setdefault(piece.file, []).append(PieceRead(piece.offset, piece, view, k))
-            planned += rec.nbytes
-            if ahead is not None and planned >= _AHEAD_EVERY:
-                ahead.start_planned(by_file)
-                planned = 0
         return by_file
-
-    def start(self, jobs: list[int] | None = None, *, direct: bool = True) -> "_Running":
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return super().start(jobs, direct=direct)
-        if jobs is not None:
-            raise ValueError("a read that reads ahead runs whole")
-        for j, future in ahead.futures.items():
-            future.add_done_callback(lambda done, j=j: self._finished(j, done))
-        rest = [j for j in range(len(self.jobs)) if j not in ahead.futures]
-        running = super().start(rest, direct=direct)
-        return _Running(list(ahead.futures.values()) + running.futures, ahead.direct + running.direct_sources)
-
-    def _finished(self, j: int, future: Any) -> None:
-        self.progress[j] = FAILED if future.exception() is not None else DONE
 
     def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list[PieceRead]) -> None:
         """The edge and strided pieces of the batch get scratch for this job only; their parts go into
@@ -359,9 +333,6 @@ class ShardRead(TensorRead):
         return buffer[:size]
 
     def close(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:   # never close the files under jobs still reading
-            _Running(list(ahead.futures.values()), ahead.direct).settle()
         super().close()
         self._scratch = {}
 
@@ -374,65 +345,12 @@ class ShardRead(TensorRead):
         return [target.build(buf) for target, buf in zip(self.targets, self.buffers)]
 
 
-_AHEAD_EVERY = 4 << 20   # bytes of tensors planned between two looks for read jobs to start
-
-
-class _ReadAhead:
-    """Read jobs of a ShardRead started while the rest is still planned, so that the disk works
-    while Python plans (a 20,000-tensor restore spends ~0.3 s per rank planning, about the time of a
-    cold read of 1.5 GiB here). Only a file's pieces planned in file order are started, a job's worth
-    at a time, cut as _batches cuts them; a file whose pieces come out of order is left to the end
-    (sorted and batched there, as without reading ahead)."""
-
-    def __init__(self, read: "ShardRead"):
-        self.read = read
-        self.direct_by_file = _open_direct(read._sources)   # closed by the _Running that waits for the jobs
-        self.direct = list(self.direct_by_file.values())
-        self.futures: dict[int, Any] = {}        # job index -> its future
-        self.checked: dict[int, int] = {}        # file -> how many of its planned pieces were checked for order
-        self.end: dict[int, int] = {}            # file -> end offset of the last piece checked
-        self.size: dict[int, int] = {}           # file -> bytes planned and not yet in a job
-        self.unordered: set[int] = set()
-
-    def start_planned(self, by_file: dict[int, list[PieceRead]]) -> None:
-        """Start the full jobs among the pieces planned so far (taking them out of by_file)."""
-        read = self.read
-        for file, pieces in by_file.items():
-            if file in self.unordered:
-                continue
-            end, size = self.end.get(file, -1), self.size.get(file, 0)
-            for item in pieces[self.checked.get(file, 0):]:
-                if item.offset < end:
-                    self.unordered.add(file)
-                    break
-                end = item.offset + item.piece.length
-                size += item.piece.length
-            else:
-                job_bytes = read._sources[file].job_bytes
-                if size < 2 * job_bytes:
-                    self.end[file], self.size[file], self.checked[file] = end, size, len(pieces)
-                    continue
-                batches = _batches(pieces, job_bytes)
-                for batch in batches[:-1]:
-                    self._submit(file, batch)
-                pieces[:] = batches[-1]
-                self.end[file], self.size[file] = end, sum(item.piece.length for item in pieces)
-                self.checked[file] = len(pieces)
-
-    def _submit(self, file: int, batch: list[PieceRead]) -> None:
-        read = self.read
-        j = len(read.jobs)
-        read.jobs.append(ReadJob(file, batch))
-        self.futures[j] = helper_pool().submit(read._read_batch, read._sources[file], self.direct_by_file.get(file), batch)
-
-
 class TreeRead(TensorRead):
     """A TensorRead of the tensors a state tree references; .tree() rebuilds the tree with them. The
     tensors with a Target (sharded ones, or any read into a live DTensor) are read by `own`, a ShardRead
     that run() runs too; peers on one machine share only the others (they are the same on every rank)."""
 
-    def __init__(self, snap: Snapshot, tree: Any, indices: list[int], out: list[Any] | None, *,
-                 read_ahead: bool = False):
+    def __init__(self, snap: Snapshot, tree: Any, indices: list[int], out: list[Any] | None):
         records = snap.manifest.tensors
         targets = [_target(records[i], out[k] if out else None) if 0 <= i < len(records) else None
                    for k, i in enumerate(indices)]
@@ -440,8 +358,7 @@ class TreeRead(TensorRead):
         super().__init__(snap, [indices[k] for k in plain], [out[k] for k in plain] if out else None)
         try:
             sharded = [k for k, target in enumerate(targets) if target is not None]
-            self.own = ShardRead(snap, [indices[k] for k in sharded], [targets[k] for k in sharded],
-                                 read_ahead=read_ahead)
+            self.own = ShardRead(snap, [indices[k] for k in sharded], [targets[k] for k in sharded])
         except BaseException:
             self.close()
             raise
@@ -492,7 +409,7 @@ DONE, FAILED = 1, 2
 class _Running:
     """Read jobs under way on the helper threads."""
 
-    def __init__(self, futures: list, direct_sources: list[DataSource]):
+    def __init__(self, futures: list, direct_sources: dict[int, DataSource]):
         self.futures, self.direct_sources = futures, direct_sources
 
     def done(self) -> bool:
@@ -500,16 +417,12 @@ class _Running:
 
     def wait(self) -> None:
         """Until every job is done (they use the direct sources, closed here); the first error is raised."""
-        self.settle()
-        for future in self.futures:
-            future.result()
-
-    def settle(self) -> None:
-        """Until every job is done, its error (if any) left in its future; then close the direct sources."""
         try:
             wait(self.futures)
+            for future in self.futures:
+                future.result()
         finally:
-            _close_all(self.direct_sources)
+            _close_all(self.direct_sources.values())
 
 
 def _intact(piece, view: memoryview) -> bool:

@@ -77,7 +77,7 @@ class _Restoring:
         self.private: Any = None
         self.in_place: dict[int, torch.Tensor] = {}
         self.replicated: TreeRead | None = None
-        self.reading = False   # bytes may be going into the live objects (from the read plan on)
+        self.reading = False   # bytes may be going into the live objects
         self.error: Exception | None = None
 
     @property
@@ -103,10 +103,10 @@ class _Restoring:
         in_place = fitting.live_destinations(snap.manifest, runtime)
         self.in_place = in_place.tensors
         into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
-        self.reading = True
-        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into, read_ahead=True))
+        self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
+        self.reading = True
         if offers:  # ranks on one machine each read a share and copy the rest
             peers.read_shared(self.replicated, offers, local.index(self.rank))
             self.replicated.own.run()   # the sharded tensors: each rank its own boxes
@@ -122,8 +122,8 @@ class _Restoring:
 
 
 def _partly_overwritten(error: Exception) -> Exception:
-    """The error of a restore that failed after it began reading straight into the live objects (a
-    read that reads ahead starts while it is still planned): it says they are now unusable."""
+    """The error of a restore that failed after it began reading straight into the live objects,
+    whatever failed (a checksum, an I/O error): it says they are now unusable."""
     note = ("\nThe registered model/optimizer were being restored in place and may be partly overwritten: "
             "restore another version (restore(path, version=...); `pyckpt ls` lists them) before training on.")
     if isinstance(error, IntegrityError):
