@@ -313,11 +313,8 @@ def test_corruption_during_in_place_restore_says_the_objects_are_unusable(coordi
         coordinator.restore(snap_path, runtime)
 
 
-@pytest.mark.parametrize("where", ["read", "plan"])
-def test_any_failure_once_in_place_reading_began_says_the_objects_are_unusable(coordinator, snap_path, monkeypatch,
-                                                                                where):
-    """Not only a checksum: an I/O error while reading, or a failure in the read plan (reads into the
-    live tensors start while the rest is planned, reader._ReadAhead) may leave them partly overwritten."""
+def test_an_io_error_during_in_place_restore_says_the_objects_are_unusable(coordinator, snap_path, monkeypatch):
+    """Not only a checksum: an I/O error in the middle of reading in place leaves them partly overwritten too."""
     *_, runtime = make()
     coordinator.snapshot(snap_path, runtime)
 
@@ -325,21 +322,32 @@ def test_any_failure_once_in_place_reading_began_says_the_objects_are_unusable(c
         raise OSError(5, "Input/output error")
     found = pyckpt.fitting.live_destinations
 
-    def destinations(*args):   # the rank's private state is read by now: fail what follows
-        monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch" if where == "read" else "_pieces", failing)
+    def destinations(*args):   # the rank's private state is read by now: fail the reads that follow
+        monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch", failing)
         return found(*args)
     monkeypatch.setattr(pyckpt.fitting, "live_destinations", destinations)
     with pytest.raises(pyckpt.SnapshotReadError, match="(?s)Input/output error.*partly overwritten: restore another"):
         coordinator.restore(snap_path, runtime)
 
 
-def test_a_failure_before_the_read_plan_leaves_the_objects_untouched(coordinator, snap_path, monkeypatch):
-    *_, runtime = make()
+@pytest.mark.parametrize("where", ["fitting", "plan"])
+def test_a_failure_before_reading_leaves_the_objects_untouched(coordinator, snap_path, monkeypatch, where):
+    model, *_, runtime = make()
     coordinator.snapshot(snap_path, runtime)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
 
     def failing(*args):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(pyckpt.fitting, "live_destinations", failing)
+    found = pyckpt.fitting.live_destinations
+
+    def destinations(*args):
+        monkeypatch.setattr(pyckpt.reader.TensorRead, "_pieces", failing)
+        return found(*args)
+    monkeypatch.setattr(pyckpt.fitting, "live_destinations", failing if where == "fitting" else destinations)
     with pytest.raises(pyckpt.SnapshotReadError, match="Input/output error") as caught:
         coordinator.restore(snap_path, runtime)
     assert "overwritten" not in str(caught.value)
+    assert_same_state(model.state_dict(), trained)
