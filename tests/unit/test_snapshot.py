@@ -313,19 +313,28 @@ def test_corruption_during_in_place_restore_says_the_objects_are_unusable(coordi
         coordinator.restore(snap_path, runtime)
 
 
+def _fail(monkeypatch, where: str) -> None:
+    """An I/O error in the restore's step `where`: "fitting" (live_destinations), "plan" (planning the
+    read) or "read" (reading the bytes); the plan and read fail only after the rank's private state
+    (read before fitting) is in."""
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+    if where == "fitting":
+        monkeypatch.setattr(pyckpt.fitting, "live_destinations", failing)
+        return
+    found = pyckpt.fitting.live_destinations
+
+    def destinations(*args):
+        monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch" if where == "read" else "_pieces", failing)
+        return found(*args)
+    monkeypatch.setattr(pyckpt.fitting, "live_destinations", destinations)
+
+
 def test_an_io_error_during_in_place_restore_says_the_objects_are_unusable(coordinator, snap_path, monkeypatch):
     """Not only a checksum: an I/O error in the middle of reading in place leaves them partly overwritten too."""
     *_, runtime = make()
     coordinator.snapshot(snap_path, runtime)
-
-    def failing(*args):
-        raise OSError(5, "Input/output error")
-    found = pyckpt.fitting.live_destinations
-
-    def destinations(*args):   # the rank's private state is read by now: fail the reads that follow
-        monkeypatch.setattr(pyckpt.reader.TensorRead, "_read_batch", failing)
-        return found(*args)
-    monkeypatch.setattr(pyckpt.fitting, "live_destinations", destinations)
+    _fail(monkeypatch, "read")
     with pytest.raises(pyckpt.SnapshotReadError, match="(?s)Input/output error.*partly overwritten: restore another"):
         coordinator.restore(snap_path, runtime)
 
@@ -338,15 +347,7 @@ def test_a_failure_before_reading_leaves_the_objects_untouched(coordinator, snap
         for p in model.parameters():
             p.add_(1.0)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def failing(*args):
-        raise OSError(5, "Input/output error")
-    found = pyckpt.fitting.live_destinations
-
-    def destinations(*args):
-        monkeypatch.setattr(pyckpt.reader.TensorRead, "_pieces", failing)
-        return found(*args)
-    monkeypatch.setattr(pyckpt.fitting, "live_destinations", failing if where == "fitting" else destinations)
+    _fail(monkeypatch, where)
     with pytest.raises(pyckpt.SnapshotReadError, match="Input/output error") as caught:
         coordinator.restore(snap_path, runtime)
     assert "overwritten" not in str(caught.value)
