@@ -52,7 +52,7 @@ def _restore(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRun
         # Also the point before which no rank returns: peers may be copying from its tensors.
         outcomes = comm.all_gather(job.outcome())
     error = job.error
-    if error is not None and job.in_place and job.reading and not isinstance(error, SnapshotNotFoundError):
+    if error is not None and job.in_place and job.replicated is not None:   # planned, so it failed while reading
         error = _partly_overwritten(error)
     if not _agreed(outcomes, path, error):
         if missing_ok:
@@ -77,7 +77,6 @@ class _Restoring:
         self.private: Any = None
         self.in_place: dict[int, torch.Tensor] = {}
         self.replicated: TreeRead | None = None
-        self.reading = False   # bytes may be going into the live objects
         self.error: Exception | None = None
 
     @property
@@ -106,7 +105,6 @@ class _Restoring:
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
-        self.reading = True
         if offers:  # ranks on one machine each read a share and copy the rest
             peers.read_shared(self.replicated, offers, local.index(self.rank))
             self.replicated.own.run()   # the sharded tensors: each rank its own boxes
