@@ -6,7 +6,7 @@ one, a plain process). Everything here is a pure function of shapes and placemen
 computes the same answer without talking to the others; torch is touched only to read a DTensor's
 layout.
 
-Placements in pure form, one per mesh dim (what `layout_of` maps torch's objects to):
+Placements in pure form, one per mesh dim (what `layout` maps torch's objects to):
     ("R",)                     Replicate
     ("S", dim)                 Shard(dim): torch.chunk rules
     ("SS", dim, split_factor)  _StridedShard(dim, split_factor): what FSDP2 over a TP-sharded dim makes
@@ -15,7 +15,6 @@ Placements in pure form, one per mesh dim (what `layout_of` maps torch's objects
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import math
 from typing import Any, NamedTuple, Sequence
@@ -85,8 +84,8 @@ def _local_indices(shape, mesh_shape, placements, coordinate) -> list[np.ndarray
         if kind == "R":
             continue
         if kind == "P":
-            raise ValueError("a Partial placement holds partial sums, not a layout of the data: "
-                             "reduce it (redistribute to Replicate or Shard) before saving")
+            raise ValueError("it has a Partial placement (a pending reduction, not a layout of the data): "
+                             "call .redistribute() or .full_tensor() on it first")
         if kind not in ("S", "SS"):
             raise ValueError(f"unknown placement {placement!r}")
         dim = _shard_dim(placement, len(shape))
@@ -111,16 +110,12 @@ def _runs(index: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def local_layout(shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[tuple],
-                 coordinate: Sequence[int]) -> list[tuple[Box, Box]]:
+                 coordinate: Sequence[int]) -> tuple[tuple[Box, Box], ...]:
     """The global boxes this mesh coordinate holds, each with the box it occupies inside the local
-    tensor (to_local()), in local row-major order. A coordinate holding nothing gets []; a 0-d
-    tensor is one box of no dims."""
-    return list(_local_layout(tuple(shape), tuple(mesh_shape), tuple(tuple(p) for p in placements),
-                              tuple(coordinate)))
-
-
-@functools.lru_cache(maxsize=4096)   # a model's tensors share few layouts; each snapshot asks for all
-def _local_layout(shape: tuple, mesh_shape: tuple, placements: tuple, coordinate: tuple) -> tuple:
+    tensor (to_local()), in local row-major order. A coordinate holding nothing gets (); a 0-d
+    tensor is one box of no dims. (layout() keeps the answer for each DTensor layout.)"""
+    shape, mesh_shape, placements, coordinate = (tuple(shape), tuple(mesh_shape),
+                                                 tuple(tuple(p) for p in placements), tuple(coordinate))
     _check_layout_args(shape, mesh_shape, placements, coordinate)
     runs = [_runs(index) for index in _local_indices(shape, mesh_shape, placements, coordinate)]
     out = []
@@ -362,16 +357,8 @@ def read_plan(saved: Sequence[Box] | SavedIndex, target: Box) -> list[tuple[int,
 
 # -- torch: reading a DTensor's layout --------------------------------------------------------------
 
-def _pure_placements(placements: tuple) -> list[tuple]:
-    """Pure forms of a DTensor's placements, computed once per distinct placements tuple (every
-    parameter of an FSDP2 model shares one; 20,000 tensors made the isinstance chain show)."""
-    pure = _PLACEMENTS.get(placements)
-    if pure is None:
-        pure = _PLACEMENTS[placements] = tuple(_pure_placement(p) for p in placements)
-    return list(pure)
-
-
-_PLACEMENTS: dict[tuple, tuple] = {}   # placements (hashable torch objects) -> pure forms
+def _pure_placements(placements: tuple) -> tuple[tuple, ...]:
+    return tuple(_pure_placement(p) for p in placements)
 
 
 def _pure_placement(placement: Any) -> tuple:
@@ -411,14 +398,47 @@ def _coordinate(mesh: Any) -> tuple[int, ...] | None:
     return coordinate
 
 
-def layout_of(tensor: Any) -> tuple[tuple[int, ...], tuple[int, ...], list[tuple], tuple[int, ...] | None]:
-    """A DTensor's (global shape, mesh shape, pure placements, this rank's mesh coordinate); the
-    coordinate is None on a rank outside the mesh."""
+class Layout(NamedTuple):
+    """A DTensor's layout as this rank sees it, with what follows from it (placements in pure form)."""
+
+    shape: tuple[int, ...]
+    mesh_shape: tuple[int, ...]
+    placements: tuple[tuple, ...]
+    coordinate: tuple[int, ...] | None      # this rank's place in the mesh; None outside it
+    boxes: tuple[tuple[Box, Box], ...]      # local_layout: the global boxes held here, each with its local box
+    holders: tuple[int, ...]                # the global ranks holding the same data (this one included)
+    me: int                                 # this rank's position among them
+    text: str                               # mesh shape and torch's placements, for inspect
+
+
+def layout(tensor: Any) -> Layout:
+    """A DTensor's Layout, computed once per distinct (mesh, placements, shape, coordinate): a model's
+    tensors share few, and each snapshot and restore asks for every one of them (the separate
+    queries were ~7 us a tensor, 0.1 s of a 20,000-tensor capture)."""
     mesh = tensor.device_mesh
-    return (tuple(tensor.shape), _ranks(mesh).shape, _pure_placements(tuple(tensor.placements)),
-            _coordinate(mesh))
+    coordinate = _coordinate(mesh)
+    key = (id(mesh), tensor.placements, tensor.shape, coordinate)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    shape, ranks = tuple(tensor.shape), _ranks(mesh)
+    placements = _pure_placements(tuple(tensor.placements))
+    text = f"mesh {ranks.shape} {tuple(tensor.placements)}"
+    if coordinate is None:
+        found = Layout(shape, ranks.shape, placements, None, (), (), 0, text)
+    else:
+        mates = holders(ranks.shape, placements, coordinate)
+        found = Layout(shape, ranks.shape, placements, coordinate,
+                       local_layout(shape, ranks.shape, placements, coordinate),
+                       tuple(int(ranks[c]) for c in mates), mates.index(coordinate), text)
+    if len(_LAYOUTS) >= 4096:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (mesh, found)
+    return found
 
 
+# (id(mesh), placements, shape, coordinate) -> (mesh, Layout): the mesh is kept alive, so its id is not reused
+_LAYOUTS: dict[tuple, tuple[Any, Layout]] = {}
 _MESH_RANKS: dict[int, tuple[Any, np.ndarray]] = {}   # id(mesh) -> (mesh, its ranks): the mesh is kept alive
 # (id(mesh), global rank) -> (mesh, that rank's coordinate): the rank is in the key for one process
 # playing several ranks (tests with the fake backend)
@@ -439,8 +459,3 @@ def _ranks(mesh: Any) -> np.ndarray:
         _MESH_RANKS.clear()
     _MESH_RANKS[id(mesh)] = (mesh, ranks)
     return ranks
-
-
-def mesh_ranks(tensor: Any) -> np.ndarray:
-    """The global ranks of a DTensor's mesh, shaped like the mesh."""
-    return _ranks(tensor.device_mesh)

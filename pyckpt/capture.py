@@ -2,6 +2,7 @@
 the plan), and the staging copy that lets a background snapshot run while training goes on."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 from xxhash import xxh3_64_intdigest
 
+from .boxes import Layout, layout
 from .manifest import TensorRecord, align
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .runtime import TrainingRuntime
-from .shards import ShardPart, parts_to_write, pieces_of, placements_text
+from .shards import ShardPart, parts_to_write, pieces_of
 from .sysio import byte_view, helper_pool
 from .tree import DTYPE_NAMES, flatten, is_dtensor, subscripts, tensor_chains
 
@@ -79,7 +81,7 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
     views = [memoryview(b"") if is_dtensor(t) else byte_view(t) for t in rep_tensors]
     priv_views = [byte_view(t) for t in priv_tensors]
     share = plans([len(v) for v in views], world_size)[rank]
-    parts = _shard_parts(rep_tensors, rep_tree)
+    parts, layouts = _shard_parts(rep_tensors, rep_tree)
     shard_offsets, pos = [], share.size
     for part in parts:
         pos = align(pos)
@@ -95,23 +97,26 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
     meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
             "world_size": world_size, "torch": torch.__version__, "host": socket.gethostname()}
     samples = divergence_samples(views) if world_size > 1 else b""
-    return Captured(rep_tree, priv_tree, [_record(t) for t in rep_tensors], [_record(t) for t in priv_tensors],
+    return Captured(rep_tree, priv_tree, [_record(t, layouts.get(i)) for i, t in enumerate(rep_tensors)],
+                    [_record(t) for t in priv_tensors],
                     segments, share, private_plan, meta, samples, shard_parts=parts, shard_offsets=shard_offsets,
                     shard_size=shard_size)
 
 
-def _shard_parts(tensors: list, tree: Any) -> list[ShardPart]:
-    """The parts of the sharded tensors this rank writes; TypeError naming the key of one that cannot
-    be saved."""
+def _shard_parts(tensors: list, tree: Any) -> tuple[list[ShardPart], dict[int, Layout]]:
+    """The parts of the sharded tensors this rank writes, and the layout of each (by index: its record
+    needs it too); TypeError naming the key of one that cannot be saved."""
     parts: list[ShardPart] = []
+    layouts: dict[int, Layout] = {}
     for index, tensor in enumerate(tensors):
         if is_dtensor(tensor):
             try:
-                parts += parts_to_write(index, tensor, tensor.dtype.itemsize)
+                found = layouts[index] = layout(tensor)
+                parts += parts_to_write(index, tensor, found)
             except ValueError as exc:
                 chain = tensor_chains(tree).get(index, ())
                 raise TypeError(f"cannot snapshot replicated{subscripts(chain)}: {exc}") from None
-    return parts
+    return parts, layouts
 
 
 class CopyJob(NamedTuple):
@@ -192,10 +197,11 @@ def divergence_samples(views: list[memoryview]) -> bytes:
     return np.array(digests, dtype=np.uint64).tobytes()
 
 
-def _record(tensor) -> TensorRecord:
-    if is_dtensor(tensor):
-        return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.dtype.itemsize,
-                            chunks=[], placements=placements_text(tensor))
+def _record(tensor, found: Layout | None = None) -> TensorRecord:
+    """A tensor's record; a DTensor's from its layout (its global shape: the local tensor is a shard)."""
+    if found is not None:
+        return TensorRecord(DTYPE_NAMES[tensor.dtype], list(found.shape), math.prod(found.shape) * tensor.dtype.itemsize,
+                            chunks=[], placements=found.text)
     if isinstance(tensor, torch.Tensor):
         return TensorRecord(DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.nbytes)
     return TensorRecord(f"numpy:{tensor.dtype.str}", list(tensor.shape), tensor.nbytes)

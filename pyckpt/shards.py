@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
-from .boxes import Box, SavedIndex, byte_span, holders, intersect, layout_of, local_layout, mesh_ranks, range_boxes
+from .boxes import Box, Layout, SavedIndex, byte_span, intersect, layout, range_boxes
 from .manifest import ChunkRows
 from .sysio import byte_view
 
@@ -42,21 +42,6 @@ class ShardPart(NamedTuple):
     view: memoryview            # the part's bytes
 
 
-def placements_text(tensor: DTensor) -> str:
-    """How a DTensor is laid out, for inspect: its mesh shape and placements. Formatted once per
-    layout (a model's tensors share few): the placements' reprs cost ~4% of a 20k-tensor capture."""
-    key = (mesh_ranks(tensor).shape, tuple(tensor.placements))
-    text = _PLACEMENTS_TEXT.get(key)
-    if text is None:
-        if len(_PLACEMENTS_TEXT) >= 64:
-            _PLACEMENTS_TEXT.clear()
-        text = _PLACEMENTS_TEXT[key] = f"mesh {key[0]} {key[1]}"
-    return text
-
-
-_PLACEMENTS_TEXT: dict[tuple, str] = {}   # (mesh shape, placements) -> placements_text
-
-
 def local_tensor(tensor: DTensor) -> torch.Tensor:
     """tensor.to_local() outside autograd: with grad mode on it goes through an autograd Function
     (~50 us a call on torch 2.13: 0.7 s of a 20,000-tensor snapshot, as much again of its restore);
@@ -68,23 +53,17 @@ def local_tensor(tensor: DTensor) -> torch.Tensor:
         return tensor.to_local()
 
 
-def parts_to_write(index: int, tensor: DTensor, itemsize: int) -> list[ShardPart]:
-    """The parts of a DTensor's boxes this rank writes (none when it is outside the tensor's mesh).
-    ValueError for a layout that is not data (Partial placements)."""
-    shape, mesh_shape, placements, coordinate = layout_of(tensor)
+def parts_to_write(index: int, tensor: DTensor, found: Layout) -> list[ShardPart]:
+    """The parts of a DTensor's boxes this rank writes (none when it is outside the tensor's mesh),
+    given its layout(tensor)."""
+    coordinate, boxes, ranks, me = found.coordinate, found.boxes, found.holders, found.me
     if coordinate is None:
         return []
-    if any(p[0] == "P" for p in placements):
-        raise ValueError("it has a Partial placement (a pending reduction, not data): call "
-                         ".redistribute() or .full_tensor() on it before the snapshot")
-    local = local_tensor(tensor)
-    mates = holders(mesh_shape, placements, coordinate)
-    mesh = mesh_ranks(tensor)
-    ranks = tuple(int(mesh[c]) for c in mates)
-    me, count = mates.index(coordinate), len(mates)
+    local, itemsize = local_tensor(tensor), tensor.dtype.itemsize
+    local_shape, count = tuple(local.shape), len(ranks)
     out = []
-    for k, (box, inside) in enumerate(local_layout(shape, mesh_shape, placements, coordinate)):
-        view = byte_view(local[_slices(inside)] if inside.sizes != tuple(local.shape) else local)
+    for k, (box, inside) in enumerate(boxes):
+        view = byte_view(local[_slices(inside)] if inside.sizes != local_shape else local)
         for start, length in _my_share(len(view), itemsize, me, count, index + k):
             out.append(ShardPart(index, box.offsets, box.sizes, start, length, ranks, view))
     return out
@@ -137,9 +116,8 @@ def dtensor_target(live: DTensor, dtype: torch.dtype, in_place: bool = True) -> 
     """The boxes a live DTensor holds on this rank; read into its own local tensor when `in_place`
     and it is a contiguous CPU tensor of the saved dtype (a parameter restored in place), else into a
     new tensor that becomes a DTensor of the same layout (a fresh optimizer's state)."""
-    shape, mesh_shape, placements, coordinate = layout_of(live)
+    boxes = layout(live).boxes
     local = local_tensor(live)
-    boxes = [] if coordinate is None else local_layout(shape, mesh_shape, placements, coordinate)
     fits = in_place and local.is_cpu and local.is_contiguous() and local.dtype == dtype
     buffer = (local.detach() if local.requires_grad else local) if fits else None
 

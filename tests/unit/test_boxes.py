@@ -18,8 +18,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from pyckpt.boxes import (Box, SavedIndex, byte_span, check_tiling, holders, intersect, layout_of,
-                          local_layout, mesh_ranks, range_boxes, read_plan, volume)
+from pyckpt.boxes import (Box, SavedIndex, byte_span, check_tiling, holders, intersect, layout,
+                          local_layout, range_boxes, read_plan, volume, _ranks)
 from pyckpt.manifest import Chunk, Piece
 from pyckpt.shards import Target, plan_reads
 
@@ -92,16 +92,16 @@ def test_local_layout_is_what_distribute_tensor_gives_each_rank(case, rank_seed)
         coordinate = mesh.get_coordinate()
         local = distribute_tensor(torch.arange(math.prod(shape)).reshape(shape), mesh,
                                   [to_torch(p) for p in placements], src_data_rank=None).to_local()
-    layout = local_layout(shape, mesh_shape, placements, coordinate)
-    assert sum(volume(g) for g, _ in layout) == local.numel()
-    for g, loc in layout:
+    boxes = local_layout(shape, mesh_shape, placements, coordinate)
+    assert sum(volume(g) for g, _ in boxes) == local.numel()
+    for g, loc in boxes:
         assert g.sizes == loc.sizes and all(s >= 1 for s in g.sizes)
-    np.testing.assert_array_equal(expected_local(shape, layout, tuple(local.shape)), local.numpy())
-    assert [loc.offsets for _, loc in layout] == sorted(loc.offsets for _, loc in layout)
+    np.testing.assert_array_equal(expected_local(shape, boxes, tuple(local.shape)), local.numpy())
+    assert [loc.offsets for _, loc in boxes] == sorted(loc.offsets for _, loc in boxes)
 
 
 @pytest.mark.parametrize("rank", [3, 5])
-def test_fsdp2_over_tp_gives_strided_shard_and_layout_of_reads_it(rank):
+def test_fsdp2_over_tp_gives_strided_shard_and_layout_reads_it(rank):
     """What fully_shard over dp does to a model parallelize_module'd over tp, in torch itself: a
     colwise weight's dim 0 is split by tp first, so dp's placement is _StridedShard(0, tp)."""
     from torch.distributed.fsdp import fully_shard
@@ -115,14 +115,16 @@ def test_fsdp2_over_tp_gives_strided_shard_and_layout_of_reads_it(rank):
         parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "1": RowwiseParallel()},
                            src_data_rank=None)
         fully_shard(model, mesh=mesh["dp"])
-        got = {name: (layout_of(p), p.to_local().detach().numpy()) for name, p in model.named_parameters()}
-        ranks = mesh_ranks(model[0].weight)
+        got = {name: (layout(p), p.to_local().detach().numpy()) for name, p in model.named_parameters()}
+        ranks = _ranks(model[0].weight.device_mesh)
         coordinate = mesh.get_coordinate()
     np.testing.assert_array_equal(ranks, np.arange(6).reshape(2, 3))
-    assert got["0.weight"][0] == ((7, 5), (2, 3), [("SS", 0, 3), ("S", 0)], coordinate)
-    assert got["1.weight"][0] == ((5, 7), (2, 3), [("S", 0), ("S", 1)], coordinate)
-    for layout, local in got.values():
-        np.testing.assert_array_equal(expected_local(layout[0], local_layout(*layout), local.shape), local)
+    assert got["0.weight"][0][:4] == ((7, 5), (2, 3), (("SS", 0, 3), ("S", 0)), coordinate)
+    assert got["1.weight"][0][:4] == ((5, 7), (2, 3), (("S", 0), ("S", 1)), coordinate)
+    for found, local in got.values():
+        assert found.boxes == local_layout(*found[:4])
+        assert found.holders == (int(ranks[coordinate]),) and found.me == 0   # no Replicate dim: held alone
+        np.testing.assert_array_equal(expected_local(found.shape, found.boxes, local.shape), local)
 
 
 def test_strided_shard_interleaves_like_torchs_docstring_example():
@@ -139,7 +141,7 @@ def test_layout_refuses_partial_and_bad_arguments():
         local_layout((4,), (2,), [("S", 1)], (0,))
     with pytest.raises(ValueError):
         local_layout((4,), (2,), [("S", 0)], (2,))
-    assert local_layout((4, 6), (2,), [("S", -1)], (1,)) == [(Box((0, 3), (4, 3)), Box((0, 0), (4, 3)))]
+    assert local_layout((4, 6), (2,), [("S", -1)], (1,)) == ((Box((0, 3), (4, 3)), Box((0, 0), (4, 3))),)
 
 
 def test_holders_are_the_coordinates_that_differ_only_on_replicate_dims():

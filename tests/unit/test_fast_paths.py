@@ -179,14 +179,15 @@ def test_optimizer_restore_with_many_params_matches_torch(snap_path):
     lambda: torch.arange(6).to(torch.bfloat16),                      # not numpy's
     lambda: torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64),
     lambda: torch.tensor([1 + 2j, 3 - 4j]).conj(),                   # a lazy conjugate view
+    lambda: torch.arange(3.0)._neg_view(),                           # a lazy negative view
     lambda: torch.arange(12.0).reshape(3, 4).t(),                    # not contiguous
     lambda: torch.nn.Parameter(torch.arange(4.0)),                   # requires grad
-], ids=["2d", "0d", "empty2d", "empty", "bool", "f16", "i16", "bf16", "c64", "conj", "strided", "param"])
+], ids=["2d", "0d", "empty2d", "empty", "bool", "f16", "i16", "bf16", "c64", "conj", "neg", "strided", "param"])
 def test_byte_view_is_the_tensors_row_major_bytes(make):
     from pyckpt.sysio import byte_view
 
     tensor = make()
-    plain = tensor.detach().resolve_conj().contiguous()
+    plain = tensor.detach().resolve_conj().resolve_neg().contiguous()
     expected = plain.reshape(-1).view(torch.uint8).numpy().tobytes() if plain.numel() else b""
     view = byte_view(tensor)
     assert (view.format, view.ndim, bytes(view)) == ("B", 1, expected)
