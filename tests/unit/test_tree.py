@@ -158,3 +158,6 @@ def test_structure_comparison_pairs_references_in_order():
                   {"w": 1.0, "opt": {"lr": 0.1, "ids": [0, 1]}, "b": torch.ones(3)}):            # value vs tensor
         assert matching_references(saved, flatten(other, [])) is None
     assert matching_references(saved, {"D": "broken"}) is None
+    assert matching_references({"L": [{"S": 2}, {"V": 1}]}, {"L": [{"T": 9}, {"V": 5}]}) == [(2, 9)]  # FSDP2 <-> DDP
+    assert matching_references({"D": [[1, {"T": 0}]]}, {"D": [["1", {"T": 0}]]}) is None             # 1 vs "1"
+    assert matching_references({"L": [{"T": 0}, {"X": 1}]}, {"L": [{"T": 0}, {"X": 1}]}) is None     # unknown kind
