@@ -28,6 +28,7 @@ from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
 from .shards import SHARD_PIECE, pieces_of
 from .storage import Stage, Store
+from .sysio import gc_paused
 
 log = logging.getLogger("pyckpt")
 
@@ -45,9 +46,11 @@ def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reu
         failure: messages.RankError | None = None
         if comm.rank == 0:
             try:
-                manifest = _manifest(cap, reports, plans)
+                with gc_paused():   # (a background snapshot's leader: 0.07 s for 20k tensors, 0.3 s with GC)
+                    manifest = _manifest(cap, reports, plans)
+                    data = manifest.to_json()
                 store.keep_spares(keep_last if reuse_files else None)
-                store.publish(stage, manifest.to_json(), cap.meta, keep_last)
+                store.publish(stage, data, cap.meta, keep_last)
             except Exception as exc:  # nothing half-made stays behind, whatever went wrong
                 failure = next((r.error for r in reports if r.error is not None), None) \
                     or messages.RankError.of(0, exc)
