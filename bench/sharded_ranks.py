@@ -103,12 +103,12 @@ class Meter:
 def count_shard_reads(meter: Meter) -> None:
     """pyckpt's own count of the bytes each sharded read reads (whole pieces), per step."""
     import pyckpt.reader
-    real = pyckpt.reader.ShardRead.run
+    real = pyckpt.reader.ShardRead.start   # (run() starts and waits)
 
     def counted(self, *args, **kwargs):
         meter.shard_read[0] += self.bytes_read
         return real(self, *args, **kwargs)
-    pyckpt.reader.ShardRead.run = counted
+    pyckpt.reader.ShardRead.start = counted
 
 
 def limits(meter: Meter, prefix: str, model, optimizer, workdir: str) -> None:

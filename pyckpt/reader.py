@@ -203,14 +203,14 @@ class TensorRead:
         this host read the same bytes: they share the page cache)."""
         self.start(jobs, direct=direct).wait()
 
-    def start(self, jobs: list[int] | None = None, *, direct: bool = True) -> "_Running":
+    def start(self, jobs: list[int] | None = None, *, direct: bool = True) -> "Running":
         """run() without waiting: the jobs are read on the helper threads, and progress[j] turns to
         DONE (read and verified) or FAILED as each finishes; .wait() on the result ends it."""
         jobs = list(range(len(self.jobs))) if jobs is None else jobs
         files = {self.jobs[j].file for j in jobs}
         direct_sources = _open_direct({f: self._sources[f] for f in files}) if direct else {}
         futures = [helper_pool().submit(self._read_job, j, direct_sources.get(self.jobs[j].file)) for j in jobs]
-        return _Running(futures, direct_sources)
+        return Running(futures, direct_sources)
 
     def _read_job(self, j: int, direct: DataSource | None) -> None:
         file, batch = self.jobs[j]
@@ -376,6 +376,10 @@ class TreeRead(TensorRead):
         if jobs is None:
             self.own.run(direct=direct)
 
+    def run_plain(self, *, direct: bool = True) -> None:
+        """Read the tensors without a Target (not `own`'s)."""
+        super().run(direct=direct)
+
     def _by_index(self) -> dict[int, Any]:
         return {index: value for read in (self, self.own) for index, value in zip(read.indices, read.values())}
 
@@ -406,7 +410,7 @@ def _target(record: TensorRecord, given: Any) -> Target | None:
 DONE, FAILED = 1, 2
 
 
-class _Running:
+class Running:
     """Read jobs under way on the helper threads."""
 
     def __init__(self, futures: list, direct_sources: dict[int, DataSource]):
@@ -423,6 +427,14 @@ class _Running:
                 future.result()
         finally:
             _close_all(self.direct_sources.values())
+
+    def settle(self) -> None:
+        """Until every job is done, raising nothing: before the read's files close after a failure
+        elsewhere (its own errors, if any, were raised by wait() or do not matter any more)."""
+        try:
+            self.wait()
+        except Exception:
+            pass
 
 
 def _intact(piece, view: memoryview) -> bool:

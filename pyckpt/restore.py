@@ -14,7 +14,7 @@ import torch
 from . import fitting, messages, peers
 from .collectives import Comm
 from .errors import IntegrityError, SnapshotNotFoundError, StateMismatchError
-from .reader import Snapshot, TreeRead
+from .reader import Running, Snapshot, TreeRead
 from .runtime import TrainingRuntime
 from .sysio import gc_paused
 
@@ -77,6 +77,7 @@ class _Restoring:
         self.private: Any = None
         self.in_place: dict[int, torch.Tensor] = {}
         self.replicated: TreeRead | None = None
+        self.own: Running | None = None   # the read of the sharded tensors, under way
         self.error: Exception | None = None
 
     @property
@@ -103,13 +104,17 @@ class _Restoring:
         self.in_place = in_place.tensors
         into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
+        # The sharded tensors (each rank its own boxes) are read from now on: ranks sharing a machine
+        # then read while the others are still planning. Their jobs end before the files close.
+        self.own = self.replicated.own.start()
+        held.callback(self.own.settle)
 
     def read(self, offers: list[peers.Offer] | None, local: list[int]) -> None:
-        if offers:  # ranks on one machine each read a share and copy the rest
+        if offers:  # ranks on one machine each read a share of the other tensors and copy the rest
             peers.read_shared(self.replicated, offers, local.index(self.rank))
-            self.replicated.own.run()   # the sharded tensors: each rank its own boxes
         else:
-            self.replicated.run()
+            self.replicated.run_plain()
+        self.own.wait()
 
     def outcome(self) -> messages.RestoreOutcome:
         if isinstance(self.error, SnapshotNotFoundError):

@@ -152,12 +152,12 @@ def save_round(base: str, coordinator) -> dict:
 def restore_round(base: str, coordinator, saved_worlds: list[int]) -> dict:
     world = dist.get_world_size()
     read = []
-    real_run = pyckpt.reader.ShardRead.run
+    real_start = pyckpt.reader.ShardRead.start   # (run() starts and waits)
 
     def counted(self, *args, **kwargs):
         read.append(self.bytes_read)
-        return real_run(self, *args, **kwargs)
-    pyckpt.reader.ShardRead.run = counted
+        return real_start(self, *args, **kwargs)
+    pyckpt.reader.ShardRead.start = counted
     result = {}
     cases = [(f"fsdp{n}", "fsdp") for n in saved_worlds] + [("ddp2", "fsdp"), ("fsdp4", "ddp"), ("fsdp3", "ddp")]
     if world == 4:
@@ -181,7 +181,7 @@ def restore_round(base: str, coordinator, saved_worlds: list[int]) -> dict:
             set_state_dict(reference, ref_optimizer, model_state_dict=state, optim_state_dict=optim)
             entry["dcp_losses"] = train(reference, ref_optimizer, kind, STEPS, MORE)
         result[f"{name}->{kind}"] = entry
-    pyckpt.reader.ShardRead.run = real_run
+    pyckpt.reader.ShardRead.start = real_start
     return result
 
 
