@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -178,3 +180,34 @@ def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monke
     assert 1 <= len(scratch) <= helper_pool()._max_workers and max(scratch) == 2 * PIECE
     for value, tensor in zip(values, tensors):
         assert torch.equal(value, tensor[:, 3:251])
+
+
+def test_a_started_read_settles_before_its_files_close(tmp_path, monkeypatch):
+    """A restore starts reading its sharded tensors as soon as they are planned, and on a failure
+    anywhere after that settles the read (waits for every job, raising nothing) before its files
+    close: a job may not find them closed, or find their descriptors reused. One job fails here."""
+    monkeypatch.setattr(PosixSource, "job_bytes", 4 * PIECE)   # a job per tensor: 40 jobs on the helper threads
+    snap, _, _ = _snapshot(tmp_path)
+    real = ShardRead._read_batch
+    ran, broken = [], []
+
+    def slow(self, source, direct, batch):
+        time.sleep(0.01)
+        try:
+            real(self, source, direct, batch)
+        except Exception as exc:   # the files were closed under it
+            broken.append(exc)
+            raise
+        ran.append(threading.get_ident())
+        if len(ran) == 1:
+            raise OSError(5, "Input/output error")
+    monkeypatch.setattr(ShardRead, "_read_batch", slow)
+    read = ShardRead(snap, list(range(TENSORS)), [_rows(0, ROWS) for _ in range(TENSORS)])
+    assert len(read.jobs) == TENSORS
+    running = read.start(direct=False)
+    running.settle()                     # raises nothing, though a job failed
+    assert running.done() and len(ran) == TENSORS
+    read.close()
+    assert broken == []
+    with pytest.raises(OSError, match="Input/output error"):
+        running.wait()                   # the error is still there for whoever waits on the read
