@@ -357,10 +357,6 @@ def read_plan(saved: Sequence[Box] | SavedIndex, target: Box) -> list[tuple[int,
 
 # -- torch: reading a DTensor's layout --------------------------------------------------------------
 
-def _pure_placements(placements: tuple) -> tuple[tuple, ...]:
-    return tuple(_pure_placement(p) for p in placements)
-
-
 def _pure_placement(placement: Any) -> tuple:
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -422,7 +418,7 @@ def layout(tensor: Any) -> Layout:
     if hit is not None and hit[0] is mesh:
         return hit[1]
     shape, ranks = tuple(tensor.shape), _ranks(mesh)
-    placements = _pure_placements(tuple(tensor.placements))
+    placements = tuple(_pure_placement(p) for p in tensor.placements)
     text = f"mesh {ranks.shape} {tuple(tensor.placements)}"
     if coordinate is None:
         found = Layout(shape, ranks.shape, placements, None, (), (), 0, text)
