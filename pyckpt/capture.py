@@ -3,9 +3,11 @@ the plan), and the staging copy that lets a background snapshot run while traini
 from __future__ import annotations
 
 import math
+import operator
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -17,8 +19,8 @@ from .boxes import Layout, layout
 from .manifest import TensorRecord, align
 from .planner import RankPlan, Slice, plan_private, plan_replicated
 from .runtime import TrainingRuntime
-from .shards import ShardPart, parts_to_write, pieces_of
-from .sysio import byte_view, helper_pool
+from .shards import ShardPart, local_tensor, parts_to_write, pieces_of
+from .sysio import address, byte_view, helper_pool
 from .tree import DTYPE_NAMES, flatten, is_dtensor, subscripts, tensor_chains
 
 SAMPLE_BYTES = 512   # bytes hashed in the middle of each replicated tensor (divergence check)
@@ -68,7 +70,74 @@ class PlanCache:
         return self._plans
 
 
-def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCache) -> Captured:
+class _Derived(NamedTuple):
+    """What a capture derives from the replicated tensors alone (the same while they are)."""
+
+    views: list[memoryview]
+    records: list[TensorRecord]
+    share: RankPlan
+    parts: list[ShardPart]
+    shard_offsets: list[int]
+    shard_size: int
+    segments: list[tuple[Slice, memoryview]]   # this rank's share, then its sharded parts
+
+
+class CaptureCache:
+    """The last capture's derived work, kept for the next snapshot of the same runtime while its
+    replicated state holds the same tensor objects over the same memory: a training run snapshots the
+    same tensors every time, and deriving the byte views, records and sharded parts again was most of
+    a 20,000-tensor capture (docs/PERFORMANCE.md). A tensor replaced, or whose storage was swapped or
+    resized (`.data = ...`, `resize_`), makes the capture derive everything afresh; so does a byte view
+    that was a copy (a GPU tensor, a non-contiguous one): it would hold old bytes. Kept per runtime
+    (weakly): the views keep their tensors alive, so a dropped runtime must drop them too."""
+
+    def __init__(self) -> None:
+        self._kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def derived(self, runtime: TrainingRuntime, tensors: list, tree: Any, rank: int, world_size: int,
+                plans: PlanCache) -> _Derived:
+        memory = [_memory(t) for t in tensors]
+        kept = self._kept.get(runtime)
+        if (kept is not None and kept[0] == (rank, world_size) and len(kept[1]) == len(tensors)
+                and all(map(operator.is_, kept[1], tensors)) and kept[2] == memory):
+            return kept[3]
+        self._kept.pop(runtime, None)
+        derived = _derive(tensors, tree, rank, world_size, plans)
+        if _all_in_place(tensors, derived):
+            self._kept[runtime] = ((rank, world_size), list(tensors), memory, derived)
+        return derived
+
+
+def _memory(tensor: Any) -> tuple:
+    """What must stay the same for a kept byte view of the tensor to still be its bytes."""
+    if is_dtensor(tensor):
+        local = local_tensor(tensor)
+        return (local.data_ptr(), local.shape, local.stride(), local.dtype, local.device,
+                tensor.shape, tensor.device_mesh, tensor.placements)
+    if isinstance(tensor, torch.Tensor):
+        return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+    return (tensor.ctypes.data, tensor.shape, tensor.strides, tensor.dtype)
+
+
+def _all_in_place(tensors: list, derived: _Derived) -> bool:
+    """Whether every byte view lies in its tensor's memory (byte_view made no copy)."""
+    for view, tensor in zip(derived.views, tensors):
+        if len(view) and not is_dtensor(tensor) and address(view) != _address(tensor):
+            return False
+    for part in derived.parts:
+        local = local_tensor(tensors[part.tensor])
+        start = address(part.view)
+        if not local.data_ptr() <= start <= local.data_ptr() + local.nbytes - len(part.view):
+            return False
+    return True
+
+
+def _address(tensor: Any) -> int:
+    return tensor.data_ptr() if isinstance(tensor, torch.Tensor) else tensor.ctypes.data
+
+
+def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCache,
+            cache: CaptureCache | None = None) -> Captured:
     """This rank's share of the replicated state, its parts of the sharded tensors and all of its
     private state, as views of the live tensors (no copy)."""
     rep_tensors: list = []
@@ -78,29 +147,34 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
     if any(is_dtensor(t) for t in priv_tensors):
         raise TypeError("a sharded tensor (DTensor) is registered with per_rank=True: register it without "
                         "per_rank, pyckpt stores each rank's shards and restores them on any world size")
-    views = [memoryview(b"") if is_dtensor(t) else byte_view(t) for t in rep_tensors]
+    derived = cache.derived(runtime, rep_tensors, rep_tree, rank, world_size, plans) if cache is not None \
+        else _derive(rep_tensors, rep_tree, rank, world_size, plans)
     priv_views = [byte_view(t) for t in priv_tensors]
+    private_plan = plan_private([len(v) for v in priv_views], derived.share.size + derived.shard_size)
+    segments = derived.segments + [(s, priv_views[s.tensor]) for s in private_plan.slices]
+    meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
+            "world_size": world_size, "torch": torch.__version__, "host": socket.gethostname()}
+    samples = divergence_samples(derived.views) if world_size > 1 else b""
+    return Captured(rep_tree, priv_tree, derived.records, [_record(t) for t in priv_tensors],
+                    segments, derived.share, private_plan, meta, samples, shard_parts=derived.parts,
+                    shard_offsets=derived.shard_offsets, shard_size=derived.shard_size)
+
+
+def _derive(tensors: list, tree: Any, rank: int, world_size: int, plans: PlanCache) -> _Derived:
+    views = [memoryview(b"") if is_dtensor(t) else byte_view(t) for t in tensors]
     share = plans([len(v) for v in views], world_size)[rank]
-    parts, layouts = _shard_parts(rep_tensors, rep_tree)
+    parts, layouts = _shard_parts(tensors, tree)
     shard_offsets, pos = [], share.size
     for part in parts:
         pos = align(pos)
         shard_offsets.append(pos)
         pos += part.length
-    shard_size = pos - share.size
-    private_plan = plan_private([len(v) for v in priv_views], share.size + shard_size)
     segments = [(s, views[s.tensor]) for s in share.slices]
     for part, offset in zip(parts, shard_offsets):
         segments += [(Slice(part.tensor, part.start + start, offset + start, length), part.view)
                      for start, length in pieces_of(part.length)]
-    segments += [(s, priv_views[s.tensor]) for s in private_plan.slices]
-    meta = {"step": runtime.step, "epoch": runtime.epoch, "loss": runtime.loss, "created": time.time(),
-            "world_size": world_size, "torch": torch.__version__, "host": socket.gethostname()}
-    samples = divergence_samples(views) if world_size > 1 else b""
-    return Captured(rep_tree, priv_tree, [_record(t, layouts.get(i)) for i, t in enumerate(rep_tensors)],
-                    [_record(t) for t in priv_tensors],
-                    segments, share, private_plan, meta, samples, shard_parts=parts, shard_offsets=shard_offsets,
-                    shard_size=shard_size)
+    return _Derived(views, [_record(t, layouts.get(i)) for i, t in enumerate(tensors)], share, parts,
+                    shard_offsets, pos - share.size, segments)
 
 
 def _shard_parts(tensors: list, tree: Any) -> tuple[list[ShardPart], dict[int, Layout]]:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import messages
-from .capture import Captured, PlanCache, capture, stage
+from .capture import CaptureCache, Captured, PlanCache, capture, stage
 from .collectives import Comm, process_space
 from .commit import commit_snapshot
 from .config import Config, load_config
@@ -83,6 +83,7 @@ class DistributedCoordinator:
         self._pruning: threading.Thread | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plans = PlanCache()
+        self._captures = CaptureCache()
         self._previous_sigterm: Any = None
         self._neighbours = Neighbours([0], False)
 
@@ -195,7 +196,7 @@ class DistributedCoordinator:
         start = time.perf_counter()
         with gc_paused(), torch.no_grad():   # (no_grad: once, not per DTensor in shards.local_tensor)
             try:
-                captured = capture(runtime, self.rank, self.world_size, self._plans)
+                captured = capture(runtime, self.rank, self.world_size, self._plans, self._captures)
                 if not blocking:
                     self._staging = stage(captured, self._staging)
             except Exception as exc:

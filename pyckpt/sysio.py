@@ -142,6 +142,11 @@ def byte_view(obj: torch.Tensor | np.ndarray) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def address(view: memoryview) -> int:
+    """Where a byte view's first byte is in memory."""
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
 @contextmanager
 def gc_paused():
     """No cyclic GC while tens of thousands of small objects are built (it cost seconds at 20k tensors);
