@@ -43,6 +43,7 @@ class Captured:
     shard_parts: list[ShardPart] = field(default_factory=list)   # the sharded bytes this rank writes
     shard_offsets: list[int] = field(default_factory=list)       # where each part starts in the file
     shard_size: int = 0
+    serial: str = ""     # of the derived work (CaptureCache): the same serial, the same parts and records
 
     @classmethod
     def failed(cls, error: Exception) -> "Captured":
@@ -80,6 +81,7 @@ class _Derived(NamedTuple):
     shard_offsets: list[int]
     shard_size: int
     segments: list[tuple[Slice, memoryview]]   # this rank's share, then its sharded parts
+    serial: str                                # names this derivation: the leader keeps its table by it
 
 
 class CaptureCache:
@@ -157,7 +159,7 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
     samples = divergence_samples(derived.views) if world_size > 1 else b""
     return Captured(rep_tree, priv_tree, derived.records, [_record(t) for t in priv_tensors],
                     segments, derived.share, private_plan, meta, samples, shard_parts=derived.parts,
-                    shard_offsets=derived.shard_offsets, shard_size=derived.shard_size)
+                    shard_offsets=derived.shard_offsets, shard_size=derived.shard_size, serial=derived.serial)
 
 
 def _derive(tensors: list, tree: Any, rank: int, world_size: int, plans: PlanCache) -> _Derived:
@@ -174,7 +176,7 @@ def _derive(tensors: list, tree: Any, rank: int, world_size: int, plans: PlanCac
         segments += [(Slice(part.tensor, part.start + start, offset + start, length), part.view)
                      for start, length in pieces_of(part.length)]
     return _Derived(views, [_record(t, layouts.get(i)) for i, t in enumerate(tensors)], share, parts,
-                    shard_offsets, pos - share.size, segments)
+                    shard_offsets, pos - share.size, segments, os.urandom(8).hex())
 
 
 def _shard_parts(tensors: list, tree: Any) -> tuple[list[ShardPart], dict[int, Layout]]:

@@ -10,6 +10,7 @@ of them, naming that rank, instead of a hang until the process group times out.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ log = logging.getLogger("pyckpt")
 
 
 def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reuse_files: bool,
-                    plans: PlanCache) -> tuple[str, int]:
+                    plans: PlanCache, kept: KeptTable) -> tuple[str, int]:
     """Run the protocol; returns the committed version's name and the bytes this rank wrote."""
     with ExitStack() as held:
         begun = comm.broadcast(_begin(store, cap, held) if comm.rank == 0 else None)
@@ -47,7 +48,7 @@ def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reu
         if comm.rank == 0:
             try:
                 with gc_paused():   # (a background snapshot's leader: 0.07 s for 20k tensors, 0.3 s with GC)
-                    manifest = _manifest(cap, reports, plans)
+                    manifest = _manifest(cap, reports, plans, kept)
                     data = manifest.to_json()
                 store.keep_spares(keep_last if reuse_files else None)
                 store.publish(stage, data, cap.meta, keep_last)
@@ -102,7 +103,7 @@ def _write_share(comm: Comm, store: Store, stage: Stage, cap: Captured, reuse_fi
               for p, offset in zip(cap.shard_parts, cap.shard_offsets)]
     return messages.RankReport(rank, None, cap.size, digests, structure, cap.samples, cap.private_tree,
                                [(r.dtype, r.shape, r.nbytes) for r in cap.private_records], shards,
-                               cap.share.size + cap.shard_size)
+                               cap.share.size + cap.shard_size, cap.serial)
 
 
 def _failure(comm: Comm, error: messages.RankError, what: str, cap: Captured) -> Exception:
@@ -117,7 +118,32 @@ def _failure(comm: Comm, error: messages.RankError, what: str, cap: Captured) ->
     return error.error(what, SnapshotError)
 
 
-def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCache) -> Manifest:
+class KeptTable:
+    """Leader: the last snapshot's chunk table (all but its checksums), kept while every rank reports
+    the capture it derived then (capture.CaptureCache; its serial): the same parts in the same places.
+    Building it again from the ranks' reports was ~0.1 s of a 20,000-tensor snapshot on the leader,
+    which every other rank waits for (docs/PERFORMANCE.md)."""
+
+    def __init__(self) -> None:
+        self.serials: tuple[str, ...] = ()
+        self.table = ChunkTable()
+        self.rows: list[tuple[int, int, int, int, int]] = []   # each sharded record's ChunkRows
+        self.counts: list[int] = []      # each rank's sharded pieces (its digests after its share's)
+        self.order = np.zeros(0, dtype=np.int64)   # the table's pieces in the ranks' digests, concatenated
+
+    def matches(self, reports: list[messages.RankReport]) -> bool:
+        return all(r.serial for r in reports) and tuple(r.serial for r in reports) == self.serials
+
+    def fill(self, tensors: list[TensorRecord], shard_digests: list[str]) -> None:
+        """Give the sharded records their rows of a copy of the table with these checksums (the
+        ranks' sharded pieces', rank after rank, each rank's in its report's order)."""
+        table = dataclasses.replace(self.table, _starts=None,
+                                    xxh3=np.array(shard_digests, dtype="S16")[self.order].tobytes().decode())
+        for index, first, count, cell, dims in self.rows:
+            tensors[index].chunks = ChunkRows(table, first, count, cell, dims)
+
+
+def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCache, kept: KeptTable) -> Manifest:
     """Leader: the manifest of the snapshot, once every rank reported success with the same state."""
     failed = [r.error for r in reports if r.error is not None]
     if failed:
@@ -131,34 +157,47 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
     # fills in each rank's checksums in plan order.
     tensors = [TensorRecord(r.dtype, r.shape, r.nbytes, [], None if r.chunks is None else [], r.placements)
                for r in cap.records]
-    parts: list[tuple] = []   # sharded: (tensor, offsets, sizes, start, length, ranks, rank, file offset, digests)
-    per_rank_trees = []
+    reuse = kept.matches(reports)
+    parts: list[tuple] = []   # sharded: (tensor, offsets, sizes, start, length, ranks, rank, file offset, digests, at)
+    shard_digests: list[str] = []   # every rank's sharded pieces' checksums, rank after rank
+    per_rank_trees, counts = [], []
     sizes = [0 if r.chunks is not None else r.nbytes for r in cap.records]
     for rank, (plan, report) in enumerate(zip(plans(sizes, len(reports)), reports)):
         digests = iter(report.digests)
         for s in plan.slices:
             tensors[s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
-        for index, offsets, box_sizes, start, length, ranks, file_offset in report.shards:
+        first = len(shard_digests)
+        if reuse:
+            shard_digests += islice(digests, kept.counts[rank])
+        for index, offsets, box_sizes, start, length, ranks, file_offset in ([] if reuse else report.shards):
             count = 1 if 0 < length <= SHARD_PIECE else len(pieces_of(length))   # one: most parts of 20k tensors
-            parts.append((index, offsets, box_sizes, start, length, ranks, rank, file_offset,
-                          list(islice(digests, count))))
+            part_digests = list(islice(digests, count))
+            parts.append((index, offsets, box_sizes, start, length, ranks, rank, file_offset, part_digests,
+                          len(shard_digests)))
+            shard_digests += part_digests
+        counts.append(len(shard_digests) - first)
         base = len(tensors)
         tensors.extend(TensorRecord(d, list(shape), n, []) for d, shape, n in report.private_records)
         private_sizes = [n for _, _, n in report.private_records]
         for s in plan_private(private_sizes, report.private_base).slices:
             tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         per_rank_trees.append(shift(report.private_tree, base))
-    _chunk_rows(tensors, parts, cap.replicated_tree)
+    if not reuse:
+        kept.serials = ()
+        _chunk_rows(tensors, parts, cap.replicated_tree, kept)
+        kept.serials, kept.counts = tuple(r.serial for r in reports), counts
+    kept.fill(tensors, shard_digests)
     files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
     return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
 
 
-def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> None:
-    """Leader: the chunk table (manifest format 3) straight from the parts every rank wrote, each
-    sharded record's chunks its rows: the tensors in order, each one's boxes in order, each box's parts
-    by their place in it. SnapshotError naming the tensor when the parts do not cover every box or the
-    boxes do not tile the tensor (ranks that laid it out differently)."""
-    table, digests = ChunkTable(), []
+def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any, kept: KeptTable) -> None:
+    """Leader: the chunk table (manifest format 3) straight from the parts every rank wrote, into
+    `kept`: the tensors in order, each one's boxes in order, each box's parts by their place in it,
+    and where each piece's checksum is among the ranks' (kept.order). SnapshotError naming the tensor
+    when the parts do not cover every box or the boxes do not tile the tensor (ranks that laid it out
+    differently)."""
+    table, order, rows = ChunkTable(), [], []
     parts.sort()
     k, n = 0, len(parts)
     for index, record in enumerate(tensors):
@@ -172,19 +211,20 @@ def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> N
             box = parts[k][1:3]
             pos, npieces, ranks = 0, 0, parts[k][5]
             while k < n and parts[k][0] == index and parts[k][1:3] == box:   # a box split between its holders
-                _, _, _, start, length, _, rank, file_offset, part_digests = parts[k]
+                _, _, _, start, length, _, rank, file_offset, part_digests, at = parts[k]
                 if start != pos:
                     problem = problem or f"bytes {pos}-{start} of the box at {list(box[0])} were written by no rank"
                 if len(part_digests) == 1:
                     table.file.append(rank)
                     table.offset.append(file_offset)
                     table.length.append(length)
+                    order.append(at)
                 else:
                     for off, size in pieces_of(length):
                         table.file.append(rank)
                         table.offset.append(file_offset + off)
                         table.length.append(size)
-                digests += part_digests
+                    order += range(at, at + len(part_digests))
                 npieces += len(part_digests)
                 pos = start + length
                 k += 1
@@ -205,8 +245,8 @@ def _chunk_rows(tensors: list[TensorRecord], parts: list[tuple], tree: Any) -> N
             raise SnapshotError(f"sharded tensor {tensor_paths(tree).get(index, index)!r} of shape {record.shape}: "
                                 f"{problem}; the ranks do not hold a consistent layout of it (different meshes or "
                                 "placements)")
-        record.chunks = ChunkRows(table, first, count, cell, dims)
-    table.xxh3 = "".join(digests)
+        rows.append((index, first, count, cell, dims))
+    kept.table, kept.order, kept.rows = table, np.array(order, dtype=np.int64), rows
 
 
 def _check_same_bytes(reports: list[messages.RankReport], tree: Any) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import messages
 from .capture import CaptureCache, Captured, PlanCache, capture, stage
 from .collectives import Comm, process_space
-from .commit import commit_snapshot
+from .commit import KeptTable, commit_snapshot
 from .config import Config, load_config
 from .errors import DistributedInitError, PyckptError, SnapshotLockedError
 from .restore import Neighbours, restore_snapshot
@@ -84,6 +84,7 @@ class DistributedCoordinator:
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._plans = PlanCache()
         self._captures = CaptureCache()
+        self._kept_table = KeptTable()
         self._previous_sigterm: Any = None
         self._neighbours = Neighbours([0], False)
 
@@ -275,7 +276,8 @@ class DistributedCoordinator:
     def _write(self, path: str, cap: Captured, keep_last: int, start: float) -> SnapshotInfo:
         self._wait_pruning()  # the disk never holds more versions than during one write
         store = open_store(path)
-        name, written = commit_snapshot(self._comm, store, cap, keep_last, self.reuse_files, self._plans)
+        name, written = commit_snapshot(self._comm, store, cap, keep_last, self.reuse_files, self._plans,
+                                        self._kept_table)
         if self.is_leader:
             self._prune_in_background(store, keep_last)
         return SnapshotInfo(path, name, cap.meta["step"], written, time.perf_counter() - start)

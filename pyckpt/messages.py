@@ -86,6 +86,7 @@ class RankReport:
     # ranks, file offset); their pieces' digests follow the replicated ones in `digests`
     shards: list[tuple] = field(default_factory=list)
     private_base: int = 0                 # where its private state starts in its file
+    serial: str = ""                      # its capture's derivation: unchanged, so are `shards` and its records
 
 
 @dataclass(frozen=True)

@@ -136,16 +136,27 @@ def save_round(base: str, coordinator) -> dict:
     world = dist.get_world_size()
     kinds = ["fsdp"] + (["ddp"] if world == 2 else []) + (["hsdp", "tp"] if world == 4 else [])
     result = {}
+    derived, tables = [], []
+    real_derive, real_rows = pyckpt.capture._derive, pyckpt.commit._chunk_rows
+    pyckpt.capture._derive = lambda *args: derived.append(1) or real_derive(*args)
+    pyckpt.commit._chunk_rows = lambda *args: tables.append(1) or real_rows(*args)
     for kind in kinds:
         model, optimizer = build(kind, seed=0)
         before = train(model, optimizer, kind, 0, STEPS)
-        info = coordinator.snapshot(f"{base}/{kind}{world}/ck.bin", runtime_of(model, optimizer))
+        runtime = runtime_of(model, optimizer)
+        info = coordinator.snapshot(f"{base}/{kind}{world}/ck.bin", runtime)
         saved = digests(model, optimizer)
         if kind == "fsdp":
             state, optim = get_state_dict(model, optimizer)
             dcp.save({"model": state, "optim": optim}, checkpoint_id=f"{base}/dcp{world}")
         after = train(model, optimizer, kind, STEPS, MORE)
-        result[kind] = {"digests": saved, "losses": before + after, "written": info.bytes_written}
+        # the same runtime again, trained on: the capture's derived work and the leader's table are kept
+        derives, built = len(derived), len(tables)
+        coordinator.snapshot(f"{base}/{kind}{world}-again/ck.bin", runtime)
+        result[kind] = {"digests": saved, "losses": before + after, "written": info.bytes_written,
+                        "again": digests(model, optimizer), "again_derived": len(derived) - derives,
+                        "again_tables": len(tables) - built, "tables": built}
+    pyckpt.capture._derive, pyckpt.commit._chunk_rows = real_derive, real_rows
     return result
 
 

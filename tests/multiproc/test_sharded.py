@@ -141,6 +141,30 @@ def test_a_plain_process_loads_full_tensors(rounds):
         assert all(type(v) is torch.Tensor for v in state["objects"]["model"].values())
 
 
+def test_a_second_snapshot_of_the_same_runtime_reuses_the_layout_and_loads_its_own_bytes(rounds):
+    """The job snapshots each trained state again through the same runtime: no rank derives its
+    capture again (capture.CaptureCache), the leader reuses its chunk table (commit.KeptTable) with
+    the new checksums in it, and a plain process loads the new tensors, each piece checked."""
+    base, saved, _ = rounds
+    from tests.multiproc.sharded_worker import _digest
+    for world in WORLDS:
+        for kind, entry in saved[world][0].items():
+            assert all(r[kind]["again_derived"] == 0 for r in saved[world]), (kind, world)
+            assert entry["tables"] > 0 and entry["again_tables"] == 0, (kind, world)   # rank 0 leads
+            assert entry["again"] != entry["digests"], (kind, world)   # trained on: other bytes
+            state = pyckpt.load(str(base / f"{kind}{world}-again" / "ck.bin"))
+            loaded = {f"model.{k}": _digest(v) for k, v in state["objects"]["model"].items()}
+            loaded.update({f"optimizer.{pid}.{key}": _digest(value)
+                           for pid, e in state["objects"]["optimizer"]["state"].items() for key, value in e.items()})
+            assert loaded == entry["again"], (kind, world)
+            if kind == "ddp":
+                continue
+            first, again = (manifest_json(str(base / f"{kind}{world}{tail}" / "ck.bin")) for tail in ("", "-again"))
+            assert first["chunk_table"] == again["chunk_table"], (kind, world)
+            assert first["piece_table"]["xxh3"] != again["piece_table"]["xxh3"], (kind, world)
+            assert {**first["piece_table"], "xxh3": ""} == {**again["piece_table"], "xxh3": ""}, (kind, world)
+
+
 def test_inspect_shows_the_global_shape_and_the_layout(rounds):
     base, _, _ = rounds
     out = subprocess.run([sys.executable, "-m", "pyckpt.cli", "inspect", "--chunks", str(base / "hsdp4" / "ck.bin")],

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyckpt.boxes import Box
-from pyckpt.commit import _chunk_rows
+from pyckpt.commit import KeptTable, _chunk_rows
 from pyckpt.errors import IntegrityError, SnapshotError
 from pyckpt.manifest import Chunk, ChunkRows, FileRecord, Manifest, Piece, TensorRecord
 from pyckpt.shards import SHARD_PIECE, pieces_of
@@ -143,8 +143,16 @@ def _part(tensor, offsets, sizes, start, length, rank, file_offset, ranks=(0,)):
 
 
 def _leader_records(parts, shapes):
+    """What the leader makes of these parts: each numbered with where its digests start among all
+    of them (rank after rank, as the leader concatenates them), the table built, then filled."""
     records = [TensorRecord("float32", list(shape), math.prod(shape) * 4, [], []) for shape in shapes]
-    _chunk_rows(records, parts, {"L": [{"S": i} for i in range(len(shapes))]})
+    digests, numbered = [], []
+    for part in sorted(parts, key=lambda p: p[6]):
+        numbered.append((*part, len(digests)))
+        digests += part[8]
+    kept = KeptTable()
+    _chunk_rows(records, numbered, {"L": [{"S": i} for i in range(len(shapes))]}, kept)
+    kept.fill(records, digests)
     return records
 
 
