@@ -190,6 +190,10 @@ class DistributedCoordinator:
         blocking=True returns when the snapshot is durable and committed. blocking=False returns a
         Future after one copy of this rank's share into a reused staging buffer; the write continues
         in the background (one snapshot in flight at a time: the next call waits for it).
+
+        What a snapshot derives from the runtime's tensors is kept for the next one while they stay the
+        same (capture.CaptureCache): a tensor the runtime stops holding stays in memory until the
+        runtime's next snapshot, or until the runtime itself is dropped.
         """
         self.initialize()
         self._wait_pending()  # not the previous clean-up: the write waits for that, off the training thread
