@@ -40,8 +40,9 @@ class Captured:
     meta: dict
     samples: bytes = b""                 # divergence fingerprints of the replicated tensors
     error: Exception | None = None
-    shard_parts: list[ShardPart] = field(default_factory=list)   # the sharded bytes this rank writes
-    shard_offsets: list[int] = field(default_factory=list)       # where each part starts in the file
+    # the sharded parts it writes, as its report gives them: (tensor, offsets, sizes, start in the box,
+    # length, holding ranks, file offset)
+    shards: list[tuple] = field(default_factory=list)
     shard_size: int = 0
     serial: str = ""     # of the derived work (CaptureCache): the same serial, the same parts and records
 
@@ -78,7 +79,7 @@ class _Derived(NamedTuple):
     records: list[TensorRecord]
     share: RankPlan
     parts: list[ShardPart]
-    shard_offsets: list[int]
+    shards: list[tuple]                        # the parts as the rank's report gives them
     shard_size: int
     segments: list[tuple[Slice, memoryview]]   # this rank's share, then its sharded parts
     serial: str                                # names this derivation: the leader keeps its table by it
@@ -158,8 +159,8 @@ def capture(runtime: TrainingRuntime, rank: int, world_size: int, plans: PlanCac
             "world_size": world_size, "torch": torch.__version__, "host": socket.gethostname()}
     samples = divergence_samples(derived.views) if world_size > 1 else b""
     return Captured(rep_tree, priv_tree, derived.records, [_record(t) for t in priv_tensors],
-                    segments, derived.share, private_plan, meta, samples, shard_parts=derived.parts,
-                    shard_offsets=derived.shard_offsets, shard_size=derived.shard_size, serial=derived.serial)
+                    segments, derived.share, private_plan, meta, samples, shards=derived.shards,
+                    shard_size=derived.shard_size, serial=derived.serial)
 
 
 def _derive(tensors: list, tree: Any, rank: int, world_size: int, plans: PlanCache) -> _Derived:
@@ -175,8 +176,10 @@ def _derive(tensors: list, tree: Any, rank: int, world_size: int, plans: PlanCac
     for part, offset in zip(parts, shard_offsets):
         segments += [(Slice(part.tensor, part.start + start, offset + start, length), part.view)
                      for start, length in pieces_of(part.length)]
+    shards = [(p.tensor, p.offsets, p.sizes, p.start, p.length, p.ranks, offset)
+              for p, offset in zip(parts, shard_offsets)]
     return _Derived(views, [_record(t, layouts.get(i)) for i, t in enumerate(tensors)], share, parts,
-                    shard_offsets, pos - share.size, segments, os.urandom(8).hex())
+                    shards, pos - share.size, segments, os.urandom(8).hex())
 
 
 def _shard_parts(tensors: list, tree: Any) -> tuple[list[ShardPart], dict[int, Layout]]:

@@ -99,10 +99,8 @@ def _write_share(comm: Comm, store: Store, stage: Stage, cap: Captured, reuse_fi
             if comm.world_size > 1 else ""
     except Exception as exc:
         return messages.RankReport(rank, messages.RankError.of(rank, exc))
-    shards = [(p.tensor, p.offsets, p.sizes, p.start, p.length, p.ranks, offset)
-              for p, offset in zip(cap.shard_parts, cap.shard_offsets)]
     return messages.RankReport(rank, None, cap.size, digests, structure, cap.samples, cap.private_tree,
-                               [(r.dtype, r.shape, r.nbytes) for r in cap.private_records], shards,
+                               [(r.dtype, r.shape, r.nbytes) for r in cap.private_records], cap.shards,
                                cap.share.size + cap.shard_size, cap.serial)
 
 

@@ -28,7 +28,7 @@ from .manifest import Manifest, Piece, TensorRecord, VersionRef, checksum
 from .messages import as_read_error
 from .storage import DataSource, Store
 from .stores import open_store
-from .sysio import aligned_buffers, byte_view, gc_paused, helper_pool
+from .sysio import address, aligned_buffers, byte_view, gc_paused, helper_pool
 from .shards import SHARD_PIECE, Edge, Strided, Target, dtensor_target, plan_reads, whole_target
 from .tree import TORCH_DTYPES, is_dtensor, references, unflatten
 
@@ -194,7 +194,7 @@ class TensorRead:
         for j in jobs:
             for item in self.jobs[j].pieces:
                 if item.piece.length:
-                    out.append((np.frombuffer(item.view, dtype=np.uint8).ctypes.data, item.piece.length))
+                    out.append((address(item.view), item.piece.length))
         return out
 
     def run(self, jobs: list[int] | None = None, *, direct: bool = True) -> None:
