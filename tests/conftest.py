@@ -25,6 +25,17 @@ PHYSICAL_NODES=192.168.1.100,192.168.1.101,192.168.1.102,192.168.1.103
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """Each test starts without a default process group. A coordinator that a test does not shut down
+    (one-rank, in the pytest process) leaves its group behind, and a later test's coordinator would
+    join it instead of its own: an unreachable master then "connects", a plain load finds a group."""
+    yield
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,11 +29,7 @@ MESHES = [(1,), (2,), (3,), (4,), (2, 2), (2, 3), (3, 2)]
 @contextlib.contextmanager
 def fake_rank(mesh_shape, rank, names=None):
     """Be `rank` of a world the size of the mesh. The fake backend does no communication, so a new
-    group per example (world sizes differ) costs milliseconds; destroy it before the next. A default
-    group left by an earlier test of the same pytest session (a one-rank coordinator) is destroyed first:
-    there can be only one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    group per example (world sizes differ) costs milliseconds; destroy it before the next."""
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=math.prod(mesh_shape))
     try:
         yield init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
