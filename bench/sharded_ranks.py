@@ -106,9 +106,8 @@ def count_shard_reads(meter: Meter) -> None:
     real = pyckpt.reader.ShardRead.start   # (run() starts and waits)
 
     def counted(self, *args, **kwargs):
-        running = real(self, *args, **kwargs)   # planned by then (asked before, it would plan all up front)
         meter.shard_read[0] += self.bytes_read
-        return running
+        return real(self, *args, **kwargs)
     pyckpt.reader.ShardRead.start = counted
 
 

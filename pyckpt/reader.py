@@ -142,23 +142,18 @@ class TensorRead:
         self.records = [snap.manifest.tensors[i] for i in indices]
         self._names = _LazyNames(snap.manifest, indices)
         self._sources = _copies(snap)
-        self.jobs: list[ReadJob] = []
         try:
-            self._add_jobs(self._pieces())
+            by_file = self._pieces()
         except BaseException:
             self.close()
             raise
-        # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
-        self.progress = bytearray(len(self.jobs))
-        self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
-
-    def _add_jobs(self, by_file: dict[int, list[PieceRead]]) -> range:
-        """Cut each file's pieces into read jobs, appended to self.jobs; the numbers of the new jobs."""
-        first = len(self.jobs)
+        self.jobs: list[ReadJob] = []
         for file, pieces in by_file.items():
             pieces.sort(key=lambda item: item.offset)   # linear when already in order
             self.jobs.extend(ReadJob(file, batch) for batch in _batches(pieces, self._sources[file].job_bytes))
-        return range(first, len(self.jobs))
+        # One byte per job, 0 until it is read (DONE or FAILED): peers on this machine poll it.
+        self.progress = bytearray(len(self.jobs))
+        self.progress_address = ctypes.addressof((ctypes.c_char * len(self.jobs)).from_buffer(self.progress))
 
     def _pieces(self) -> dict[int, list[PieceRead]]:
         """Allocate the buffers and list every piece to read, grouped by file (neighbours are read with
@@ -273,7 +268,6 @@ class TensorRead:
             iov = _advance(iov, got)
 
 
-_PLAN_GROUP = 1024           # tensors a ShardRead plans before it submits their jobs
 _SPILLED = (Edge, Strided)   # read into scratch, then put in place
 _SCRATCH_ALIGN = 64         # any dtype's view of a piece in scratch starts aligned
 # Scratch bytes of one read job (more only for one larger piece): two sharded pieces, so a resharded
@@ -288,60 +282,23 @@ def _scratch_bytes(length: int) -> int:
 class ShardRead(TensorRead):
     """The read of tensors into Targets (shards.py): for each, only the saved pieces that overlap the
     boxes this rank needs, straight into place where the bytes are contiguous on both sides. Each rank
-    reads its own (no sharing between the ranks of a machine: they need different bytes).
-
-    Planned in groups of tensors as it is read: start() submits each group's jobs before it plans the
-    next, so that the disk works while Python plans (planning is ~20 us a tensor: 0.3 s of a
-    20,000-tensor restore that the disk used to wait for). Anything that needs the whole plan first
-    (jobs, bytes_read, run(jobs)) calls plan()."""
+    reads its own (no sharing between the ranks of a machine: they need different bytes)."""
 
     def __init__(self, snap: Snapshot, indices: list[int], targets: list[Target]):
         self.targets = targets
         self._scratch: dict[int, torch.Tensor] = {}   # each helper thread's, for this read only
-        self.buffers: list[torch.Tensor] = []          # one per tensor planned so far
         super().__init__(snap, indices)
 
     def _pieces(self) -> dict[int, list[PieceRead]]:
-        return {}   # planned by plan() or start()
-
-    def _plan_next(self) -> range:
-        """Plan the next group of tensors (their buffers and jobs); the numbers of its jobs."""
         by_file: dict[int, list] = {}
-        first = len(self.buffers)
-        for k in range(first, min(first + _PLAN_GROUP, len(self.records))):
-            rec, target = self.records[k], self.targets[k]
+        self.buffers = []
+        for k, (rec, target) in enumerate(zip(self.records, self.targets)):
             local = target.buffer if target.buffer is not None else \
                 torch.empty(target.local_shape, dtype=TORCH_DTYPES[rec.dtype])
             self.buffers.append(local)
             for piece, view in plan_reads(rec.as_chunks(), target, local):
                 by_file.setdefault(piece.file, []).append(PieceRead(piece.offset, piece, view, k))
-        return self._add_jobs(by_file)
-
-    def plan(self) -> "ShardRead":
-        """Plan every tensor not planned yet."""
-        while len(self.buffers) < len(self.records):
-            self._plan_next()
-        return self
-
-    def start(self, jobs: list[int] | None = None, *, direct: bool = True) -> "Running":
-        """The whole read (jobs None) is planned a group at a time, each group's jobs submitted before
-        the next is planned; if planning fails, the jobs already submitted finish before it raises."""
-        if jobs is not None or len(self.buffers) == len(self.records):   # (planned already)
-            return super(ShardRead, self.plan()).start(jobs, direct=direct)
-        running = Running([], _open_direct(self._sources) if direct else {})
-        try:
-            while len(self.buffers) < len(self.records):
-                for j in self._plan_next():
-                    running.futures.append(helper_pool().submit(
-                        self._read_job, j, running.direct_sources.get(self.jobs[j].file)))
-        except BaseException:
-            running.settle()
-            raise
-        return running
-
-    def _read_job(self, j: int, direct: DataSource | None) -> None:
-        file, batch = self.jobs[j]   # (no progress bytes: no peer copies a rank's own tensors)
-        self._read_batch(self._sources[file], direct, batch)
+        return by_file
 
     def _read_batch(self, source: DataSource, direct: DataSource | None, batch: list[PieceRead]) -> None:
         """The edge and strided pieces of the batch get scratch for this job only; their parts go into
@@ -382,7 +339,7 @@ class ShardRead(TensorRead):
     @property
     def bytes_read(self) -> int:
         """Bytes of the pieces this read reads (each piece whole: checksums cover whole pieces)."""
-        return sum(self.plan().job_sizes())
+        return sum(self.job_sizes())
 
     def values(self) -> list[Any]:
         return [target.build(buf) for target, buf in zip(self.targets, self.buffers)]

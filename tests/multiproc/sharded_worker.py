@@ -166,9 +166,8 @@ def restore_round(base: str, coordinator, saved_worlds: list[int]) -> dict:
     real_start = pyckpt.reader.ShardRead.start   # (run() starts and waits)
 
     def counted(self, *args, **kwargs):
-        running = real_start(self, *args, **kwargs)   # planned by then
         read.append(self.bytes_read)
-        return running
+        return real_start(self, *args, **kwargs)
     pyckpt.reader.ShardRead.start = counted
     result = {}
     cases = [(f"fsdp{n}", "fsdp") for n in saved_worlds] + [("ddp2", "fsdp"), ("fsdp4", "ddp"), ("fsdp3", "ddp")]

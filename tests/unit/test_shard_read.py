@@ -67,7 +67,7 @@ def _read(snap: Snapshot, first: int, stop: int, direct: bool, of=_rows) -> tupl
     """Rows (or columns, of=_cols) [first, stop) of every tensor: the planned destinations of the pieces
     (before any is read), the bytes read, and the values."""
     with ShardRead(snap, list(range(TENSORS)), [of(first, stop) for _ in range(TENSORS)]) as read:
-        planned = [item.view for job in read.plan().jobs for item in job.pieces]
+        planned = [item.view for job in read.jobs for item in job.pieces]
         read_bytes = read.bytes_read
         read.run(direct=direct)
         return planned, read_bytes, read.values()
@@ -153,7 +153,7 @@ def test_edge_jobs_reuse_one_scratch_buffer_per_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(PosixSource, "job_bytes", 2 * PIECE)   # one job per tensor: 40 jobs
     snap, tensors, _ = _snapshot(tmp_path)
     with ShardRead(snap, list(range(TENSORS)), [_rows(10, 30) for _ in range(TENSORS)]) as read:
-        assert len(read.plan().jobs) == TENSORS
+        assert len(read.jobs) == TENSORS
         with _counting_empty(monkeypatch) as allocated:
             read.run(direct=False)
         values = read.values()
@@ -171,7 +171,6 @@ def test_column_block_jobs_hold_scratch_per_thread_not_per_block(tmp_path, monke
     snap, tensors, _ = _snapshot(tmp_path)
     with _counting_empty(monkeypatch) as allocated, \
             ShardRead(snap, list(range(TENSORS)), [_cols(3, 251) for _ in range(TENSORS)]) as read:
-        read.plan()
         planned = len(allocated)     # the destination tensors only
         assert [len(job.pieces) for job in read.jobs] == [2] * (2 * TENSORS)
         read.run(direct=False)
@@ -204,7 +203,7 @@ def test_a_started_read_settles_before_its_files_close(tmp_path, monkeypatch):
             raise OSError(5, "Input/output error")
     monkeypatch.setattr(ShardRead, "_read_batch", slow)
     read = ShardRead(snap, list(range(TENSORS)), [_rows(0, ROWS) for _ in range(TENSORS)])
-    assert len(read.plan().jobs) == TENSORS
+    assert len(read.jobs) == TENSORS
     running = read.start(direct=False)
     running.settle()                     # raises nothing, though a job failed
     assert running.done() and len(ran) == TENSORS
@@ -212,59 +211,3 @@ def test_a_started_read_settles_before_its_files_close(tmp_path, monkeypatch):
     assert broken == []
     with pytest.raises(OSError, match="Input/output error"):
         running.wait()                   # the error is still there for whoever waits on the read
-
-
-def test_a_read_is_planned_group_by_group_while_the_earlier_groups_are_read(tmp_path, monkeypatch):
-    """The disk does not wait for the whole plan: the first group's jobs run before the second group is
-    planned. Planning the second group waits here until a job has read something; a read planned
-    whole before its first job would time out."""
-    monkeypatch.setattr(reader, "_PLAN_GROUP", 8)
-    snap, tensors, _ = _snapshot(tmp_path)
-    first_read, planned = threading.Event(), []
-    real_plan, real_batch = reader.plan_reads, ShardRead._read_batch
-
-    def plan(chunks, target, local):
-        if len(planned) == 8:
-            assert first_read.wait(5), "no job ran before the second group was planned"
-        planned.append(1)
-        return real_plan(chunks, target, local)
-
-    def read_batch(self, source, direct, batch):
-        real_batch(self, source, direct, batch)
-        first_read.set()
-    monkeypatch.setattr(reader, "plan_reads", plan)
-    monkeypatch.setattr(ShardRead, "_read_batch", read_batch)
-    with ShardRead(snap, list(range(TENSORS)), [_rows(0, ROWS) for _ in range(TENSORS)]) as read:
-        read.run(direct=False)
-        values = read.values()
-    assert len(planned) == TENSORS
-    for value, tensor in zip(values, tensors):
-        assert torch.equal(value, tensor)
-
-
-def test_a_plan_that_fails_midway_lets_the_submitted_jobs_finish_before_it_raises(tmp_path, monkeypatch):
-    """The first groups' jobs are already reading when a later group's plan fails: start() waits for
-    them (they write into the read's buffers and use its files) and then raises the planning error."""
-    monkeypatch.setattr(reader, "_PLAN_GROUP", 8)
-    snap, _, _ = _snapshot(tmp_path)
-    real_plan, real_batch = reader.plan_reads, ShardRead._read_batch
-    planned, running = [], []
-
-    def plan(chunks, target, local):
-        planned.append(1)
-        if len(planned) == 20:
-            raise ValueError("a bad box")
-        return real_plan(chunks, target, local)
-
-    def read_batch(self, source, direct, batch):
-        running.append(1)
-        time.sleep(0.05)
-        real_batch(self, source, direct, batch)
-        running.pop()
-    monkeypatch.setattr(reader, "plan_reads", plan)
-    monkeypatch.setattr(ShardRead, "_read_batch", read_batch)
-    monkeypatch.setattr(PosixSource, "job_bytes", 4 * PIECE)   # a job per tensor
-    with ShardRead(snap, list(range(TENSORS)), [_rows(0, ROWS) for _ in range(TENSORS)]) as read:
-        with pytest.raises(ValueError, match="a bad box"):
-            read.start(direct=False)
-        assert running == [] and len(read.jobs) == 16    # two groups were submitted, and all of them ran
