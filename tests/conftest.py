@@ -31,8 +31,8 @@ def _no_process_group_left():
     (one-rank, in the pytest process) leaves its group behind, and a later test's coordinator would
     join it instead of its own: an unreachable master then "connects", a plain load finds a group."""
     yield
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")   # (not imported: no group; sessions without torch stay so)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
