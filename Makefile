@@ -26,7 +26,7 @@ lint: setup
 	yamllint -s .
 	ansible-lint --profile production
 
-# tests/e2e runs beside the container-free tests, then tests/molecule (three scenarios at a time,
+# tests/e2e runs beside the container-free tests, then beside tests/molecule (three scenarios at a time,
 # MOLECULE_JOBS): scripts/run-tests.sh says why. `$(PY) -m pytest tests` still runs everything in one session.
 pytest: setup setup-containers setup-docker setup-ceph
 	PY=$(PY) bash scripts/run-tests.sh

@@ -3,8 +3,9 @@
 #   1. tests/e2e (the container clusters) in the background, logged to .cache/e2e-pytest.log: they
 #      spend most of their time waiting (systemd boots, rendezvous timeouts, training steps of 1 s);
 #   2. meanwhile every test that needs no container (unit, cli, ansible, multiproc, reliability, bench);
-#   3. then tests/molecule, whose scenarios already run three at a time and fill both cores.
-# One session after another took 65 min on 2 cores; this order overlaps the first two.
+#   3. as soon as those end, tests/molecule (its scenarios run three at a time), beside the rest of tests/e2e.
+# One session after another took 65 min on 2 cores; this order overlaps them. Molecule waited for
+# tests/e2e until stop 36 (3-4 min of CI, the time tests/e2e outlasted the tests without containers).
 # Exit status: non-zero when any session failed; each session's summary is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +21,14 @@ echo "tests/e2e running in the background (pid $e2e_pid, log $e2e_log)"
 
 "$PY" -m pytest -ra --durations=25 -p no:cacheprovider --ignore=tests/e2e --ignore=tests/molecule tests
 rest=$?
-echo "tests without containers: exit $rest after $((SECONDS - started)) s; waiting for tests/e2e"
+echo "tests without containers: exit $rest after $((SECONDS - started)) s; tests/molecule next, beside tests/e2e"
+
+"$PY" -m pytest -ra --durations=10 -p no:cacheprovider tests/molecule
+molecule=$?
+echo "tests/molecule: exit $molecule after $((SECONDS - started)) s; waiting for tests/e2e"
 wait "$e2e_pid"
 e2e=$?
 echo "===== tests/e2e (exit $e2e, ran beside the tests above): $e2e_log ====="
 cat "$e2e_log"
-
-"$PY" -m pytest -ra --durations=10 -p no:cacheprovider tests/molecule
-molecule=$?
 echo "pytest sessions: no containers exit $rest, e2e exit $e2e, molecule exit $molecule; $((SECONDS - started)) s in all"
 [ "$rest" -eq 0 ] && [ "$e2e" -eq 0 ] && [ "$molecule" -eq 0 ]
