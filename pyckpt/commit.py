@@ -24,7 +24,8 @@ from .capture import Captured, PlanCache
 from .collectives import Comm
 from .errors import SnapshotError
 from .boxes import Box, check_tiling, dim0_slabs_in_order
-from .manifest import ChunkRows, ChunkTable, FileRecord, Manifest, Piece, TensorRecord, checksum, data_file_name
+from .manifest import (ChunkRows, ChunkTable, FileRecord, Manifest, Piece, RecordsText, TensorRecord, checksum,
+                       data_file_name)
 from .tree import TORCH_DTYPES, shift, tensor_paths
 from .planner import plan_private
 from .shards import SHARD_PIECE, pieces_of
@@ -49,7 +50,7 @@ def commit_snapshot(comm: Comm, store: Store, cap: Captured, keep_last: int, reu
             try:
                 with gc_paused():   # (a background snapshot's leader: 0.07 s for 20k tensors, 0.3 s with GC)
                     manifest = _manifest(cap, reports, plans, kept)
-                    data = manifest.to_json()
+                    data = manifest.to_json(kept.records)
                 store.keep_spares(keep_last if reuse_files else None)
                 store.publish(stage, data, cap.meta, keep_last)
             except Exception as exc:  # nothing half-made stays behind, whatever went wrong
@@ -128,6 +129,7 @@ class KeptTable:
         self.rows: list[tuple[int, int, int, int, int]] = []   # each sharded record's ChunkRows
         self.counts: list[int] = []      # each rank's sharded pieces (its digests after its share's)
         self.order = np.zeros(0, dtype=np.int64)   # the table's pieces in the ranks' digests, concatenated
+        self.records: RecordsText | None = None    # the replicated records' JSON (made at the first reuse)
 
     def matches(self, reports: list[messages.RankReport]) -> bool:
         return all(r.serial for r in reports) and tuple(r.serial for r in reports) == self.serials
@@ -181,10 +183,12 @@ def _manifest(cap: Captured, reports: list[messages.RankReport], plans: PlanCach
             tensors[base + s.tensor].pieces.append(Piece(rank, s.file_offset, s.length, next(digests)))
         per_rank_trees.append(shift(report.private_tree, base))
     if not reuse:
-        kept.serials = ()
+        kept.serials, kept.records = (), None
         _chunk_rows(tensors, parts, cap.replicated_tree, kept)
         kept.serials, kept.counts = tuple(r.serial for r in reports), counts
     kept.fill(tensors, shard_digests)
+    if reuse and kept.records is None:   # the same records as the last manifest's: their text is kept
+        kept.records = RecordsText(tensors[:len(cap.records)])
     files = [FileRecord(data_file_name(rank), report.size) for rank, report in enumerate(reports)]
     return Manifest(len(reports), files, tensors, cap.replicated_tree, per_rank_trees, cap.meta)
 

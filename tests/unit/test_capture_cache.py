@@ -12,8 +12,11 @@ import torch.distributed as dist
 
 import pyckpt
 import pyckpt.capture as capture
+import pyckpt.commit as commit
 from pyckpt import DistributedCoordinator, TrainingRuntime, load_config
+from pyckpt.manifest import Manifest
 from tests.conftest import StateHolder, free_port
+from tests.reliability.helpers import current_dir
 
 
 @pytest.fixture
@@ -77,6 +80,28 @@ def test_a_new_tensor_object_is_derived_again(snap_path, derives):
         holder.state["w"] = torch.full((8,), 3.0)
         assert torch.equal(snapshot_and_load(coordinator, runtime, snap_path)["w"], torch.full((8,), 3.0))
         assert len(derives) == 2
+
+
+def test_the_leaders_kept_records_text_gets_each_snapshots_checksums(snap_path, monkeypatch):
+    """commit.KeptTable keeps the JSON of the replicated records from the first snapshot that reuses
+    the derivation; each later manifest gets its own checksums written into it: byte for byte what
+    encoding the whole manifest gives, and it loads with every piece checked."""
+    made = []
+    real = commit.RecordsText
+    monkeypatch.setattr(commit, "RecordsText", lambda records: made.append(len(records)) or real(records))
+    tensors = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(40)}
+    runtime = TrainingRuntime()          # with its RNG state: per-rank records after the replicated ones
+    runtime.register("held", StateHolder(tensors))
+    with DistributedCoordinator(load_config(environ={})) as coordinator:
+        for _ in range(4):
+            for tensor in tensors.values():
+                tensor.add_(1.0)         # new bytes, new checksums
+            loaded = snapshot_and_load(coordinator, runtime, snap_path)
+            assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+            with open(f"{current_dir(snap_path)}/manifest.json", "rb") as f:
+                data = f.read()
+            assert data == Manifest.from_json(data, "manifest.json").to_json()
+    assert made == [40]
 
 
 def test_a_dropped_runtime_frees_its_tensors(snap_path):
