@@ -219,12 +219,16 @@ class ChunkTable:
 
     def row(self, j: int, cell: int, dims: int) -> Chunk:
         """Chunk j (its offsets and sizes at [cell, cell + dims) of their columns)."""
-        piece_at, rank_at = self.starts()
-        files, offsets, lengths, x = self.file, self.offset, self.length, self.xxh3
-        return Chunk(self.offsets[cell: cell + dims], self.sizes[cell: cell + dims],
-                     [Piece(files[k], offsets[k], lengths[k], x[16 * k: 16 * k + 16])
-                      for k in range(piece_at[j], piece_at[j + 1])],
+        _, rank_at = self.starts()
+        return Chunk(self.offsets[cell: cell + dims], self.sizes[cell: cell + dims], self.pieces_of(j),
                      self.ranks[rank_at[j]: rank_at[j + 1]])
+
+    def pieces_of(self, j: int) -> list[Piece]:
+        """Chunk j's pieces, in order."""
+        piece_at = self.starts()[0]
+        files, offsets, lengths, x = self.file, self.offset, self.length, self.xxh3
+        return [Piece(files[k], offsets[k], lengths[k], x[16 * k: 16 * k + 16])
+                for k in range(piece_at[j], piece_at[j + 1])]
 
     def to_json(self) -> tuple[dict, dict]:
         return ({"offsets": self.offsets, "sizes": self.sizes, "holders": self.holders, "ranks": self.ranks,
@@ -269,11 +273,13 @@ class ChunkRows(Sequence):
             self._made = [table.row(self.first + c, self.cell + c * dims, dims) for c in range(self.count)]
         return self._made
 
-    def find(self, offsets: list[int], sizes: list[int]) -> Chunk | None:
-        """The chunk whose box is exactly (offsets, sizes), or None; the others stay rows."""
+    def pieces_at(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Piece] | None:
+        """The pieces of the chunk whose box is exactly (offsets, sizes), or None; no Chunk is made (a
+        restore on the saved layout asks this of every tensor it reads)."""
         table, dims, cell = self.table, self.dims, self.cell
         if not dims:   # a 0-d tensor: one chunk of no dims
-            return self[0] if self.count == 1 and not offsets and not sizes else None
+            return self[0].pieces if self.count == 1 and not offsets and not sizes else None
+        offsets, sizes = list(offsets), list(sizes)
         starts = table.offsets[cell: cell + self.count * dims: dims]   # each chunk's offset in dim 0
         c = -1
         while True:
@@ -283,7 +289,7 @@ class ChunkRows(Sequence):
                 return None
             at = cell + c * dims
             if table.offsets[at: at + dims] == offsets and table.sizes[at: at + dims] == sizes:
-                return table.row(self.first + c, at, dims)
+                return table.pieces_of(self.first + c)
 
 
 @dataclass

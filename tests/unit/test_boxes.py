@@ -21,7 +21,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from pyckpt.boxes import (Box, SavedIndex, byte_span, check_tiling, holders, intersect, layout,
                           local_layout, range_boxes, read_plan, volume, _ranks)
 from pyckpt.manifest import Chunk, Piece
-from pyckpt.shards import Target, plan_reads
+from pyckpt.shards import Target, local_tensor, plan_reads
 
 MESHES = [(1,), (2,), (3,), (4,), (2, 2), (2, 3), (3, 2)]
 
@@ -138,6 +138,32 @@ def test_layout_refuses_partial_and_bad_arguments():
     with pytest.raises(ValueError):
         local_layout((4,), (2,), [("S", 0)], (2,))
     assert local_layout((4, 6), (2,), [("S", -1)], (1,)) == ((Box((0, 3), (4, 3)), Box((0, 0), (4, 3))),)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_local_tensor_is_the_storage_to_local_gives_without_a_new_view_or_a_graph(grad):
+    with fake_rank((2,), 1) as mesh:
+        full = torch.arange(10, dtype=torch.float32)
+        plain = distribute_tensor(full, mesh, [Shard(0)])
+        param = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        with torch.set_grad_enabled(grad):
+            for dt in (plain, param):
+                local = local_tensor(dt)
+                with torch.no_grad():
+                    expected = dt.to_local()
+                assert local.data_ptr() == expected.data_ptr() and local.shape == expected.shape == (5,)
+                assert not local.requires_grad and local.grad_fn is None
+                assert local is local_tensor(dt)   # the same tensor every call: no new view made
+                local[0] = -1.0                    # writes reach the DTensor (a restore reads in place)
+                with torch.no_grad():
+                    assert dt.to_local()[0].item() == -1.0
+
+        class Older:   # a torch whose DTensor has no _local_tensor: to_local() outside autograd
+            def to_local(self):
+                assert not torch.is_grad_enabled()
+                return full
+        with torch.set_grad_enabled(grad):
+            assert local_tensor(Older()) is full
 
 
 def test_holders_are_the_coordinates_that_differ_only_on_replicate_dims():

@@ -177,9 +177,9 @@ def test_the_leaders_table_holds_each_box_once_in_order_with_its_holders_pieces(
     assert table.length == [12, 12, 24, 4, 16, 16, SHARD_PIECE, 4 * big - SHARD_PIECE]
     assert len(table.xxh3) == 16 * 8 and table.xxh3.startswith("0000000000000000" + "0001000000000018")
     assert [c.box for c in records[0].chunks] == [Box((0, 0), (2, 3)), Box((2, 0), (2, 3))]
-    assert records[2].chunks.find([0, 2], [2, 2]) == records[2].chunks[1]   # the second with offset 0 in dim 0
-    assert records[2].chunks.find([0, 2], [2, 1]) is None and records[0].chunks.find([1, 0], [2, 3]) is None
-    assert records[1].chunks.find([], []) == Chunk([], [], [Piece(0, 12, 4, "000000000000000c")], [0])
+    assert records[2].chunks.pieces_at((0, 2), (2, 2)) == records[2].chunks[1].pieces   # the second with offset 0 in dim 0
+    assert records[2].chunks.pieces_at((0, 2), (2, 1)) is None and records[0].chunks.pieces_at((1, 0), (2, 3)) is None
+    assert records[1].chunks.pieces_at((), ()) == [Piece(0, 12, 4, "000000000000000c")]
     files = [FileRecord("data-0.bin", 64 + 4 * big), FileRecord("data-1.bin", 52)]
     data = Manifest(2, files, records, {"L": [{"S": i} for i in range(4)]}, [{"D": []}, {"D": []}], {}).to_json()
     assert json.loads(data)["chunk_table"] == table.to_json()[0]
@@ -200,15 +200,15 @@ def test_the_leader_refuses_parts_that_do_not_cover_or_tile_naming_the_tensor(pa
         _leader_records(parts, [(4,)])
 
 
-def test_a_restore_on_the_saved_layout_makes_only_the_chunk_it_reads():
+def test_a_restore_on_the_saved_layout_makes_no_chunk_object():
     parts = [_part(0, [r, 0], [1, 2], 0, 8, r, 0, (r,)) for r in range(4)]
     records = _leader_records(parts, [(4, 2)])
     files = [FileRecord(f"data-{r}.bin", 8) for r in range(4)]
     data = Manifest(4, files, records, {"L": [{"S": 0}]}, [{"D": []}] * 4, {}).to_json()
     rows = Manifest.from_json(data, "manifest.json").tensors[0].chunks
     assert type(rows) is ChunkRows and len(rows) == 4
-    chunk = rows.find([2, 0], [1, 2])
-    assert chunk == Chunk([2, 0], [1, 2], [Piece(2, 0, 8, "0002000000000000")], [2])
-    assert rows._made is None          # the other three were not made
-    assert rows.find([2, 0], [2, 2]) is None
-    assert rows[2] == chunk and rows == list(rows) and rows._made is not None
+    assert rows.pieces_at((2, 0), (1, 2)) == [Piece(2, 0, 8, "0002000000000000")]
+    assert rows._made is None          # no chunk was made
+    assert rows.pieces_at((2, 0), (2, 2)) is None
+    assert rows[2] == Chunk([2, 0], [1, 2], [Piece(2, 0, 8, "0002000000000000")], [2])
+    assert rows == list(rows) and rows._made is not None
