@@ -20,7 +20,7 @@ import torch
 from .errors import StateMismatchError
 from .manifest import Manifest
 from .shards import Target, dtensor_target
-from .tree import DTYPE_NAMES, TORCH_DTYPES, dict_items, flatten, is_dtensor, matching_references, unflatten
+from .tree import DTYPE_NAMES, TORCH_DTYPES, dict_items, is_dtensor, matching_live, unflatten
 
 if TYPE_CHECKING:
     from .runtime import TrainingRuntime
@@ -410,24 +410,23 @@ def live_destinations(manifest: Manifest, runtime: "TrainingRuntime") -> InPlace
     _apart). A checksum error while reading in place leaves those objects partially overwritten: the
     restore raises IntegrityError and the caller must restore another version before training on.
     """
-    live_tensors: list = []
-    try:
-        live_tree = flatten({"objects": {name: live_state(obj) for name, obj in runtime.objects.items()
-                                         if name not in runtime.per_rank_names}}, live_tensors, "live")
-    except (TypeError, KeyError):
-        return InPlace({}, frozenset())
     saved_objects = dict_items(dict_items(manifest.replicated).get("objects"))
-    live_objects = dict_items(dict_items(live_tree).get("objects"))
+    records = manifest.tensors
     out: dict[int, torch.Tensor] = {}
     whole: dict[str, list[int]] = {}   # objects whose every saved tensor got a destination (before _apart)
-    for name, live in live_objects.items():
-        pairs = matching_references(saved_objects[name], live) if name in saved_objects else None
+    for name, obj in runtime.objects.items():
+        if name in runtime.per_rank_names or name not in saved_objects:
+            continue
+        try:
+            live = live_state(obj)
+        except (TypeError, KeyError):
+            continue
+        pairs = matching_live(saved_objects[name], live)
         if pairs is None:
             continue
         views = {}
-        records = manifest.tensors
-        for saved_index, live_index in pairs:
-            t, rec = live_tensors[live_index], records[saved_index]
+        for saved_index, t in pairs:
+            rec = records[saved_index]
             if is_dtensor(t) and list(t.shape) == rec.shape and not rec.is_numpy:
                 views[saved_index] = t    # read as the boxes it holds on this rank (shards.dtensor_target)
                 continue

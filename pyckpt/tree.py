@@ -5,8 +5,9 @@ A node is a JSON object with one key, its kind: containers (dict, list, tuple) h
 a plain value, a dtype name, or the index of a tensor in Manifest.tensors. `fold` walks a tree
 iteratively (no recursion on a hostile depth, memory bounded by the depth), checks the form of every
 node, and reports a malformed one with its key path; the codec (flatten/unflatten), the manifest's
-validator, the reference collection, the renumbering and key chains are folds (the structure comparison
-walks two trees side by side).
+validator, the reference collection, the renumbering and key chains are folds (the comparison of a
+saved tree with a live object walks both side by side, reading the live one with the encoder's
+classifier).
 A new leaf kind is one entry in LEAVES (its on-disk form and decoding) and one case in _classifier
 (which Python objects it encodes).
 """
@@ -353,38 +354,44 @@ def shift(root: Any, base: int, where: str = "a rank's private state tree") -> A
 _SAME_KIND = {SHARDED: TENSOR}   # a model saved under DDP restores into FSDP2 and back
 
 
-def matching_references(saved: Any, live: Any) -> list[tuple[int, int]] | None:
-    """(saved index, live index) of each tensor, in order, if two trees have the same keys, node kinds
-    and nesting (plain values may differ; a sharded tensor counts as a torch tensor); None if they do
-    not (or either is malformed). The two trees are walked side by side, once: restores compare each
-    registered object's whole state (60k nodes for a 20,000-tensor one)."""
-    pairs: list[tuple[int, int]] = []
+def matching_live(saved: Any, live: Any) -> list[tuple[int, Any]] | None:
+    """(saved index, live tensor or array) of each tensor, in order, if a saved tree and a live object
+    have the same keys, node kinds and nesting, the live object read as the encoder reads it (plain
+    values may differ; a sharded tensor counts as a torch tensor); None if they do not, or either is
+    malformed or the live object has no encoding. One walk of both, without encoding the live object:
+    restores compare each registered object's whole state (60k nodes for a 20,000-tensor one)."""
+    tensors: list = []
+    classify = _classifier(tensors)
+    pairs: list[tuple[int, Any]] = []
     todo = [(saved, live)]
     while todo:
-        a, b = todo.pop()
-        if type(a) is not dict or type(b) is not dict or len(a) != 1 or len(b) != 1:
+        node, obj = todo.pop()
+        if type(node) is not dict or len(node) != 1:
             return None
-        (kind, x), = a.items()
-        (other, y), = b.items()
+        (kind, x), = node.items()
+        try:
+            other, y = classify(obj)
+        except Malformed:
+            return None
         kind = _SAME_KIND.get(kind, kind)
         if kind != _SAME_KIND.get(other, other):
             return None
         if kind == DICT:
-            if type(x) is not list or type(y) is not list or len(x) != len(y):
+            if type(x) is not list or len(x) != len(y):
                 return None
             for p, q in zip(x, y):
-                if type(p) is not list or type(q) is not list or len(p) != 2 or len(q) != 2 or p[0] != q[0] \
-                        or type(p[0]) is not type(q[0]) or type(p[0]) not in (str, int):
+                if type(p) is not list or len(p) != 2 or p[0] != q[0] or type(p[0]) is not type(q[0]) \
+                        or type(p[0]) not in (str, int):
                     return None
             todo.extend((p[1], q[1]) for p, q in zip(reversed(x), reversed(y)))
         elif kind == LIST or kind == TUPLE:
-            if type(x) is not list or type(y) is not list or len(x) != len(y):
+            if type(x) is not list or len(x) != len(y):
                 return None
             todo.extend(zip(reversed(x), reversed(y)))
         elif kind == TENSOR or kind == ARRAY:
-            if type(x) is not int or type(y) is not int or x < 0 or y < 0:
+            if type(x) is not int or x < 0:
                 return None
-            pairs.append((x, y))
+            pairs.append((x, tensors[y]))
         elif kind not in LEAVES:
             return None
     return pairs

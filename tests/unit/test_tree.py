@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyckpt import IntegrityError
-from pyckpt.tree import (MAX_DEPTH, dotted, flatten, matching_references, references, shift, subscripts,
+from pyckpt.tree import (MAX_DEPTH, dotted, flatten, matching_live, references, shift, subscripts,
                          tensor_chains, tensor_paths, unflatten, validate)
 
 
@@ -147,17 +147,20 @@ def test_shift_renumbers_every_reference_and_nothing_else():
     assert references(tree) == [0, 1]     # the input is left as it was
 
 
-def test_structure_comparison_pairs_references_in_order():
+def test_structure_comparison_pairs_saved_references_with_live_tensors_in_order():
     saved = flatten({"w": torch.ones(2), "opt": {"lr": 0.1, "ids": [0, 1]}, "b": torch.ones(3)}, [])
-    live = flatten({"w": torch.zeros(2), "opt": {"lr": 0.5, "ids": [7, 8]}, "b": torch.zeros(3)}, [None] * 5)
-    assert matching_references(saved, live) == [(0, 5), (1, 6)]            # plain values may differ
+    w, b = torch.zeros(2), torch.zeros(3)
+    pairs = matching_live(saved, {"w": w, "opt": {"lr": 0.5, "ids": [7, 8]}, "b": b})   # plain values may differ
+    assert [index for index, _ in pairs] == [0, 1] and pairs[0][1] is w and pairs[1][1] is b
     for other in ({"w": torch.ones(2), "b": torch.ones(3), "opt": {"lr": 0.1, "ids": [0, 1]}},   # key order
                   {"w": torch.ones(2), "opt": {"lr": 0.1, "ids": [0]}, "b": torch.ones(3)},      # length
                   {"w": torch.ones(2), "opt": {"lr": 0.1, "ids": (0, 1)}, "b": torch.ones(3)},   # list vs tuple
                   {"w": np.ones(2), "opt": {"lr": 0.1, "ids": [0, 1]}, "b": torch.ones(3)},      # numpy vs torch
-                  {"w": 1.0, "opt": {"lr": 0.1, "ids": [0, 1]}, "b": torch.ones(3)}):            # value vs tensor
-        assert matching_references(saved, flatten(other, [])) is None
-    assert matching_references(saved, {"D": "broken"}) is None
-    assert matching_references({"L": [{"S": 2}, {"V": 1}]}, {"L": [{"T": 9}, {"V": 5}]}) == [(2, 9)]  # FSDP2 <-> DDP
-    assert matching_references({"D": [[1, {"T": 0}]]}, {"D": [["1", {"T": 0}]]}) is None             # 1 vs "1"
-    assert matching_references({"L": [{"T": 0}, {"X": 1}]}, {"L": [{"T": 0}, {"X": 1}]}) is None     # unknown kind
+                  {"w": 1.0, "opt": {"lr": 0.1, "ids": [0, 1]}, "b": torch.ones(3)},             # value vs tensor
+                  {"w": torch.ones(2), "opt": {"lr": object(), "ids": [0, 1]}, "b": torch.ones(3)}):  # no encoding
+        assert matching_live(saved, other) is None
+    assert matching_live({"D": "broken"}, {"w": w}) is None
+    assert matching_live({"L": [{"S": 2}, {"V": 1}]}, [w, 5]) == [(2, w)]                  # FSDP2 <-> DDP
+    assert matching_live({"U": [{"N": 3}]}, (np.ones(1),))[0][0] == 3                        # numpy arrays pair too
+    assert matching_live({"D": [[1, {"T": 0}]]}, {"1": w}) is None                           # 1 vs "1"
+    assert matching_live({"L": [{"T": 0}, {"X": 1}]}, [w, 1]) is None                       # unknown kind
