@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["restore.open", "restore.check", "restore.match", "restore.plan", "restore.read", "restore.read.wait",
-          "restore.tree", "restore.load", "save.total", "save.capture", "save.write", "async.stall"]
+          "restore.tree", "restore.load", "limit.torch_load", "save.total", "save.capture", "save.write", "async.stall"]
 
 
 def _phases(tmp_path: Path, *extra: str) -> dict[str, tuple[float, float]]:
