@@ -4,8 +4,10 @@ can be read into in place.
 One checker, fit_state, serves both ends of a restore: check_fits runs it on a skeleton of the saved
 state built from the manifest alone (SavedTensor leaves: dtype and shape, no data), so that a mismatch
 is refused before a byte is read into the live objects; TrainingRuntime.load_state runs it again on the
-real tensors (pyckpt.load users call load_state directly) before it changes anything. With strict=False
-what does not fit is left out, never loaded wrong-shaped.
+real tensors (pyckpt.load users call load_state directly) before it changes anything. Objects whose saved
+state a restore found to have exactly their live state's form (live_destinations, run first) fit by that
+finding: neither check decodes or compares them again. With strict=False what does not fit is left out,
+never loaded wrong-shaped.
 """
 from __future__ import annotations
 
@@ -56,16 +58,18 @@ class Fit:
 
 
 def check_fits(manifest: Manifest, runtime: "TrainingRuntime", rank: int | None, strict: bool, *,
-               private: Any = None) -> list[str]:
+               private: Any = None, matched: frozenset[str] = frozenset()) -> list[str]:
     """Check, before any data is read, that the snapshot fits the runtime (fit_state on a skeleton).
 
     rank: whose per-rank state to check (None, or a rank the snapshot does not have: none). private:
     that rank's state tree if the caller has already read it (a few KiB): its values are then checked
-    too (torch's RNG bytes), not only their form. strict=True raises StateMismatchError listing every
-    problem; strict=False returns them (what load_state will leave out, with a warning)."""
+    too (torch's RNG bytes), not only their form. matched: objects whose saved state live_destinations
+    found to have their live state's form (InPlace.objects): they fit, and are not decoded again.
+    strict=True raises StateMismatchError listing every problem; strict=False returns them (what
+    load_state will leave out, with a warning)."""
     if private is None and rank is not None and 0 <= rank < manifest.world_size:
         private = skeleton(manifest, manifest.per_rank[rank])
-    problems = fit_state(runtime, skeleton(manifest, manifest.replicated), private).problems
+    problems = fit_state(runtime, _skeleton_except(manifest, matched), private, matched).problems
     if strict and problems:
         raise mismatch_error(problems)
     return problems
@@ -74,6 +78,19 @@ def check_fits(manifest: Manifest, runtime: "TrainingRuntime", rank: int | None,
 def skeleton(manifest: Manifest, tree: Any) -> Any:
     """A state tree of the manifest with a SavedTensor in place of each tensor."""
     return unflatten(tree, _Records(manifest), "manifest.json")
+
+
+def _skeleton_except(manifest: Manifest, matched: frozenset[str]) -> Any:
+    """The replicated state's skeleton with the saved state of each object in `matched` left as None:
+    a 20,000-tensor model and optimizer read in place made up most of a restore's check (the tree
+    was validated when the manifest was read, so its parts decode as the whole would)."""
+    top = dict_items(manifest.replicated)
+    objects = dict_items(top.get("objects"))
+    if not matched.intersection(objects):
+        return skeleton(manifest, manifest.replicated)
+    out = {key: skeleton(manifest, node) for key, node in top.items() if key != "objects"}
+    out["objects"] = {name: None if name in matched else skeleton(manifest, node) for name, node in objects.items()}
+    return out
 
 
 class _Records:
@@ -98,10 +115,12 @@ def mismatch_error(problems: list[str]) -> StateMismatchError:
         "what fits (the rest is left out, with a warning)")
 
 
-def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any) -> Fit:
+def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any, matched: frozenset[str] = frozenset()) \
+        -> Fit:
     """Which parts of a saved state (a skeleton or real tensors) fit the runtime: registered vs saved
     objects (replicated, or per rank in `private`), model keys and shapes, optimizer parameter groups and
-    per-parameter state, progress, loss and RNG state. `private` None: this rank has no saved state."""
+    per-parameter state, progress, loss and RNG state. `private` None: this rank has no saved state.
+    `matched`: replicated objects known to fit (check_fits), taken as they are saved."""
     fit = Fit()
     saved = _objects(replicated, "replicated", fit)
     saved_private = _objects(private, "per-rank", fit) if private is not None else {}
@@ -116,6 +135,10 @@ def fit_state(runtime: "TrainingRuntime", replicated: Any, private: Any) -> Fit:
         label = f"{runtime.kind(name)} {name!r}"
         if per_rank and private is None:
             fit.absent.append(name)
+        elif name in home and name in matched and not per_rank:
+            fit.objects[name] = home[name]
+            if isinstance(registered[name], torch.nn.Module):   # its parameters kept their shapes
+                changed.update((id(v), None) for v in live_state(registered[name]).values())
         elif name in home:
             state = _fit_object(label, name, registered[name], home[name], changed, fit.problems)
             if state is not None:

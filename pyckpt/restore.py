@@ -52,7 +52,7 @@ def _restore(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRun
         # Also the point before which no rank returns: peers may be copying from its tensors.
         outcomes = comm.all_gather(job.outcome())
     error = job.error
-    if error is not None and job.in_place and job.replicated is not None:   # planned, so it failed while reading
+    if error is not None and job.in_place.tensors and job.replicated is not None:   # planned: it failed reading
         error = _partly_overwritten(error)
     if not _agreed(outcomes, path, error):
         if missing_ok:
@@ -62,7 +62,7 @@ def _restore(comm: Comm, neighbours: Neighbours, path: str, runtime: TrainingRun
     if comm.world_size != saved_world:
         warnings.warn(f"restoring a {saved_world}-rank snapshot on {comm.world_size} ranks: model and optimizer "
                       "state are restored; per-rank RNG state only for ranks present in both", stacklevel=4)
-    _load_everywhere(comm, path, runtime, job.replicated.tree(), job.private, strict)
+    _load_everywhere(comm, path, runtime, job.replicated.tree(), job.private, strict, job.in_place.objects)
     runtime.restored_version = job.snap.ref.name
     return True
 
@@ -75,7 +75,7 @@ class _Restoring:
         self.path, self.rank = path, rank
         self.snap: Snapshot | None = None
         self.private: Any = None
-        self.in_place: dict[int, torch.Tensor] = {}
+        self.in_place = fitting.InPlace({}, frozenset())   # what is read straight into the live objects
         self.replicated: TreeRead | None = None
         self.own: Running | None = None   # the read of the sharded tensors, under way
         self.error: Exception | None = None
@@ -99,10 +99,9 @@ class _Restoring:
         this rank's private state first (a few KiB: its values are checked too), then the plan."""
         snap = self.snap = Snapshot.open(self.path, version)
         self.private = snap.private(self.rank) if self.rank < snap.manifest.world_size else None
-        fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private)
-        in_place = fitting.live_destinations(snap.manifest, runtime)
-        self.in_place = in_place.tensors
-        into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **self.in_place}
+        in_place = self.in_place = fitting.live_destinations(snap.manifest, runtime)
+        fitting.check_fits(snap.manifest, runtime, self.rank, strict, private=self.private, matched=in_place.objects)
+        into = {**fitting.optimizer_targets(snap.manifest, runtime, done=in_place), **in_place.tensors}
         self.replicated = held.enter_context(snap.reading(snap.manifest.replicated, into=into))
         # The sharded tensors (each rank its own boxes) are read from now on: ranks sharing a machine
         # then read while the others are still planning. Their jobs end before the files close.
@@ -168,11 +167,11 @@ def _agreed(outcomes: list[messages.RestoreOutcome], path: str, error: Exception
 
 
 def _load_everywhere(comm: Comm, path: str, runtime: TrainingRuntime, replicated: Any, private: Any,
-                     strict: bool) -> None:
+                     strict: bool, matched: frozenset[str]) -> None:
     """Put the read state into the runtime; a rank where that fails makes every rank raise."""
     failure: messages.RankError | None = None
     try:
-        runtime.load_state(replicated, private, strict=strict)
+        runtime.load_state(replicated, private, strict=strict, matched=matched)
     except Exception as exc:
         if comm.world_size == 1:
             raise

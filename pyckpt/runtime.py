@@ -135,14 +135,16 @@ class TrainingRuntime:
                                 if name in self._per_rank}
         return state
 
-    def load_state(self, replicated: dict, private: dict | None, *, strict: bool = True) -> None:
+    def load_state(self, replicated: dict, private: dict | None, *, strict: bool = True,
+                   matched: frozenset[str] = frozenset()) -> None:
         """Put a snapshot's state back into the registered objects (`private`: this rank's per-rank
-        state, None when the snapshot has none for it).
+        state, None when the snapshot has none for it; `matched`: objects a restore read in place, whose
+        saved state it found to have their live state's form: they are loaded without a second check).
 
         Everything is checked first (fitting.fit_state): with strict=True any mismatch raises
         StateMismatchError before anything is changed; with strict=False what does not fit is left
         out, with a warning naming it, and the rest is loaded."""
-        fit = fit_state(self, replicated, private)
+        fit = fit_state(self, replicated, private, matched)
         if fit.problems and strict:
             raise mismatch_error(fit.problems)
         for problem in fit.problems:

@@ -17,7 +17,7 @@ import torch
 
 import pyckpt
 from pyckpt import DistributedCoordinator, StateMismatchError, TrainingRuntime, load_config
-from pyckpt.fitting import check_fits
+from pyckpt.fitting import _skeleton_except, check_fits, live_destinations
 from tests.conftest import StateHolder
 
 
@@ -141,6 +141,25 @@ def test_check_fits_decides_from_the_manifest_alone(coordinator, snap_path):
     assert "in the snapshot but not registered: optimizer" in text
     problems = check_fits(snap.manifest, bigger, 0, strict=False)
     assert len(problems) == 3
+
+
+def test_check_fits_takes_the_objects_read_in_place_as_they_are(coordinator, snap_path):
+    """A restore first finds the objects it reads in place (live_destinations: their saved state has
+    the live state's form); its check then does not decode their saved state again, and reports the
+    same problems as a full check for everything else."""
+    _, _, runtime = trained()
+    runtime.register("sampler", StateHolder({"epoch": 3}))
+    coordinator.snapshot(snap_path, runtime)
+    snap = pyckpt.Snapshot.open(snap_path)
+    _, _, live = trained(seed=1)
+    live.register("ema", StateHolder({"decay": 0.9}))
+    matched = live_destinations(snap.manifest, live).objects
+    assert matched == {"model", "optimizer"}
+    assert _skeleton_except(snap.manifest, matched)["objects"] == {"model": None, "optimizer": None,
+                                                                    "sampler": {"epoch": 3}}
+    problems = check_fits(snap.manifest, live, 0, strict=False, matched=matched)
+    assert problems == check_fits(snap.manifest, live, 0, strict=False) == [
+        "registered but not in the snapshot: ema", "in the snapshot but not registered: sampler"]
 
 
 def test_untied_snapshot_restores_into_a_tied_model(coordinator, snap_path):
