@@ -1,7 +1,8 @@
 """`python -m bench.phases` runs and times every phase it names, on the DDP state and on the sharded one.
 
-No timing assertions (the machine is shared): each named phase must have been timed (a row with a
-positive figure), and every restore is checked by the bench itself (it raises when the restored
+No timing assertions (the machine is shared): each named phase must have been timed (a row: its timer
+ran; a phase of under half a millisecond prints 0.000, as the check of objects read in place does on this
+small state), the totals must be positive, and every restore is checked by the bench itself (it raises when the restored
 state differs from the saved one, and the run then fails). The sharded run is a real 1-rank gloo
 group on loopback with FSDP2 (fully_shard), and its restores read cold (page cache dropped)."""
 from __future__ import annotations
@@ -39,6 +40,8 @@ def test_phases_times_every_phase_it_names(tmp_path, mode):
     expected = COMMON + (["restore_cold.total", "restore.targets"] if mode == "sharded" else ["restore_warm.total"])
     missing = [key for key in expected if key not in rows]
     assert not missing, (missing, rows)
-    assert all(low > 0 and median >= low for low, median in (rows[key] for key in expected)), rows
+    assert all(0 <= low <= median for low, median in (rows[key] for key in expected)), rows
+    totals = ["save.total", "restore_cold.total" if mode == "sharded" else "restore_warm.total"]
+    assert all(rows[key][0] > 0 for key in totals), rows
     if mode == "ddp":
         assert "restore_cold.total" not in rows, rows   # warm unless --cold
