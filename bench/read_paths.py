@@ -14,11 +14,17 @@ each read (bench.measure.drop_cache, --settle seconds after):
   into_pages    the reader's threads and jobs, 4 MiB O_DIRECT reads straight into ordinary memory: what a
                 reader could do without the windows, were each tensor's memory aligned to its bytes in
                 the file (torch's allocator puts a large tensor 64 bytes past a page boundary)
+  into_scattered  as into_pages, into memory whose pages were first touched in a random order
   buffered      one thread, 16 MiB buffered reads into ordinary memory (bench.sharded's limit.read_cold)
 
-"Ordinary memory" is a touched anonymous mapping without huge-page advice: what torch's allocator hands
-out for a large tensor, and what a restore in place reads into. Every pattern that fills memory is
-checked against the file's checksum. Where the filesystem refuses O_DIRECT only `buffered` runs.
+"Ordinary memory" is a touched anonymous mapping without huge-page advice, as torch's allocator hands
+out a large tensor. Touched in order, its pages are mostly neighbours in physical memory. Touched in a
+random order (into_scattered) they are not, and a direct read into them is cut into more, smaller
+disk requests (at most max_segments pages each); the pages of tensors that have lived a while lie
+between the two (docs/PERFORMANCE.md, "Stop 42"). The `req KiB` column, the disk's mean request size
+during each pattern (from /sys/dev/block/<the file's device>/stat; "-" where there is none), shows
+it. Every pattern that fills memory is checked against the file's checksum. Where the filesystem
+refuses O_DIRECT only `buffered` runs.
 """
 from __future__ import annotations
 
@@ -43,13 +49,17 @@ from .measure import drop_cache, median, spread
 
 LIMIT_REQUEST = 64 << 20     # bench.measure.read_direct_limit's request size
 BUFFERED_REQUEST = 16 << 20  # bench.measure.read_limit's
-PATTERNS = ("limit", "windows", "windows_copy", "into_pages", "buffered")
+PATTERNS = ("limit", "windows", "windows_copy", "into_pages", "into_scattered", "buffered")
 
 
-def ordinary_memory(nbytes: int) -> memoryview:
-    """Touched anonymous memory without huge-page advice, as a large torch tensor gets it."""
+def ordinary_memory(nbytes: int, scattered: bool = False) -> memoryview:
+    """Touched anonymous memory without huge-page advice, as a large torch tensor gets it; `scattered`:
+    its pages touched in a random order, so that neighbours in it are seldom neighbours in physical memory."""
     region = mmap.mmap(-1, max(nbytes, 1))
-    np.frombuffer(region, dtype=np.uint8).fill(0)
+    data = np.frombuffer(region, dtype=np.uint8)
+    if scattered:
+        data[np.random.default_rng(1).permutation(len(data) // mmap.PAGESIZE) * mmap.PAGESIZE] = 0
+    data.fill(0)
     return memoryview(region)[:nbytes]
 
 
@@ -61,11 +71,12 @@ class Reads:
         self.size = os.path.getsize(path)
         self.huge = aligned_buffers(1, self.size)[0]
         self.dest = ordinary_memory(self.size)
+        self.scattered = ordinary_memory(self.size, scattered=True)
         self.windows = aligned_buffers(threads, window)
 
     def wipe(self) -> None:
         """Overwrite the memory the patterns fill (untimed): each read's check then sees only its own bytes."""
-        for view in (self.huge, self.dest):
+        for view in (self.huge, self.dest, self.scattered):
             np.frombuffer(view, dtype=np.uint8).fill(0)
 
     def run(self, pattern: str) -> memoryview | None:
@@ -77,13 +88,14 @@ class Reads:
                 for pos in range(0, self.size, request):
                     self._read(fd, pos, into[pos: pos + request])
                 return into[: self.size]
+            into = self.scattered if pattern == "into_scattered" else self.dest
             mine = threading.local()   # each thread's window, kept across its jobs as the reader's threads do
             windows = iter(self.windows)
 
             def job(start: int) -> None:
                 for pos in range(start, min(start + self.job, self.size), self.window):
-                    if pattern == "into_pages":
-                        self._read(fd, pos, self.dest[pos: pos + self.window])
+                    if pattern in ("into_pages", "into_scattered"):
+                        self._read(fd, pos, into[pos: pos + self.window])
                         continue
                     if not hasattr(mine, "window"):
                         mine.window = next(windows)
@@ -94,7 +106,7 @@ class Reads:
 
             with ThreadPoolExecutor(self.threads) as pool:
                 list(pool.map(job, range(0, self.size, self.job)))
-            return None if pattern == "windows" else self.dest
+            return None if pattern == "windows" else into
         finally:
             os.close(fd)
 
@@ -108,6 +120,21 @@ class Reads:
                 raise OSError(f"{self.path}: read {got} of {want} bytes at {pos}")
             got += more
         return got
+
+
+def disk_counters(path: str):
+    """A function giving (reads completed, sectors read) of the device holding `path`, or None where the
+    kernel does not show its block statistics (a tmpfs, a container without /sys)."""
+    dev = os.stat(path).st_dev
+    stat = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+    if not os.path.exists(stat):
+        return None
+
+    def read() -> tuple[int, int]:
+        with open(stat) as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[2])
+    return read
 
 
 def write_file(path: str, nbytes: int) -> str:
@@ -149,13 +176,19 @@ def main(argv=None) -> int:
         except OSError:   # tmpfs and some others
             patterns = ("buffered",)
         seconds: dict[str, list[float]] = {name: [] for name in patterns}
+        requests = {name: [0, 0] for name in patterns}   # reads completed, sectors: summed over the rounds
+        counters = disk_counters(path)
         for _ in range(args.repeat):   # the patterns interleaved: the disk's speed drifts over minutes
             for name in patterns:
                 reads.wipe()
                 drop_cache(path, settle=args.settle)
+                before = counters() if counters else (0, 0)
                 start = time.perf_counter()
                 filled = reads.run(name)
                 seconds[name].append(time.perf_counter() - start)
+                after = counters() if counters else (0, 0)
+                requests[name][0] += after[0] - before[0]
+                requests[name][1] += after[1] - before[1]
                 if filled is not None and xxhash.xxh3_64_hexdigest(filled[:nbytes]) != digest:
                     raise AssertionError(f"{name}: the bytes read differ from the file's")
     finally:
@@ -166,15 +199,18 @@ def main(argv=None) -> int:
     print(f"# {nbytes / 2**30:.2f} GiB file; {threads} threads, {PosixSource.job_bytes >> 20} MiB jobs, "
           f"{_DIRECT_WINDOW >> 20} MiB windows; medians of {args.repeat}, cache dropped + {args.settle:g} s before each")
     base = median(seconds["limit"]) if "limit" in seconds else None
-    print(f"{'pattern':14} {'median s':>9} {'spread':>7} {'GB/s':>6} {'x limit':>8}  runs")
+    print(f"{'pattern':14} {'median s':>9} {'spread':>7} {'GB/s':>6} {'x limit':>8} {'req KiB':>8}  runs")
+    request_kib = {name: sectors * 512 / count / 1024 if count else None for name, (count, sectors) in requests.items()}
     for name, values in seconds.items():
         m = median(values)
         ratio = f"{m / base:8.2f}" if base else f"{'-':>8}"
-        print(f"{name:14} {m:9.3f} {spread(values):6.0%} {nbytes / m / 1e9:6.2f} {ratio}  "
+        kib = f"{request_kib[name]:8.0f}" if request_kib[name] else f"{'-':>8}"
+        print(f"{name:14} {m:9.3f} {spread(values):6.0%} {nbytes / m / 1e9:6.2f} {ratio} {kib}  "
               + " ".join(f"{v:.3f}" for v in values))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"bytes": nbytes, "threads": threads, "seconds": seconds}, f, indent=1)
+            json.dump({"bytes": nbytes, "threads": threads, "seconds": seconds, "request_kib": request_kib}, f,
+                      indent=1)
     return 0
 
 
