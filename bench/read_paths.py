@@ -32,6 +32,7 @@ import argparse
 import json
 import mmap
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -87,7 +88,7 @@ class Reads:
                 into, request = (self.huge, LIMIT_REQUEST) if pattern == "limit" else (self.dest, BUFFERED_REQUEST)
                 for pos in range(0, self.size, request):
                     self._read(fd, pos, into[pos: pos + request])
-                return into[: self.size]
+                return into
             into = self.scattered if pattern == "into_scattered" else self.dest
             mine = threading.local()   # each thread's window, kept across its jobs as the reader's threads do
             windows = iter(self.windows)
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where the file is written (a real disk, not tmpfs)")
     p.add_argument("--out", default=None, help="JSON file of every read's seconds")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.size_gib <= 0 or args.settle < 0:
+        p.error(f"--repeat must be at least 1 (got {args.repeat}), --size-gib above 0 (got {args.size_gib:g}) "
+                f"and --settle at least 0 (got {args.settle:g})")
 
     nbytes = max(int(args.size_gib * (1 << 30)) // 4096 * 4096, 4096)
     threads = 4    # pyckpt.sysio.helper_pool's
@@ -192,9 +196,7 @@ def main(argv=None) -> int:
                 if filled is not None and xxhash.xxh3_64_hexdigest(filled[:nbytes]) != digest:
                     raise AssertionError(f"{name}: the bytes read differ from the file's")
     finally:
-        for name in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, name))
-        os.rmdir(workdir)
+        shutil.rmtree(workdir)
     print(f"# python -m bench.read_paths {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"# {nbytes / 2**30:.2f} GiB file; {threads} threads, {PosixSource.job_bytes >> 20} MiB jobs, "
           f"{_DIRECT_WINDOW >> 20} MiB windows; medians of {args.repeat}, cache dropped + {args.settle:g} s before each")
